@@ -1,0 +1,1 @@
+"""Hypervisor drivers. Services see only the Protocol in `base.py`."""

@@ -1,0 +1,108 @@
+"""The compute contract: run instances as VMs, snapshot their disks live, talk to the guest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class ComputeError(Exception):
+    """A hypervisor operation failed."""
+
+
+class GuestAgentUnavailable(ComputeError):
+    """The guest agent did not answer in time."""
+
+
+@dataclass(frozen=True)
+class VmDisk:
+    disk_id: str
+    path: str
+    system: bool
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    instance_id: str
+    vcpus: int
+    memory_mib: int
+    disks: Sequence[VmDisk]  # the system disk first
+    boot_mode: str = "bios"  # "direct": kernel + initrd + args; "bios": from the system disk
+    kernel_path: str = ""
+    initrd_path: str = ""
+    kernel_args: str = ""
+
+
+@dataclass(frozen=True)
+class LiveSnapshotResult:
+    consistency: str  # domain.model.Consistency value
+    window_ms: float  # how long the guest was frozen or paused
+    method: str  # "fsfreeze" or "pause"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int | None  # None: killed at timeout
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class VmState:
+    instance_id: str
+    running: bool
+    pid: int | None = None
+    accelerator: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class ComputeDriver(Protocol):
+    def start(self, spec: VmSpec) -> None:
+        """Start the VM detached from this process (it survives a restart of ecsnap)."""
+        ...
+
+    def stop(self, instance_id: str, *, force: bool = False, timeout: float = 30.0) -> None:
+        """Shut the guest down (agent, then ACPI, then quit after `timeout`); force: quit now.
+        Returns once the VM process is gone. A VM that is not running is not an error."""
+        ...
+
+    def reboot(self, instance_id: str, *, force: bool = False) -> None: ...
+
+    def state(self, instance_id: str) -> VmState: ...
+
+    def running(self) -> list[str]:
+        """IDs of the instances whose VM process is alive (to reattach at start-up)."""
+        ...
+
+    def snapshot_disks(self, instance_id: str, items: Sequence[tuple[str, str]], *,
+                       quiesce: bool = True) -> LiveSnapshotResult:
+        """Take internal snapshot `snapshot_id` of each (disk_id, snapshot_id) of a running VM
+        in one atomic transaction: all or none. With quiesce, freeze the guest file systems
+        through the agent first (pause the VM when no agent answers), and always thaw."""
+        ...
+
+    def delete_disk_snapshot(self, instance_id: str, disk_id: str, snapshot_id: str) -> None:
+        """Remove an internal snapshot of a disk that a running VM has open."""
+        ...
+
+    def has_disk_snapshot(self, instance_id: str, disk_id: str, snapshot_id: str) -> bool: ...
+
+    def attach_disk(self, instance_id: str, disk: VmDisk) -> None: ...
+
+    def detach_disk(self, instance_id: str, disk_id: str) -> None: ...
+
+    def guest_ping(self, instance_id: str, *, timeout: float = 5.0) -> bool:
+        """True once the guest agent answers."""
+        ...
+
+    def guest_exec(self, instance_id: str, command: str, *, timeout: float = 60.0,
+                   working_dir: str = "/root") -> ExecResult:
+        """Run `/bin/sh -c command` in the guest through the agent."""
+        ...
+
+    def serial_socket(self, instance_id: str) -> str:
+        """Path of the unix socket on which the VM's serial console is served."""
+        ...

@@ -1,0 +1,1 @@
+"""Block storage backends. Services see only the Protocols in `base.py`."""

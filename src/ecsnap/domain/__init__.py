@@ -1,0 +1,1 @@
+"""Pure model and rules of ecsnap: no I/O, no framework imports."""

@@ -1,0 +1,297 @@
+"""Rules of ecsnap as named checks, each with its ECS error code. Pure functions, no I/O.
+
+Rollback checks return every failure at once (per disk) instead of stopping at the first;
+`require()` turns a non-empty list into one `RuleViolations` error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ecsnap.domain.errors import CheckFailure, EcsError, RuleViolations, incorrect_instance_status
+from ecsnap.domain.model import (
+    DISK_CATEGORIES,
+    MAX_DATA_DISKS,
+    MAX_GROUP_DISKS,
+    Disk,
+    DiskStatus,
+    DiskType,
+    Instance,
+    InstanceStatus,
+    InstanceType,
+    Region,
+    Snapshot,
+    SnapshotStatus,
+)
+
+# ---------------------------------------------------------------- names and descriptions
+
+
+def _bad_prefix(value: str) -> bool:
+    lowered = value.lower()
+    return lowered.startswith("http://") or lowered.startswith("https://")
+
+
+def check_name(value: str | None, *, code: str, field: str = "Name", allow_dot: bool = True,
+               digit_first: bool = False, reserved_prefix: str | None = None) -> None:
+    """ECS names: 2-128 chars, start with a letter (or a digit where allowed), letters,
+    digits, ':', '_', '-' (and '.' where allowed), not starting with http(s)://."""
+    if value is None or value == "":
+        return
+    extra = ":_-." if allow_dot else ":_-"
+    first_ok = value[0].isalpha() or (digit_first and value[0].isdigit())
+    why = ""
+    if not 2 <= len(value) <= 128:
+        why = "it must be 2 to 128 characters long"
+    elif not first_ok:
+        why = "it must start with a letter" + (" or a digit" if digit_first else "")
+    elif _bad_prefix(value):
+        why = "it must not start with http:// or https://"
+    elif any(not (c.isalnum() or c in extra) for c in value):
+        why = f"it may contain only letters, digits and {' '.join(extra)}"
+    elif reserved_prefix and value.lower().startswith(reserved_prefix):
+        why = f"names starting with '{reserved_prefix}' are reserved"
+    if why:
+        raise EcsError(code, f"The specified {field} \"{value}\" is malformed: {why}.", 400)
+
+
+def check_description(value: str | None, *, code: str = "InvalidDescription.Malformed") -> None:
+    if value is None or value == "":
+        return
+    if not 2 <= len(value) <= 256 or _bad_prefix(value):
+        raise EcsError(code, "The description must be 2 to 256 characters long and must not "
+                       "start with http:// or https://.", 400)
+
+
+def check_tags(tags: dict[str, str]) -> None:
+    if len(tags) > 20:
+        raise EcsError("InvalidTagCount", "At most 20 tags may be given.", 400)
+    for key, value in tags.items():
+        if not 1 <= len(key) <= 128 or key.startswith(("acs:", "aliyun")) or "://" in key:
+            raise EcsError("InvalidTagKey.Malformed", f"The tag key \"{key}\" is malformed.", 400)
+        if len(value) > 128 or value.startswith("acs:") or "://" in value:
+            raise EcsError("InvalidTagValue.Malformed",
+                           f"The tag value \"{value}\" is malformed.", 400)
+
+
+# ---------------------------------------------------------------- disks
+
+
+def check_disk_size(size_gib: int, *, category: str, system: bool) -> None:
+    if category not in DISK_CATEGORIES:
+        code = "InvalidSystemDiskCategory" if system else "InvalidDataDiskCategory"
+        raise EcsError(f"{code}.ValueNotSupported",
+                       f"The disk category \"{category}\" is not supported.", 400)
+    if system:
+        low, high = 20, 500
+        code = "InvalidSystemDiskSize.ValueNotSupported"
+    else:
+        low, high = (5, 2000) if category == "cloud" else (20, 32768)
+        code = "InvalidDataDiskSize.ValueNotSupported"
+    if not low <= size_gib <= high:
+        raise EcsError(code, f"The disk size {size_gib} GiB is out of range: a "
+                       f"{'system' if system else category} disk takes {low} to {high} GiB.", 400)
+
+
+def check_data_disk_count(count: int) -> None:
+    if count > MAX_DATA_DISKS:
+        raise EcsError("InstanceDiskNumber.LimitExceed",
+                       f"An instance may have at most {MAX_DATA_DISKS} data disks.", 400)
+
+
+def next_device(used: Iterable[str]) -> str:
+    taken = set(used)
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        device = f"/dev/xvd{letter}"
+        if device not in taken:
+            return device
+    raise EcsError("InstanceDiskLimitExceeded", "The instance has no free device name.", 403)
+
+
+# ---------------------------------------------------------------- instances and capacity
+
+
+def require_instance_status(instance: Instance, *allowed: InstanceStatus,
+                            http_status: int = 403) -> None:
+    if instance.status not in allowed:
+        wanted = " or ".join(s.value for s in allowed)
+        raise incorrect_instance_status(instance.id, instance.status.value, wanted, http_status)
+
+
+def check_not_locked(*resources: Instance | Disk) -> None:
+    from ecsnap.domain.errors import operation_conflict
+
+    for resource in resources:
+        if resource.lock_task_id:
+            raise operation_conflict(resource.id, resource.lock_task_id)
+
+
+def reserved(instances: Iterable[Instance]) -> tuple[int, int]:
+    """vCPUs and MiB held by the instances that hold a compute reservation."""
+    held = [i for i in instances if i.holds_reservation()]
+    return sum(i.vcpus for i in held), sum(i.memory_mib for i in held)
+
+
+def check_capacity(region: Region, others: Iterable[Instance], wanted: Sequence[InstanceType],
+                   ) -> None:
+    """`OperationDenied.NoStock` unless the wanted compute fits beside what others hold."""
+    vcpus, memory = reserved(others)
+    need_vcpus = sum(t.vcpus for t in wanted)
+    need_memory = sum(t.memory_mib for t in wanted)
+    if vcpus + need_vcpus > region.vcpu_capacity or memory + need_memory > \
+            region.memory_mib_capacity:
+        raise EcsError(
+            "OperationDenied.NoStock",
+            f"The region {region.id} has no capacity for {need_vcpus} vCPU and {need_memory} MiB "
+            f"({region.vcpu_capacity - vcpus} vCPU and {region.memory_mib_capacity - memory} "
+            "MiB are free). An instance stopped in StopCharging mode gave its compute back and "
+            "must wait for capacity; try again later or choose a smaller instance type.", 403)
+
+
+# ---------------------------------------------------------------- instance snapshots
+
+
+def select_group_disks(instance: Instance, attached: Sequence[Disk], *,
+                       disk_ids: Sequence[str] = (), exclude_disk_ids: Sequence[str] = (),
+                       ) -> list[Disk]:
+    """The disks an instance snapshot takes: all attached ones, or `disk_ids`, less the excluded."""
+    require_instance_status(instance, InstanceStatus.RUNNING, InstanceStatus.STOPPED)
+    check_not_locked(instance)
+    by_id = {d.id: d for d in attached}
+    for disk_id in [*disk_ids, *exclude_disk_ids]:
+        if disk_id not in by_id:
+            raise EcsError("IncorrectDiskStatus",
+                           f"The disk {disk_id} is not attached to instance {instance.id}.", 403)
+    chosen = [by_id[d] for d in disk_ids] if disk_ids else list(attached)
+    chosen = [d for d in chosen if d.id not in set(exclude_disk_ids)]
+    if not chosen:
+        raise EcsError("InvalidParameter.DiskIds",
+                       "The instance snapshot would hold no disk: every disk was excluded.", 400)
+    if len(chosen) > MAX_GROUP_DISKS:
+        raise EcsError("InvalidParameter.DiskIds",
+                       f"An instance snapshot may hold at most {MAX_GROUP_DISKS} disks.", 400)
+    for disk in chosen:
+        if disk.status != DiskStatus.IN_USE:
+            raise EcsError("IncorrectDiskStatus",
+                           f"The disk {disk.id} is {disk.status.value}; it must be In_use.", 403)
+    check_not_locked(*chosen)
+    return sorted(chosen, key=lambda d: (d.type != DiskType.SYSTEM, d.device, d.id))
+
+
+# ---------------------------------------------------------------- rollback
+
+
+@dataclass(frozen=True)
+class ResetTarget:
+    """One disk of a rollback request, as found in the store (None: not found or released)."""
+
+    disk_id: str
+    snapshot_id: str
+    disk: Disk | None
+    snapshot: Snapshot | None
+
+
+def check_instance_stopped(instance: Instance) -> CheckFailure | None:
+    if instance.status == InstanceStatus.STOPPED:
+        return None
+    return CheckFailure("instance_stopped", "IncorrectInstanceStatus",
+                        f"The instance {instance.id} is {instance.status.value}; stop it before "
+                        "rolling back its disks.", 403)
+
+
+def check_instance_free(instance: Instance) -> CheckFailure | None:
+    if not instance.lock_task_id:
+        return None
+    return CheckFailure("no_concurrent_operation", "Operation.Conflict",
+                        f"Another operation ({instance.lock_task_id}) is running on instance "
+                        f"{instance.id}.", 403)
+
+
+def check_disk_exists(t: ResetTarget) -> CheckFailure | None:
+    if t.disk is not None and not t.disk.released:
+        return None
+    return CheckFailure("disk_exists", "InvalidDiskId.NotFound",
+                        f"The disk {t.disk_id} does not exist or has been released.", 404,
+                        t.disk_id)
+
+
+def check_disk_attached(t: ResetTarget, instance: Instance) -> CheckFailure | None:
+    disk = t.disk
+    if disk is None or disk.released:
+        return None  # reported by check_disk_exists
+    if disk.status == DiskStatus.IN_USE and disk.instance_id == instance.id:
+        return None
+    where = f"attached to {disk.instance_id}" if disk.instance_id else "detached"
+    return CheckFailure("disk_attached", "IncorrectDiskStatus",
+                        f"The disk {disk.id} is {disk.status.value} ({where}); it must be "
+                        f"attached to instance {instance.id}.", 403, t.disk_id)
+
+
+def check_disk_free(t: ResetTarget) -> CheckFailure | None:
+    if t.disk is None or not t.disk.lock_task_id:
+        return None
+    return CheckFailure("no_concurrent_operation", "Operation.Conflict",
+                        f"Another operation ({t.disk.lock_task_id}) is running on disk "
+                        f"{t.disk.id}.", 403, t.disk_id)
+
+
+def check_snapshot_exists(t: ResetTarget) -> CheckFailure | None:
+    if t.snapshot is not None:
+        return None
+    return CheckFailure("snapshot_exists", "InvalidSnapshotId.NotFound",
+                        f"The snapshot {t.snapshot_id} does not exist (it may have been "
+                        "deleted).", 404, t.disk_id)
+
+
+def check_snapshot_ready(t: ResetTarget) -> CheckFailure | None:
+    if t.snapshot is None or t.snapshot.status == SnapshotStatus.ACCOMPLISHED:
+        return None
+    return CheckFailure("snapshot_ready", "InvalidSnapshotId.NotReady",
+                        f"The snapshot {t.snapshot.id} is {t.snapshot.status.value}; only an "
+                        "accomplished snapshot can be rolled back to.", 403, t.disk_id)
+
+
+def check_snapshot_of_disk(t: ResetTarget) -> CheckFailure | None:
+    if t.snapshot is None or t.snapshot.source_disk_id == t.disk_id:
+        return None
+    return CheckFailure("snapshot_of_disk", "InvalidParameter.Mismatch",
+                        f"The snapshot {t.snapshot.id} was taken of disk "
+                        f"{t.snapshot.source_disk_id}, not of {t.disk_id}.", 403, t.disk_id)
+
+
+def check_system_disk_not_replaced(t: ResetTarget, system_disk_id: str | None,
+                                   ) -> CheckFailure | None:
+    snap = t.snapshot
+    if snap is None or snap.source_disk_type != DiskType.SYSTEM:
+        return None
+    if system_disk_id is None or system_disk_id == snap.source_disk_id:
+        return None
+    return CheckFailure("system_disk_not_replaced", "InvalidParameter.Mismatch",
+                        f"The system disk was replaced after the snapshot {snap.id} was taken "
+                        f"(it was {snap.source_disk_id}, it is now {system_disk_id}); the "
+                        "snapshot cannot roll the new system disk back.", 403, t.disk_id)
+
+
+def check_reset(instance: Instance, targets: Sequence[ResetTarget], *,
+                system_disk_id: str | None) -> list[CheckFailure]:
+    """Every failed check of a rollback request, instance-wide first, then per disk."""
+    failures = [f for f in (check_instance_stopped(instance), check_instance_free(instance)) if f]
+    seen: set[str] = set()
+    for t in targets:
+        if t.disk_id in seen:
+            failures.append(CheckFailure("disk_once", "InvalidParameter",
+                                         f"The disk {t.disk_id} is named twice.", 400, t.disk_id))
+        seen.add(t.disk_id)
+        for failure in (check_snapshot_exists(t), check_snapshot_ready(t), check_disk_exists(t),
+                        check_system_disk_not_replaced(t, system_disk_id),
+                        check_snapshot_of_disk(t), check_disk_attached(t, instance),
+                        check_disk_free(t)):
+            if failure and failure not in failures:
+                failures.append(failure)
+    return failures
+
+
+def require(failures: Sequence[CheckFailure]) -> None:
+    if failures:
+        raise RuleViolations(list(failures))
