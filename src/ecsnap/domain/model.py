@@ -299,3 +299,41 @@ class IdempotencyRecord:
     params_digest: str
     response: dict[str, Any] = field(default_factory=dict)
     created: datetime = field(default_factory=utcnow)
+
+
+class InvocationStatus(StrEnum):
+    RUNNING = "Running"
+    SUCCESS = "Success"
+    FAILED = "Failed"
+    TIMEOUT = "Timeout"
+    ERROR = "Error"
+
+
+@dataclass(eq=False)
+class Invocation:
+    """One run of a Cloud Assistant command on one instance (through the guest agent)."""
+
+    id: str  # InvokeId, t-...
+    command_id: str  # c-...
+    account_id: str
+    region_id: str
+    instance_id: str
+    command_type: str
+    command_content: str
+    name: str = ""
+    working_dir: str = "/root"
+    timeout: int = 60
+    status: InvocationStatus = InvocationStatus.RUNNING
+    exit_code: int | None = None
+    output: str = ""  # text as the guest printed it (capped)
+    dropped: int = 0
+    error_code: str = ""
+    error_info: str = ""
+    created: datetime = field(default_factory=utcnow)
+    started: datetime | None = None
+    finished: datetime | None = None
+
+    @property
+    def record_status(self) -> str:
+        return "Running" if self.status == InvocationStatus.RUNNING else (
+            "Finished" if self.status == InvocationStatus.SUCCESS else "Failed")

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the Debian packages ecsnap needs, when missing. Idempotent; needs root (or sudo).
+set -euo pipefail
+PACKAGES=(qemu-utils qemu-system-x86 postgresql busybox-static e2fsprogs cpio fakeroot
+          python3-venv ${ECSNAP_EXTRA_PACKAGES:-})
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing Debian packages: ${missing[*]}"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+# the packaged PostgreSQL cluster is not used: tests start their own throwaway servers
+if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
+  $SUDO pg_ctlcluster --force "$(pg_lsclusters -h | awk 'NR==1{print $1}')" main stop || true
+fi

@@ -1,0 +1,1 @@
+"""Metadata store. Services see only the Protocols in `base.py`."""

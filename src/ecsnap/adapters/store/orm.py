@@ -1,0 +1,272 @@
+"""Tables of the metadata store, mapped imperatively onto the domain's dataclasses.
+
+Portable SQL only (SQLite and PostgreSQL): strings, integers, booleans, naive UTC
+timestamps, JSON. Enums are stored by value in plain string columns.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Enum,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.ext.mutable import MutableDict, MutableList
+from sqlalchemy.orm import registry
+
+from ecsnap.domain import model
+
+metadata = MetaData()
+mapper_registry = registry(metadata=metadata)
+
+
+def _enum(cls: type[StrEnum]) -> Enum:
+    return Enum(cls, native_enum=False, create_constraint=False, length=32,
+                values_callable=lambda e: [m.value for m in e], validate_strings=True)
+
+
+JsonDict = MutableDict.as_mutable(JSON)
+JsonList = MutableList.as_mutable(JSON)
+
+
+def _id(name: str = "id") -> Column[str]:
+    return Column(name, String(64), primary_key=True)
+
+
+accounts = Table(
+    "accounts", metadata,
+    _id(),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("password_hash", String(256), nullable=False, default=""),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created", DateTime, nullable=False),
+)
+
+access_keys = Table(
+    "access_keys", metadata,
+    _id(),
+    Column("secret", String(128), nullable=False),
+    Column("account_id", String(64), nullable=False, index=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created", DateTime, nullable=False),
+)
+
+regions = Table(
+    "regions", metadata,
+    _id(),
+    Column("local_name", String(128), nullable=False),
+    Column("vcpu_capacity", Integer, nullable=False),
+    Column("memory_mib_capacity", Integer, nullable=False),
+    Column("storage_pool", Text, nullable=False),
+    Column("instance_types", JsonList, nullable=False),
+)
+
+zones = Table(
+    "zones", metadata,
+    _id(),
+    Column("region_id", String(64), nullable=False, index=True),
+    Column("local_name", String(128), nullable=False),
+)
+
+images = Table(
+    "images", metadata,
+    _id(),
+    Column("region_id", String(64), nullable=False, index=True),
+    Column("account_id", String(64), nullable=True, index=True),
+    Column("name", String(128), nullable=False),
+    Column("os_name", String(256), nullable=False),
+    Column("os_type", String(16), nullable=False),
+    Column("architecture", String(16), nullable=False),
+    Column("template_path", Text, nullable=False),
+    Column("size_gib", Integer, nullable=False),
+    Column("boot_mode", String(16), nullable=False),
+    Column("kernel_path", Text, nullable=False),
+    Column("initrd_path", Text, nullable=False),
+    Column("kernel_args", Text, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created", DateTime, nullable=False),
+)
+
+instances = Table(
+    "instances", metadata,
+    _id(),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("zone_id", String(64), nullable=False),
+    Column("instance_type", String(64), nullable=False),
+    Column("vcpus", Integer, nullable=False),
+    Column("memory_mib", Integer, nullable=False),
+    Column("image_id", String(64), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("status", _enum(model.InstanceStatus), nullable=False),
+    Column("stopped_mode", _enum(model.StoppedMode), nullable=False),
+    Column("lock_task_id", String(64), nullable=True),
+    Column("tags", JsonDict, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("started", DateTime, nullable=True),
+    Column("host_name", String(128), nullable=False),
+    Index("ix_instances_owner", "account_id", "region_id", "created"),
+)
+
+disks = Table(
+    "disks", metadata,
+    _id(),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("zone_id", String(64), nullable=False),
+    Column("size_gib", Integer, nullable=False),
+    Column("type", _enum(model.DiskType), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("status", _enum(model.DiskStatus), nullable=False),
+    Column("instance_id", String(64), nullable=True, index=True),
+    Column("device", String(32), nullable=False),
+    Column("delete_with_instance", Boolean, nullable=False),
+    Column("image_id", String(64), nullable=False),
+    Column("source_snapshot_id", String(64), nullable=False),
+    Column("lock_task_id", String(64), nullable=True),
+    Column("released", Boolean, nullable=False),
+    Column("portable", Boolean, nullable=False),
+    Column("tags", JsonDict, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("attached_time", DateTime, nullable=True),
+    Column("detached_time", DateTime, nullable=True),
+    Column("released_time", DateTime, nullable=True),
+    Index("ix_disks_owner", "account_id", "region_id", "created"),
+)
+
+snapshots = Table(
+    "snapshots", metadata,
+    _id(),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("source_disk_id", String(64), nullable=False, index=True),
+    Column("source_disk_type", _enum(model.DiskType), nullable=False),
+    Column("source_disk_size", Integer, nullable=False),
+    Column("instance_id", String(64), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("status", _enum(model.SnapshotStatus), nullable=False),
+    Column("progress", Integer, nullable=False),
+    Column("group_id", String(64), nullable=True, index=True),
+    Column("consistency", _enum(model.Consistency), nullable=False),
+    Column("retention_days", Integer, nullable=True),
+    Column("tags", JsonDict, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("last_modified", DateTime, nullable=False),
+    Index("ix_snapshots_owner", "account_id", "region_id", "created"),
+)
+
+snapshot_groups = Table(
+    "snapshot_groups", metadata,
+    _id(),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("instance_id", String(64), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("status", _enum(model.SnapshotStatus), nullable=False),
+    Column("purpose", _enum(model.GroupPurpose), nullable=False),
+    Column("consistency", _enum(model.Consistency), nullable=False),
+    Column("window_ms", Float, nullable=True),
+    Column("tags", JsonDict, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Index("ix_snapshot_groups_owner", "account_id", "region_id", "created"),
+)
+
+tasks = Table(
+    "tasks", metadata,
+    _id(),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("status", _enum(model.TaskStatus), nullable=False, index=True),
+    Column("plan", JsonDict, nullable=False),
+    Column("done", JsonList, nullable=False),
+    Column("result", JsonDict, nullable=False),
+    Column("error_code", String(128), nullable=False),
+    Column("error_message", Text, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("finished", DateTime, nullable=True),
+    Index("ix_tasks_owner", "account_id", "region_id", "created"),
+)
+
+idempotency = Table(
+    "idempotency", metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("action", String(64), primary_key=True),
+    Column("token", String(64), primary_key=True),
+    Column("params_digest", String(64), nullable=False),
+    Column("response", JsonDict, nullable=False),
+    Column("created", DateTime, nullable=False),
+)
+
+invocations = Table(
+    "invocations", metadata,
+    _id(),
+    Column("command_id", String(64), nullable=False, index=True),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("instance_id", String(64), nullable=False, index=True),
+    Column("command_type", String(32), nullable=False),
+    Column("command_content", Text, nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("working_dir", Text, nullable=False),
+    Column("timeout", Integer, nullable=False),
+    Column("status", _enum(model.InvocationStatus), nullable=False),
+    Column("exit_code", Integer, nullable=True),
+    Column("output", Text, nullable=False),
+    Column("dropped", Integer, nullable=False),
+    Column("error_code", String(64), nullable=False),
+    Column("error_info", Text, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("started", DateTime, nullable=True),
+    Column("finished", DateTime, nullable=True),
+    Index("ix_invocations_owner", "account_id", "region_id", "created"),
+)
+
+nonces = Table(
+    "nonces", metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("nonce", String(128), primary_key=True),
+    Column("expires", DateTime, nullable=False, index=True),
+)
+
+MAPPED = {
+    model.Account: accounts,
+    model.AccessKey: access_keys,
+    model.Region: regions,
+    model.Zone: zones,
+    model.Image: images,
+    model.Instance: instances,
+    model.Disk: disks,
+    model.Snapshot: snapshots,
+    model.SnapshotGroup: snapshot_groups,
+    model.Task: tasks,
+    model.IdempotencyRecord: idempotency,
+    model.Invocation: invocations,
+}
+
+
+def start_mappers() -> None:
+    """Map the domain classes onto the tables, once per process."""
+    if getattr(start_mappers, "done", False):
+        return
+    for cls, table in MAPPED.items():
+        mapper_registry.map_imperatively(cls, table)
+    start_mappers.done = True  # type: ignore[attr-defined]

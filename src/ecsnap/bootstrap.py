@@ -1,0 +1,48 @@
+"""Wires adapters into services: the only place that picks concrete backends."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from ecsnap.adapters.compute.base import ComputeDriver
+from ecsnap.adapters.storage.base import StorageBackend
+from ecsnap.adapters.store import sql
+from ecsnap.config import Settings
+from ecsnap.service.context import ServiceContext
+from ecsnap.service.tasks import TaskRunner
+
+log = logging.getLogger("ecsnap")
+
+
+def build(settings: Settings, *, compute: ComputeDriver | None = None,
+          background: bool | None = None, recover: bool = False) -> ServiceContext:
+    """A ServiceContext on `settings`: migrated database, qcow2 pools, QEMU driver."""
+    from ecsnap.adapters.storage.qcow2 import Qcow2Backend
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = sql.make_engine(settings.database_url)
+    sql.migrate(engine)
+    factory = sql.session_factory(engine)
+
+    @functools.cache
+    def storage_for(pool: str) -> StorageBackend:
+        return Qcow2Backend(pool)
+
+    if compute is None:
+        from ecsnap.adapters.compute.qemu import QemuDriver
+
+        compute = QemuDriver(settings.run_dir, accel=settings.accel)
+    ctx = ServiceContext(settings=settings, uow=lambda: sql.SqlUnitOfWork(factory),
+                         storage_for=storage_for, compute=compute)
+    ctx.extras["engine"] = engine
+    ctx.runner = TaskRunner(ctx, background=settings.background_tasks
+                            if background is None else background)
+    if recover:
+        from ecsnap.service.recovery import recover as run_recovery
+
+        report = run_recovery(ctx)
+        if report.forward or report.undone or report.stopped:
+            log.warning("recovery: forward %s, undone %s, stopped %s", report.forward,
+                        report.undone, report.stopped)
+    return ctx

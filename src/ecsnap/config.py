@@ -1,0 +1,83 @@
+"""Settings of ecsnap, in one place: defaults, then `DATA_DIR/config.json`, then environment.
+
+Environment variables: ECSNAP_DATA_DIR, ECSNAP_DATABASE_URL, ECSNAP_ACCEL (auto|kvm|tcg),
+ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CRASH_AT (fault injection for crash tests: the
+process kills itself with SIGKILL at the named task step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = "~/.local/share/ecsnap"
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    database_url: str = ""
+    accel: str = "auto"
+    signature_window_minutes: int = 15
+    crash_at: str = ""
+    background_tasks: bool = True
+    stop_timeout_s: float = 30.0
+    health_gate_timeout_s: float = 120.0
+    default_region: str = "local-1"
+    region_vcpus: int = 16
+    region_memory_mib: int = 32768
+    instance_types: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'ecsnap.db'}"
+
+    @property
+    def pools_dir(self) -> Path:
+        return self.data_dir / "pools"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.data_dir / "credentials.json"
+
+
+def load(data_dir: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings for `data_dir` (else $ECSNAP_DATA_DIR, else ~/.local/share/ecsnap)."""
+    root = Path(data_dir or os.environ.get("ECSNAP_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+    values: dict[str, Any] = {}
+    config_file = root / "config.json"
+    if config_file.exists():
+        values.update(json.loads(config_file.read_text()))
+    env = {
+        "database_url": os.environ.get("ECSNAP_DATABASE_URL"),
+        "accel": os.environ.get("ECSNAP_ACCEL"),
+        "signature_window_minutes": os.environ.get("ECSNAP_SIGNATURE_WINDOW"),
+        "crash_at": os.environ.get("ECSNAP_CRASH_AT"),
+    }
+    values.update({k: v for k, v in env.items() if v})
+    values.update(overrides)
+    known = {f.name: f for f in fields(Settings)}
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known or key == "data_dir":
+            continue
+        default = getattr(Settings(data_dir=root), key)
+        clean[key] = type(default)(value) if isinstance(default, int | float) and \
+            not isinstance(default, bool) else value
+    return Settings(data_dir=root, **clean)

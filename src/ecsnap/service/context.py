@@ -1,0 +1,104 @@
+"""What every service function is handed: the store, the storage pools, the hypervisor."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ecsnap.adapters.compute.base import ComputeDriver
+from ecsnap.adapters.storage.base import StorageBackend
+from ecsnap.adapters.store.base import UnitOfWork
+from ecsnap.config import Settings
+from ecsnap.domain import errors
+from ecsnap.domain.model import Disk, Image, Instance, Region, Snapshot, SnapshotGroup
+
+if TYPE_CHECKING:
+    from ecsnap.service.tasks import TaskRunner
+
+log = logging.getLogger("ecsnap.service")
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    uow: Callable[[], UnitOfWork]
+    storage_for: Callable[[str], StorageBackend]  # storage pool directory -> backend
+    compute: ComputeDriver
+    runner: TaskRunner = field(init=False)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def storage(self, uow: UnitOfWork, region_id: str) -> StorageBackend:
+        region = uow.regions.get(region_id)
+        if region is None:
+            raise errors.not_found("region", region_id)
+        return self.storage_for(region.storage_pool)
+
+
+def get_region(uow: UnitOfWork, region_id: str | None) -> Region:
+    if not region_id:
+        raise errors.missing_parameter("RegionId")
+    region = uow.regions.get(region_id)
+    if region is None:
+        raise errors.not_found("region", region_id)
+    return region
+
+
+def get_instance(uow: UnitOfWork, account_id: str, instance_id: str | None,
+                 region_id: str | None = None) -> Instance:
+    if not instance_id:
+        raise errors.missing_parameter("InstanceId")
+    inst = uow.instances.get(instance_id)
+    if inst is None or inst.account_id != account_id or (region_id and inst.region_id != region_id):
+        raise errors.not_found("instance", instance_id)
+    return inst
+
+
+def get_disk(uow: UnitOfWork, account_id: str, disk_id: str | None,
+             region_id: str | None = None) -> Disk:
+    if not disk_id:
+        raise errors.missing_parameter("DiskId")
+    disk = uow.disks.get(disk_id)
+    if disk is None or disk.released or disk.account_id != account_id or \
+            (region_id and disk.region_id != region_id):
+        raise errors.not_found("disk", disk_id)
+    return disk
+
+
+def get_snapshot(uow: UnitOfWork, account_id: str, snapshot_id: str | None,
+                 region_id: str | None = None) -> Snapshot:
+    if not snapshot_id:
+        raise errors.missing_parameter("SnapshotId")
+    snap = uow.snapshots.get(snapshot_id)
+    if snap is None or snap.account_id != account_id or \
+            (region_id and snap.region_id != region_id):
+        raise errors.not_found("snapshot", snapshot_id)
+    return snap
+
+
+def get_group(uow: UnitOfWork, account_id: str, group_id: str | None,
+              region_id: str | None = None) -> SnapshotGroup:
+    if not group_id:
+        raise errors.missing_parameter("SnapshotGroupId")
+    group = uow.snapshot_groups.get(group_id)
+    if group is None or group.account_id != account_id or \
+            (region_id and group.region_id != region_id):
+        raise errors.not_found("snapshot_group", group_id)
+    return group
+
+
+def get_image(uow: UnitOfWork, account_id: str, image_id: str | None,
+              region_id: str | None = None) -> Image:
+    if not image_id:
+        raise errors.missing_parameter("ImageId")
+    image = uow.images.get(image_id)
+    if image is None or image.account_id not in (None, account_id) or \
+            (region_id and image.region_id != region_id):
+        raise errors.not_found("image", image_id)
+    return image
+
+
+def attached_disks(uow: UnitOfWork, instance_id: str) -> list[Disk]:
+    disks = [d for d in uow.disks.find(instance_id=instance_id) if not d.released]
+    return sorted(disks, key=lambda d: (d.type.value != "system", d.device, d.id))

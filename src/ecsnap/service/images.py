@@ -1,0 +1,95 @@
+"""Images: register a qcow2 template (the demo image, or a user's own) and list images."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ecsnap.adapters.store.base import Criteria
+from ecsnap.domain import ids, rules
+from ecsnap.domain.errors import EcsError
+from ecsnap.domain.model import GIB, Image
+from ecsnap.service.context import ServiceContext, get_region
+from ecsnap.service.listing import Page, paginate
+
+
+def register_image(ctx: ServiceContext, region_id: str, *, name: str, os_name: str,
+                   template: Path, size_gib: int, account_id: str | None = None,
+                   boot_mode: str = "bios", kernel: Path | None = None,
+                   initrd: Path | None = None, kernel_args: str = "",
+                   description: str = "") -> Image:
+    """Copy the template (and kernel/initrd for direct boot) into the image store, once, and
+    record the Image. Disks are thin overlays on the copy, so it must never change."""
+    rules.check_name(name, code="InvalidImageName.Malformed", field="ImageName")
+    if boot_mode not in ("bios", "direct"):
+        raise EcsError("InvalidParameter.BootMode", "BootMode is bios or direct.", 400)
+    if boot_mode == "direct" and not (kernel and initrd):
+        raise EcsError("MissingParameter", "Direct boot needs a kernel and an initrd.", 400)
+    with ctx.uow() as uow:
+        get_region(uow, region_id)
+        same = [i for i in uow.images.find(region_id=region_id, name=name)
+                if i.account_id == account_id]
+        if same:
+            return same[0]
+    image_id = ids.new_id("image")
+    home = ctx.settings.images_dir / image_id
+    home.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key, source in (("template", template), ("kernel", kernel), ("initrd", initrd)):
+        if source is not None:
+            target = home / (Path(source).name if key != "template" else "template.qcow2")
+            shutil.copyfile(source, target)
+            target.chmod(0o444)
+            paths[key] = str(target)
+    image = Image(id=image_id, region_id=region_id, name=name, os_name=os_name,
+                  template_path=paths["template"], size_gib=max(1, size_gib),
+                  account_id=account_id, boot_mode=boot_mode,
+                  kernel_path=paths.get("kernel", ""), initrd_path=paths.get("initrd", ""),
+                  kernel_args=kernel_args, description=description)
+    with ctx.uow() as uow:
+        uow.images.add(image)
+        uow.commit()
+    return image
+
+
+def size_gib_of(virtual_size: int) -> int:
+    return max(1, -(-virtual_size // GIB))
+
+
+def describe_images(ctx: ServiceContext, account_id: str, region_id: str, *,
+                    image_ids: Sequence[str] | None = None, name: str | None = None,
+                    owner_alias: str | None = None, page_number: int | None = None,
+                    page_size: int | None = None) -> Page[Image]:
+    criteria = Criteria(equals={"region_id": region_id}, newest_first=True)
+    if image_ids:
+        criteria.within["id"] = list(image_ids)
+    if name:
+        criteria.wildcard["name"] = name
+    if owner_alias == "system":
+        criteria.equals["account_id"] = None
+    elif owner_alias == "self":
+        criteria.equals["account_id"] = account_id
+    elif owner_alias not in (None, "", "others", "marketplace"):
+        raise EcsError("InvalidImageOwnerAlias.ValueNotSupported",
+                       f"The ImageOwnerAlias \"{owner_alias}\" is not valid.", 400)
+    else:
+        criteria.within["account_id"] = [account_id]
+    with ctx.uow() as uow:
+        get_region(uow, region_id)
+        if owner_alias in (None, ""):
+            rows = [i for i in uow.images.find(Criteria(equals={"region_id": region_id},
+                                                        within=dict(criteria.within) if
+                                                        image_ids else {}))
+                    if i.account_id in (None, account_id)]
+            if name:
+                rows = [i for i in rows if _match(name, i.name)]
+            number, size = page_number or 1, page_size or 10
+            return Page(rows[(number - 1) * size:number * size], len(rows), number, size, "")
+        return paginate(uow.images, criteria, page_number=page_number, page_size=page_size)
+
+
+def _match(pattern: str, value: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(value, pattern)

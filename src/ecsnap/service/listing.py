@@ -1,0 +1,69 @@
+"""Both ECS pagination styles over a repository: PageNumber/PageSize and NextToken/MaxResults."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from ecsnap.adapters.store.base import Criteria, Repository
+from ecsnap.domain.errors import EcsError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Page(Generic[T]):
+    items: list[T]
+    total: int
+    page_number: int
+    page_size: int
+    next_token: str
+
+
+def _encode(obj: Any) -> str:
+    raw = f"{obj.created.isoformat()}|{obj.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, obj_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), obj_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise EcsError("InvalidParameter.NextToken",
+                       "The specified NextToken is not valid.", 400) from exc
+
+
+def paginate(repo: Repository[T], criteria: Criteria, *, page_number: int | None = None,
+             page_size: int | None = None, next_token: str | None = None,
+             max_results: int | None = None, max_page_size: int = 100,
+             token_only: bool = False) -> Page[T]:
+    """A page of `repo` under `criteria`. A NextToken (or MaxResults, or `token_only`) selects
+    the token style, whose pages are keyset-based and stay cheap however deep one walks."""
+    token_style = token_only or next_token is not None or max_results is not None
+    if token_style:
+        size = max_results or 10
+        if not 1 <= size <= max_page_size:
+            raise EcsError("InvalidParameter.MaxResults",
+                           f"MaxResults must be between 1 and {max_page_size}.", 400)
+        after = _decode(next_token) if next_token else None
+        rows = repo.find(replace(criteria, after=after, limit=size + 1, offset=0))
+        more = len(rows) > size
+        rows = rows[:size]
+        token = _encode(rows[-1]) if more and rows else ""
+        total = repo.count(replace(criteria, after=None, limit=None, offset=0))
+        return Page(rows, total, 1, size, token)
+    number = page_number or 1
+    size = page_size or 10
+    if number < 1:
+        raise EcsError("InvalidParameter.PageNumber", "PageNumber must be 1 or more.", 400)
+    if not 1 <= size <= max_page_size:
+        raise EcsError("InvalidParameter.PageSize",
+                       f"PageSize must be between 1 and {max_page_size}.", 400)
+    rows = repo.find(replace(criteria, offset=(number - 1) * size, limit=size))
+    total = repo.count(replace(criteria, offset=0, limit=None))
+    return Page(rows, total, number, size, "")

@@ -1,0 +1,191 @@
+"""Tasks and their journal: every multi-step operation is a `Task` row.
+
+The row is written, with the locks the operation takes, in the same transaction that
+checks the rules. Its `plan` lists the steps; each step is idempotent and is recorded in
+`done` once it has run. A crash (even kill -9) at any point leaves a Processing task;
+at the next start `recovery.recover()` either drives it forward (re-running the step that
+was interrupted) or undoes it, as its handler decides.
+
+Fault injection for crash tests: with ECSNAP_CRASH_AT=`Action:step:before` (or `:after`)
+the process kills itself with SIGKILL at that point. Nothing else uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ClassVar
+
+from ecsnap.adapters.store.base import UnitOfWork
+from ecsnap.domain import errors, ids
+from ecsnap.domain.errors import EcsError
+from ecsnap.domain.model import Task, TaskStatus, utcnow
+from ecsnap.service.context import ServiceContext
+
+log = logging.getLogger("ecsnap.tasks")
+
+
+class TaskHandler:
+    """How one kind of task runs its steps, finishes, fails and recovers."""
+
+    action: ClassVar[str] = ""
+
+    def run_step(self, ctx: ServiceContext, task: Task, step: str) -> None:
+        name, _, arg = step.partition(":")
+        getattr(self, f"step_{name}")(ctx, task, arg)
+
+    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
+        """Final bookkeeping, in the transaction that marks the task Finished."""
+
+    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
+        """Undo what the done steps did (idempotent); called before the task is marked Failed."""
+
+    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
+        """Bookkeeping in the transaction that marks the task Failed."""
+
+    def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
+        """After a crash: True to drive the task forward, False to undo it."""
+        return True
+
+
+HANDLERS: dict[str, TaskHandler] = {}
+
+
+def handler(cls: type[TaskHandler]) -> type[TaskHandler]:
+    HANDLERS[cls.action] = cls()
+    return cls
+
+
+def crash_point(ctx: ServiceContext, name: str) -> None:
+    if ctx.settings.crash_at and ctx.settings.crash_at == name:
+        log.warning("fault injection: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def new_task(uow: UnitOfWork, *, account_id: str, region_id: str, action: str,
+             resource_id: str, steps: list[str], locks: list[tuple[str, str]],
+             **plan: Any) -> Task:
+    """Journal a task and take its locks, in the caller's transaction (not committed here).
+
+    Raises Operation.Conflict if any lock is held by another task."""
+    task = Task(id=ids.new_id("task"), account_id=account_id, region_id=region_id,
+                action=action, resource_id=resource_id,
+                plan={"steps": steps, "locks": [list(lock) for lock in locks], **plan})
+    uow.tasks.add(task)
+    for kind, obj_id in locks:
+        if not uow.try_lock(kind, obj_id, task.id):
+            holder = getattr(uow.instances.get(obj_id) if kind == "instance"
+                             else uow.disks.get(obj_id), "lock_task_id", None)
+            raise errors.operation_conflict(obj_id, holder)
+    return task
+
+
+def _release_locks(uow: UnitOfWork, task: Task) -> None:
+    for kind, obj_id in task.plan.get("locks", []):
+        uow.unlock(kind, obj_id, task.id)
+
+
+def _mark_done(ctx: ServiceContext, task_id: str, step: str) -> Task:
+    with ctx.uow() as uow:
+        task = uow.tasks.get(task_id)
+        assert task is not None
+        if step not in task.done:
+            task.done.append(step)
+        uow.commit()
+        return task
+
+
+def drive(ctx: ServiceContext, task_id: str) -> Task:
+    """Run the remaining steps of a task, then finish it; on error compensate and fail it."""
+    with ctx.uow() as uow:
+        task = uow.tasks.get(task_id)
+        if task is None:
+            raise errors.not_found("task", task_id)
+    if task.status != TaskStatus.PROCESSING:
+        return task
+    h = HANDLERS[task.action]
+    try:
+        for step in task.plan["steps"]:
+            if step in task.done:
+                continue
+            crash_point(ctx, f"{task.action}:{step}:before")
+            log.info("task %s %s: step %s", task.id, task.action, step)
+            h.run_step(ctx, task, step)
+            crash_point(ctx, f"{task.action}:{step}:after")
+            task = _mark_done(ctx, task.id, step)
+        with ctx.uow() as uow:
+            fresh = uow.tasks.get(task.id)
+            assert fresh is not None
+            h.finish(ctx, uow, fresh)
+            fresh.status = TaskStatus.FINISHED
+            fresh.finished = utcnow()
+            _release_locks(uow, fresh)
+            uow.commit()
+            task = fresh
+        log.info("task %s %s finished", task.id, task.action)
+        return task
+    except Exception as exc:  # every failure ends the task; nothing is left half done
+        return fail(ctx, task.id, exc)
+
+
+def fail(ctx: ServiceContext, task_id: str, exc: BaseException) -> Task:
+    code, message = ("InternalError", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, EcsError):
+        code, message = exc.code, exc.message
+    log.warning("task %s failed: %s: %s", task_id, code, message)
+    with ctx.uow() as uow:
+        task = uow.tasks.get(task_id)
+        assert task is not None
+    h = HANDLERS[task.action]
+    try:
+        h.compensate(ctx, task, exc)
+    except Exception:
+        log.exception("task %s: compensation failed; recovery will retry it", task_id)
+        raise
+    with ctx.uow() as uow:
+        task = uow.tasks.get(task_id)
+        assert task is not None
+        h.failed(ctx, uow, task)
+        task.status = TaskStatus.FAILED
+        task.error_code, task.error_message = code, message
+        task.finished = utcnow()
+        _release_locks(uow, task)
+        uow.commit()
+        return task
+
+
+class TaskRunner:
+    """Executes journaled tasks: in background threads (the server) or inline."""
+
+    def __init__(self, ctx: ServiceContext, *, background: bool, workers: int = 4) -> None:
+        self.ctx = ctx
+        self.background = background
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="task") \
+            if background else None
+        self._futures: dict[str, Future[Task]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, task_id: str) -> None:
+        if self._pool is None:
+            drive(self.ctx, task_id)
+            return
+        with self._lock:
+            self._futures[task_id] = self._pool.submit(drive, self.ctx, task_id)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        with self._lock:
+            future = self._futures.get(task_id)
+        if future is not None:
+            future.result(timeout)
+        with self.ctx.uow() as uow:
+            task = uow.tasks.get(task_id)
+            if task is None:
+                raise errors.not_found("task", task_id)
+            return task
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=False)
