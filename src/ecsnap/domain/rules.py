@@ -283,9 +283,11 @@ def check_reset(instance: Instance, targets: Sequence[ResetTarget], *,
             failures.append(CheckFailure("disk_once", "InvalidParameter",
                                          f"The disk {t.disk_id} is named twice.", 400, t.disk_id))
         seen.add(t.disk_id)
+        replaced = check_system_disk_not_replaced(t, system_disk_id)
+        # a replaced system disk explains the mismatch better than "another disk's snapshot"
+        mismatch = None if replaced else check_snapshot_of_disk(t)
         for failure in (check_snapshot_exists(t), check_snapshot_ready(t), check_disk_exists(t),
-                        check_system_disk_not_replaced(t, system_disk_id),
-                        check_snapshot_of_disk(t), check_disk_attached(t, instance),
+                        replaced, mismatch, check_disk_attached(t, instance),
                         check_disk_free(t)):
             if failure and failure not in failures:
                 failures.append(failure)

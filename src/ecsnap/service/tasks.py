@@ -116,6 +116,7 @@ def drive(ctx: ServiceContext, task_id: str) -> Task:
             h.run_step(ctx, task, step)
             crash_point(ctx, f"{task.action}:{step}:after")
             task = _mark_done(ctx, task.id, step)
+        crash_point(ctx, f"{task.action}:finish:before")
         with ctx.uow() as uow:
             fresh = uow.tasks.get(task.id)
             assert fresh is not None
