@@ -33,8 +33,12 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
         from ecsnap.adapters.compute.qemu import QemuDriver
 
         compute = QemuDriver(settings.run_dir, accel=settings.accel)
+    from ecsnap.adapters.compute.guest_image import build_demo_image
+
     ctx = ServiceContext(settings=settings, uow=lambda: sql.SqlUnitOfWork(factory),
-                         storage_for=storage_for, compute=compute)
+                         storage_for=storage_for, compute=compute,
+                         image_builder=build_demo_image,
+                         image_import=Qcow2Backend(str(settings.images_dir)))
     ctx.extras["engine"] = engine
     ctx.runner = TaskRunner(ctx, background=settings.background_tasks
                             if background is None else background)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ecsnap.adapters.compute.base import ComputeDriver
-from ecsnap.adapters.storage.base import StorageBackend
+from ecsnap.adapters.compute.base import ComputeDriver, GuestImageBuilder
+from ecsnap.adapters.storage.base import ImageImport, StorageBackend
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.config import Settings
 from ecsnap.domain import errors
@@ -26,6 +26,8 @@ class ServiceContext:
     uow: Callable[[], UnitOfWork]
     storage_for: Callable[[str], StorageBackend]  # storage pool directory -> backend
     compute: ComputeDriver
+    image_builder: GuestImageBuilder | None = None
+    image_import: ImageImport | None = None
     runner: TaskRunner = field(init=False)
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -93,3 +93,45 @@ def _match(pattern: str, value: str) -> bool:
     import fnmatch
 
     return fnmatch.fnmatchcase(value, pattern)
+
+
+DEMO_IMAGE_NAME = "ecsnap-demo-debian12"
+
+
+def build_demo_image(ctx: ServiceContext, region_id: str) -> Image:
+    """Build the small demo Linux guest from Debian packages (cached) and register it as a
+    system image (direct kernel boot; qemu-guest-agent; data disks at /mnt/<disk id>)."""
+    with ctx.uow() as uow:
+        get_region(uow, region_id)
+        found = [i for i in uow.images.find(region_id=region_id, name=DEMO_IMAGE_NAME)
+                 if i.account_id is None]
+        if found:
+            return found[0]
+    if ctx.image_builder is None:
+        raise EcsError("OperationDenied", "No guest image builder is configured.", 403)
+    built = ctx.image_builder(ctx.settings.cache_dir / "demo-image",
+                              ctx.settings.cache_dir / "debs")
+    return register_image(ctx, region_id, name=DEMO_IMAGE_NAME, os_name=built.os_name,
+                          template=built.rootfs_path, size_gib=built.size_gib,
+                          boot_mode="direct", kernel=built.kernel_path,
+                          initrd=built.initrd_path, kernel_args=built.kernel_args,
+                          description="Tiny Debian 12 guest built by ecsnap: busybox, "
+                                      "qemu-guest-agent, data disks at /mnt/<disk id>, "
+                                      "root login without password on the serial console.")
+
+
+def import_image(ctx: ServiceContext, region_id: str, source: Path, *, name: str,
+                 os_name: str = "Linux", account_id: str | None = None) -> Image:
+    """Register a user's own qcow2 or raw image (BIOS boot from the system disk)."""
+    if not Path(source).is_file():
+        raise EcsError("InvalidParameter.File", f"No image file at {source}.", 400)
+    if ctx.image_import is None:
+        raise EcsError("OperationDenied", "No image importer is configured.", 403)
+    staging = ctx.settings.images_dir / f".import-{Path(source).name}.qcow2"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        size = ctx.image_import.import_image(str(source), str(staging))
+        return register_image(ctx, region_id, name=name, os_name=os_name, template=staging,
+                              size_gib=size_gib_of(size), account_id=account_id)
+    finally:
+        staging.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -106,3 +107,29 @@ class ComputeDriver(Protocol):
     def serial_socket(self, instance_id: str) -> str:
         """Path of the unix socket on which the VM's serial console is served."""
         ...
+
+
+class BuiltImage(Protocol):
+    """What a guest-image builder produces: a root file system template and a kernel."""
+
+    @property
+    def kernel_path(self) -> Path: ...
+
+    @property
+    def initrd_path(self) -> Path: ...
+
+    @property
+    def rootfs_path(self) -> Path: ...
+
+    @property
+    def kernel_args(self) -> str: ...
+
+    @property
+    def os_name(self) -> str: ...
+
+    @property
+    def size_gib(self) -> int: ...
+
+
+class GuestImageBuilder(Protocol):
+    def __call__(self, out_dir: Path, cache_dir: Path) -> BuiltImage: ...

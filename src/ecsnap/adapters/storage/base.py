@@ -88,3 +88,10 @@ class ChangeTracking(Protocol):
 
 class StorageBackend(DiskLifecycle, DiskSnapshots, RevertToSnapshot, ChangeTracking, Protocol):
     """Everything the services need from a pool."""
+
+
+class ImageImport(Protocol):
+    def import_image(self, source: str, target: str) -> int:
+        """Convert a qcow2 or raw image file into a standalone qcow2 template at `target`;
+        return its virtual size in bytes."""
+        ...
