@@ -313,7 +313,8 @@ class InvocationStatus(StrEnum):
 class Invocation:
     """One run of a Cloud Assistant command on one instance (through the guest agent)."""
 
-    id: str  # InvokeId, t-...
+    id: str  # this instance's record of the run
+    invoke_id: str  # InvokeId, t-..., shared by the instances of one RunCommand
     command_id: str  # c-...
     account_id: str
     region_id: str

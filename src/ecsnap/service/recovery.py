@@ -49,6 +49,9 @@ def recover(ctx: ServiceContext) -> RecoveryReport:
             fail(ctx, task.id, EcsError("Task.Interrupted",
                                         "ecsnap stopped while the task ran; it was undone.", 500))
             report.undone.append(task.id)
+    from ecsnap.service.commands import interrupt_running
+
+    interrupt_running(ctx)
     running = set(ctx.compute.running())
     with ctx.uow() as uow:
         for inst in uow.instances.find():

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -175,6 +176,13 @@ class TaskRunner:
             return
         with self._lock:
             self._futures[task_id] = self._pool.submit(drive, self.ctx, task_id)
+
+    def spawn(self, job: Callable[[], None]) -> None:
+        """Run a job that is not a journaled task (a guest command) in the background."""
+        if self._pool is None:
+            job()
+        else:
+            self._pool.submit(job)
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         with self._lock:

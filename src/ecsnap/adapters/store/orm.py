@@ -219,6 +219,7 @@ idempotency = Table(
 invocations = Table(
     "invocations", metadata,
     _id(),
+    Column("invoke_id", String(64), nullable=False, index=True),
     Column("command_id", String(64), nullable=False, index=True),
     Column("account_id", String(64), nullable=False),
     Column("region_id", String(64), nullable=False),

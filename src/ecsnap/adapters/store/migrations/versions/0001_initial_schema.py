@@ -1,8 +1,8 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
-Create Date: 2026-11-25 06:43:08.736541
+Revises:
+Create Date: 2026-11-25 06:58:43.380319
 """
 
 import sqlalchemy as sa
@@ -122,6 +122,7 @@ def upgrade() -> None:
 
     op.create_table('invocations',
     sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('invoke_id', sa.String(length=64), nullable=False),
     sa.Column('command_id', sa.String(length=64), nullable=False),
     sa.Column('account_id', sa.String(length=64), nullable=False),
     sa.Column('region_id', sa.String(length=64), nullable=False),
@@ -145,6 +146,7 @@ def upgrade() -> None:
     with op.batch_alter_table('invocations', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_invocations_command_id'), ['command_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_invocations_instance_id'), ['instance_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_invocations_invoke_id'), ['invoke_id'], unique=False)
         batch_op.create_index('ix_invocations_owner', ['account_id', 'region_id', 'created'], unique=False)
 
     op.create_table('nonces',
@@ -268,6 +270,7 @@ def downgrade() -> None:
     op.drop_table('nonces')
     with op.batch_alter_table('invocations', schema=None) as batch_op:
         batch_op.drop_index('ix_invocations_owner')
+        batch_op.drop_index(batch_op.f('ix_invocations_invoke_id'))
         batch_op.drop_index(batch_op.f('ix_invocations_instance_id'))
         batch_op.drop_index(batch_op.f('ix_invocations_command_id'))
 

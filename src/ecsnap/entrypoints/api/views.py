@@ -1,0 +1,182 @@
+"""Domain objects as ECS API structures (field names and list wrappers as ECS has them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ecsnap.domain.model import (
+    Disk,
+    Image,
+    Instance,
+    InstanceStatus,
+    Invocation,
+    Region,
+    Snapshot,
+    StoppedMode,
+    Task,
+    Zone,
+    iso,
+)
+from ecsnap.service.listing import Page
+from ecsnap.service.snapshots import GroupView
+
+
+def tags(values: dict[str, str]) -> dict[str, Any]:
+    return {"Tag": [{"TagKey": k, "TagValue": v} for k, v in sorted(values.items())]}
+
+
+def page_fields(page: Page[Any], token_style: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {"TotalCount": page.total}
+    if token_style:
+        fields.update(NextToken=page.next_token, MaxResults=page.page_size)
+    else:
+        fields.update(PageNumber=page.page_number, PageSize=page.page_size)
+    return fields
+
+
+def region(r: Region, endpoint: str) -> dict[str, Any]:
+    return {"RegionId": r.id, "LocalName": r.local_name, "RegionEndpoint": endpoint,
+            "Status": "available"}
+
+
+def zone(z: Zone, instance_types: list[str]) -> dict[str, Any]:
+    categories = ["cloud_essd", "cloud_ssd", "cloud_efficiency", "cloud"]
+    return {
+        "ZoneId": z.id, "LocalName": z.local_name,
+        "AvailableResourceCreation": {"ResourceTypes": ["Instance", "Disk"]},
+        "AvailableDiskCategories": {"DiskCategories": categories},
+        "AvailableInstanceTypes": {"InstanceTypes": instance_types},
+        "AvailableVolumeCategories": {"VolumeCategories": []},
+        "AvailableDedicatedHostTypes": {"DedicatedHostType": []},
+        "AvailableResources": {"ResourcesInfo": [{
+            "IoOptimized": True,
+            "SystemDiskCategories": {"supportedSystemDiskCategory": categories},
+            "DataDiskCategories": {"supportedDataDiskCategory": categories},
+            "InstanceTypes": {"supportedInstanceType": instance_types},
+            "InstanceTypeFamilies": {"supportedInstanceTypeFamily": sorted(
+                {".".join(t.split(".")[:2]) for t in instance_types})},
+            "InstanceGenerations": {"supportedInstanceGeneration": ["ecs-5"]},
+            "NetworkTypes": {"supportedNetworkCategory": ["vpc"]},
+        }]},
+    }
+
+
+def instance(i: Instance, image: Image | None) -> dict[str, Any]:
+    stopped_mode = i.stopped_mode.value if i.status == InstanceStatus.STOPPED else \
+        StoppedMode.KEEP_CHARGING.value
+    return {
+        "InstanceId": i.id, "InstanceName": i.name, "Description": i.description,
+        "HostName": i.host_name or i.id, "RegionId": i.region_id, "ZoneId": i.zone_id,
+        "Status": i.status.value, "StoppedMode": stopped_mode,
+        "OperationLocks": {"LockReason": []},
+        "InstanceType": i.instance_type,
+        "InstanceTypeFamily": ".".join(i.instance_type.split(".")[:2]),
+        "Cpu": i.vcpus, "Memory": i.memory_mib, "ImageId": i.image_id,
+        "OSName": image.os_name if image else "", "OSNameEn": image.os_name if image else "",
+        "OSType": image.os_type if image else "linux",
+        "CreationTime": iso(i.created), "StartTime": iso(i.started), "ExpiredTime": "",
+        "InstanceChargeType": "PostPaid", "InternetChargeType": "PayByTraffic",
+        "InternetMaxBandwidthIn": 0, "InternetMaxBandwidthOut": 0,
+        "InstanceNetworkType": "vpc", "IoOptimized": True, "DeviceAvailable": True,
+        "DeletionProtection": False, "SerialNumber": i.id.removeprefix("i-"),
+        "Tags": tags(i.tags), "SecurityGroupIds": {"SecurityGroupId": []},
+        "PublicIpAddress": {"IpAddress": []}, "InnerIpAddress": {"IpAddress": []},
+        "VpcAttributes": {"VpcId": "", "VSwitchId": "", "NatIpAddress": "",
+                          "PrivateIpAddress": {"IpAddress": []}},
+        "NetworkInterfaces": {"NetworkInterface": []},
+    }
+
+
+def disk(d: Disk) -> dict[str, Any]:
+    attached = bool(d.instance_id)
+    return {
+        "DiskId": d.id, "DiskName": d.name, "Description": d.description,
+        "RegionId": d.region_id, "ZoneId": d.zone_id, "Type": d.type.value,
+        "Category": d.category, "Size": d.size_gib, "Status": d.status.value,
+        "InstanceId": d.instance_id or "", "Device": d.device if attached else "",
+        "AttachedTime": iso(d.attached_time), "DetachedTime": iso(d.detached_time),
+        "CreationTime": iso(d.created), "ExpiredTime": "", "Portable": d.portable,
+        "DeleteWithInstance": d.delete_with_instance, "DeleteAutoSnapshot": False,
+        "EnableAutoSnapshot": False, "EnableAutomatedSnapshotPolicy": False,
+        "SourceSnapshotId": d.source_snapshot_id, "ImageId": d.image_id,
+        "DiskChargeType": "PostPaid", "Encrypted": False, "PerformanceLevel": "PL1",
+        "SerialNumber": d.serial_number, "OperationLocks": {"OperationLock": []},
+        "MountInstanceNum": 1 if attached else 0,
+        "MountInstances": {"MountInstance": [{"InstanceId": d.instance_id,
+                                              "Device": d.device,
+                                              "AttachedTime": iso(d.attached_time)}]
+                           if attached else []},
+        "Tags": tags(d.tags),
+    }
+
+
+def snapshot(s: Snapshot) -> dict[str, Any]:
+    return {
+        "SnapshotId": s.id, "SnapshotName": s.name, "Description": s.description,
+        "SourceDiskId": s.source_disk_id, "SourceDiskType": s.source_disk_type.value,
+        "SourceDiskSize": str(s.source_disk_size), "SourceStorageType": "disk",
+        "Status": s.status.value, "Progress": f"{s.progress}%", "RemainTime": 0,
+        "CreationTime": iso(s.created), "LastModifiedTime": iso(s.last_modified),
+        "RetentionDays": s.retention_days or 0, "InstantAccess": False,
+        "InstantAccessRetentionDays": 0, "SnapshotType": "user", "Usage": "none",
+        "Category": "standard", "Encrypted": False, "ProductCode": "",
+        "SnapshotSN": s.id.removeprefix("s-"), "SnapshotLinkId": f"sl-{s.source_disk_id}",
+        "InstanceId": s.instance_id, "SnapshotGroupId": s.group_id or "",
+        "Tags": tags(s.tags),
+    }
+
+
+def snapshot_group(v: GroupView) -> dict[str, Any]:
+    g = v.group
+    return {
+        "SnapshotGroupId": g.id, "Name": g.name, "Description": g.description,
+        "InstanceId": g.instance_id, "CreationTime": iso(g.created),
+        "Status": g.status.value, "ProgressStatus": f"{v.progress}%",
+        "ConsistencyLevel": g.consistency.value,
+        "FreezeWindowMs": g.window_ms if g.window_ms is not None else -1,
+        "Purpose": g.purpose.value, "Tags": tags(g.tags),
+        "Snapshots": {"Snapshot": [{
+            "SnapshotId": s.id, "SourceDiskId": s.source_disk_id,
+            "SourceDiskType": s.source_disk_type.value, "Progress": f"{s.progress}%",
+            "InstantAccess": False, "InstantAccessRetentionDays": 0,
+        } for s in v.snapshots]},
+    }
+
+
+def image(m: Image) -> dict[str, Any]:
+    return {
+        "ImageId": m.id, "ImageName": m.name, "ImageFamily": "", "ImageVersion": "1",
+        "Description": m.description, "Status": m.status, "Progress": "100%",
+        "Size": m.size_gib, "CreationTime": iso(m.created),
+        "ImageOwnerAlias": m.owner_alias, "OSType": m.os_type, "OSName": m.os_name,
+        "OSNameEn": m.os_name, "Platform": "Others Linux", "Architecture": m.architecture,
+        "Usage": "instance", "IsSupportCloudinit": False, "IsSupportIoOptimized": True,
+        "IsCopied": False, "IsSubscribed": False, "IsSelfShared": "",
+        "BootMode": "Legacy" if m.boot_mode == "bios" else "DirectKernel",
+        "Tags": tags({}),
+        "DiskDeviceMappings": {"DiskDeviceMapping": [{
+            "SnapshotId": "", "Size": str(m.size_gib), "Device": "/dev/xvda",
+            "Type": "system", "Format": "qcow2", "Progress": "100%"}]},
+    }
+
+
+def task(t: Task) -> dict[str, Any]:
+    return {"TaskId": t.id, "TaskAction": t.action, "TaskStatus": t.status.value,
+            "CreationTime": iso(t.created), "FinishedTime": iso(t.finished),
+            "SupportCancel": "false", "TaskProcess": f"{t.progress}%",
+            "ResourceId": t.resource_id}
+
+
+def invocation_result(v: Invocation, encoding: str) -> dict[str, Any]:
+    import base64
+
+    output = v.output if encoding == "PlainText" else \
+        base64.b64encode(v.output.encode()).decode()
+    return {
+        "CommandId": v.command_id, "InvokeId": v.id, "InstanceId": v.instance_id,
+        "InvocationStatus": v.status.value, "InvokeRecordStatus": v.record_status,
+        "ExitCode": v.exit_code if v.exit_code is not None else 0, "Output": output,
+        "Dropped": v.dropped, "ErrorCode": v.error_code, "ErrorInfo": v.error_info,
+        "StartTime": iso(v.started), "FinishedTime": iso(v.finished),
+        "StopTime": "", "Repeats": 1, "Username": "root",
+    }
