@@ -180,5 +180,7 @@ def main() -> None:
     app()
 
 
+from ecsnap.entrypoints.cli import commands as _commands  # noqa: E402,F401  (registers them)
+
 if __name__ == "__main__":
     main()
