@@ -25,7 +25,7 @@ def free_port() -> int:
 def ecsnap(*args: str, env: dict[str, str] | None = None, check: bool = True,
            timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the `ecsnap` command of this checkout."""
-    proc = subprocess.run([sys.executable, "-m", "ecsnap.entrypoints.cli.main", *args],
+    proc = subprocess.run([sys.executable, "-m", "ecsnap", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
@@ -54,7 +54,7 @@ class LiveServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ecsnap.entrypoints.cli.main", "serve", "--data-dir",
+            [sys.executable, "-m", "ecsnap", "serve", "--data-dir",
              str(self.data_dir), "--listen", f"127.0.0.1:{self.port}"],
             stdout=log, stderr=log, cwd=ROOT, env=self.env)
         deadline = time.monotonic() + timeout

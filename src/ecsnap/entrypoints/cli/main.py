@@ -181,6 +181,3 @@ def main() -> None:
 
 
 from ecsnap.entrypoints.cli import commands as _commands  # noqa: E402,F401  (registers them)
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m ecsnap` is the `ecsnap` command."""
+
+from ecsnap.entrypoints.cli.main import main
+
+main()
