@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
-from ecsnap.adapters.compute.base import ComputeDriver
+from ecsnap.adapters.compute.base import BuiltImage, ComputeDriver
 from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store import sql
 from ecsnap.config import Settings
@@ -13,6 +14,12 @@ from ecsnap.service.context import ServiceContext
 from ecsnap.service.tasks import TaskRunner
 
 log = logging.getLogger("ecsnap")
+
+
+def _build_demo_image(out_dir: Path, cache_dir: Path) -> BuiltImage:
+    from ecsnap.adapters.compute.guest_image import build_demo_image
+
+    return build_demo_image(out_dir, cache_dir)
 
 
 def build(settings: Settings, *, compute: ComputeDriver | None = None,
@@ -33,11 +40,9 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
         from ecsnap.adapters.compute.qemu import QemuDriver
 
         compute = QemuDriver(settings.run_dir, accel=settings.accel)
-    from ecsnap.adapters.compute.guest_image import build_demo_image
-
     ctx = ServiceContext(settings=settings, uow=lambda: sql.SqlUnitOfWork(factory),
                          storage_for=storage_for, compute=compute,
-                         image_builder=build_demo_image,
+                         image_builder=_build_demo_image,
                          image_import=Qcow2Backend(str(settings.images_dir)))
     ctx.extras["engine"] = engine
     ctx.runner = TaskRunner(ctx, background=settings.background_tasks

@@ -53,8 +53,11 @@ def snapshot_everything(ctx: ServiceContext, instance_id: str) -> str:
 
 
 def group_items(ctx: ServiceContext, group_id: str) -> list[tuple[str, str]]:
+    """(disk, snapshot) of a group, in the order of the instance's disks (system first)."""
     view = snapshots.get_snapshot_group(ctx, ACCOUNT, group_id)
-    return [(s.source_disk_id, s.id) for s in view.snapshots]
+    order = list(disk_paths(ctx, view.group.instance_id))
+    return sorted(((s.source_disk_id, s.id) for s in view.snapshots),
+                  key=lambda item: (order.index(item[0]) if item[0] in order else 99, item))
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)

@@ -131,7 +131,6 @@ class CreateDiskTask(TaskHandler):
         disk = uow.disks.get(task.resource_id)
         if disk is not None:
             uow.disks.delete(disk)
-        task.plan["locks"] = []
 
 
 def attach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id: str, *,
@@ -266,7 +265,6 @@ class DeleteDiskTask(TaskHandler):
         disk = uow.disks.get(task.resource_id)
         if disk is not None:
             mark_released(uow, disk)
-        task.plan["locks"] = []
 
 
 def resize_disk(ctx: ServiceContext, account_id: str, disk_id: str, new_size_gib: int, *,
@@ -448,8 +446,6 @@ class ReplaceSystemDiskTask(TaskHandler):
         new = uow.disks.get(task.plan["new_disk"])
         if new is not None:
             uow.disks.delete(new)
-        task.plan["locks"] = [lock for lock in task.plan["locks"]
-                              if lock[1] != task.plan["new_disk"]]
 
 
 def describe_disks(ctx: ServiceContext, account_id: str, region_id: str, *,

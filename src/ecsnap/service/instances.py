@@ -248,7 +248,6 @@ class RunInstanceTask(TaskHandler):
         for disk in attached_disks(uow, inst.id):
             uow.disks.delete(disk)
         uow.instances.delete(inst)
-        task.plan["locks"] = []
 
 
 def _instance_for_action(uow: UnitOfWork, account_id: str, instance_id: str | None,
@@ -434,7 +433,6 @@ class DeleteInstanceTask(TaskHandler):
                 disk.status, disk.instance_id, disk.device = DiskStatus.AVAILABLE, None, ""
                 disk.detached_time = utcnow()
         uow.instances.delete(inst)
-        task.plan["locks"] = [lock for lock in task.plan["locks"] if lock[0] == "disk"]
 
 
 def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,

@@ -254,6 +254,7 @@ class ResetDisksTask(TaskHandler):
     def step_start(self, ctx: ServiceContext, task: Task, _: str) -> None:
         from ecsnap.service.instances import boot
 
+        refused: EcsError | None = None
         with ctx.uow() as uow:
             inst = uow.instances.get(task.resource_id)
             assert inst is not None
@@ -265,10 +266,13 @@ class ResetDisksTask(TaskHandler):
                 try:
                     rules.check_capacity(region, others, [itype] if itype else [])
                 except EcsError as exc:
-                    self._note(ctx, task, start_error={"Code": exc.code, "Message": exc.message})
-                    return
-            inst.status = InstanceStatus.STARTING
-            uow.commit()
+                    refused = exc
+            if refused is None:
+                inst.status = InstanceStatus.STARTING
+                uow.commit()
+        if refused is not None:
+            self._note(ctx, task, start_error={"Code": refused.code, "Message": refused.message})
+            return
         boot(ctx, task.resource_id)
 
     def step_health_gate(self, ctx: ServiceContext, task: Task, _: str) -> None:

@@ -422,12 +422,15 @@ def describe_snapshot_groups(ctx: ServiceContext, account_id: str, region_id: st
             for snap in uow.snapshots.find(Criteria(within={"group_id": list(members)},
                                                     newest_first=False)):
                 members[snap.group_id or ""].append(snap)
-        views = [GroupView(g, members[g.id]) for g in page.items]
+        views = [GroupView(g, _system_first(members[g.id])) for g in page.items]
         return Page(views, page.total, page.page_number, page.page_size, page.next_token)
 
 
 def get_snapshot_group(ctx: ServiceContext, account_id: str, group_id: str) -> GroupView:
     with ctx.uow() as uow:
         group = get_group(uow, account_id, group_id)
-        return GroupView(group, uow.snapshots.find(Criteria(newest_first=False),
-                                                   group_id=group.id))
+        return GroupView(group, _system_first(uow.snapshots.find(group_id=group.id)))
+
+
+def _system_first(snaps: list[Snapshot]) -> list[Snapshot]:
+    return sorted(snaps, key=lambda s: (s.source_disk_type.value != "system", s.created, s.id))

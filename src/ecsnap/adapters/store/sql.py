@@ -161,7 +161,8 @@ class SqlUnitOfWork:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.session.rollback()
+        # close() ends (rolls back) an uncommitted transaction and detaches the objects
+        # with what they hold, so results stay readable after the unit of work
         self.session.close()
 
     def commit(self) -> None:
