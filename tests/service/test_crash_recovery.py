@@ -33,17 +33,17 @@ OLD = (0xA1, 0xA2, 0xA3)
 NEW = (0xB1, 0xB2, 0xB3)
 FAR = 5 * 1024**3  # a second region of each disk, far from the first
 
-CHILD = """
+CHILD = f"""
 import json, sys
 from ecsnap import bootstrap, config
 from ecsnap.service import rollback, snapshots
 data_dir, action, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 ctx = bootstrap.build(config.load(data_dir), background=False)
 if action == "group":
-    snapshots.create_snapshot_group(ctx, "%s", "%s", args["instance_id"])
+    snapshots.create_snapshot_group(ctx, "{ACCOUNT}", "{REGION}", args["instance_id"])
 else:
-    rollback.reset_disks(ctx, "%s", "%s", [tuple(i) for i in args["items"]])
-""" % (ACCOUNT, REGION, ACCOUNT, REGION)
+    rollback.reset_disks(ctx, "{ACCOUNT}", "{REGION}", [tuple(i) for i in args["items"]])
+"""
 
 
 def build(data_dir: Path, template: Path) -> ServiceContext:

@@ -27,12 +27,11 @@ def once(ctx: ServiceContext, account_id: str, action: str, token: str | None,
         raise EcsError("InvalidClientToken.ValueNotSupported",
                        "The ClientToken must be ASCII and at most 64 characters.", 400)
     digest = _digest(params)
-    key = {"account_id": account_id, "action": action, "token": token}
     with ctx.uow() as uow:
         record = uow.idempotency.get((account_id, action, token))  # type: ignore[arg-type]
         if record is None:
-            uow.idempotency.add(IdempotencyRecord(params_digest=digest,
-                                                  response={_PROCESSING: True}, **key))
+            uow.idempotency.add(IdempotencyRecord(account_id, action, token, digest,
+                                                  response={_PROCESSING: True}))
             uow.commit()
         elif record.params_digest != digest:
             raise EcsError("IdempotentParameterMismatch",

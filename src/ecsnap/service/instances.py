@@ -109,7 +109,8 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
     with ctx.uow() as uow:
         region = get_region(uow, region_id)
         zone_id = req.zone_id or f"{region_id}-a"
-        if uow.zones.get(zone_id) is None or uow.zones.get(zone_id).region_id != region_id:
+        zone = uow.zones.get(zone_id)
+        if zone is None or zone.region_id != region_id:
             raise errors.not_found("zone", zone_id)
         image = get_image(uow, account_id, req.image_id, region_id)
         if image.status != "Available":

@@ -45,18 +45,42 @@ class Repository(Protocol[T]):
 
 
 class UnitOfWork(Protocol):
-    accounts: Repository[Any]
-    access_keys: Repository[Any]
-    regions: Repository[Any]
-    zones: Repository[Any]
-    images: Repository[Any]
-    instances: Repository[Any]
-    disks: Repository[Any]
-    snapshots: Repository[Any]
-    snapshot_groups: Repository[Any]
-    tasks: Repository[Any]
-    idempotency: Repository[Any]
-    invocations: Repository[Any]
+    @property
+    def accounts(self) -> Repository[Any]: ...
+
+    @property
+    def access_keys(self) -> Repository[Any]: ...
+
+    @property
+    def regions(self) -> Repository[Any]: ...
+
+    @property
+    def zones(self) -> Repository[Any]: ...
+
+    @property
+    def images(self) -> Repository[Any]: ...
+
+    @property
+    def instances(self) -> Repository[Any]: ...
+
+    @property
+    def disks(self) -> Repository[Any]: ...
+
+    @property
+    def snapshots(self) -> Repository[Any]: ...
+
+    @property
+    def snapshot_groups(self) -> Repository[Any]: ...
+
+    @property
+    def tasks(self) -> Repository[Any]: ...
+
+    @property
+    def idempotency(self) -> Repository[Any]: ...
+
+    @property
+    def invocations(self) -> Repository[Any]: ...
+
 
     def __enter__(self) -> Self: ...
 

@@ -178,10 +178,12 @@ class SqlUnitOfWork:
             update(table).where(table.c.id == obj_id, table.c.lock_task_id.is_(None))
             .values(lock_task_id=task_id).execution_options(synchronize_session=False))
         taken = bool(getattr(result, "rowcount", 0) == 1)
-        obj = self.session.get(model.Instance if kind == "instance" else model.Disk, obj_id)
+        cls: type[model.Instance] | type[model.Disk] = \
+            model.Instance if kind == "instance" else model.Disk
+        obj = self.session.get(cls, obj_id)
         if obj is not None:
             self.session.refresh(obj)
-            taken = taken or obj.lock_task_id == task_id
+            taken = taken or getattr(obj, "lock_task_id", None) == task_id
         return taken
 
     def unlock(self, kind: str, obj_id: str, task_id: str) -> None:

@@ -131,7 +131,7 @@ class Console:
             if s is None:
                 return RedirectResponse(str(request.url_for("login").path), status_code=303)
             try:
-                return await handler(request, s)  # type: ignore[no-any-return]
+                return await handler(request, s)
             except PermissionError as exc:
                 return HTMLResponse(f"<p>Forbidden: {exc}</p>", status_code=403)
         return endpoint
