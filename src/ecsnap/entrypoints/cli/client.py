@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +54,15 @@ class ApiClient:
         self.http = httpx.Client(timeout=timeout)
 
     def call(self, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from ecsnap.entrypoints.api.signature import sign_rpc_v1
+        from ecsnap.entrypoints.api.signature import rpc_v1_request_params
 
-        query: dict[str, str] = {
-            "Action": action, "Version": VERSION, "Format": "JSON",
-            "AccessKeyId": self.creds.access_key_id, "SignatureMethod": "HMAC-SHA1",
-            "SignatureVersion": "1.0", "SignatureNonce": uuid.uuid4().hex,
-            "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "RegionId": self.creds.region_id,
-        }
+        values = {"RegionId": self.creds.region_id}
         for key, value in (params or {}).items():
-            if value is None:
-                continue
-            query[key] = ("true" if value else "false") if isinstance(value, bool) \
-                else str(value)
-        query["Signature"] = sign_rpc_v1(query, self.creds.access_key_secret, "POST")
+            if value is not None:
+                values[key] = ("true" if value else "false") if isinstance(value, bool) \
+                    else str(value)
+        query = rpc_v1_request_params(action, values, self.creds.access_key_id,
+                                      self.creds.access_key_secret)
         try:
             response = self.http.post(self.creds.endpoint, params=query)
         except httpx.HTTPError as exc:
