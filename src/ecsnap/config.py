@@ -1,7 +1,7 @@
 """Settings of ecsnap, in one place: defaults, then `DATA_DIR/config.json`, then environment.
 
 Environment variables: ECSNAP_DATA_DIR, ECSNAP_DATABASE_URL, ECSNAP_ACCEL (auto|kvm|tcg),
-ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CRASH_AT (fault injection for crash tests: the
+ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CACHE_DIR, ECSNAP_CRASH_AT (fault injection for crash tests: the
 process kills itself with SIGKILL at the named task step).
 """
 
@@ -30,6 +30,7 @@ class Settings:
     region_vcpus: int = 16
     region_memory_mib: int = 32768
     instance_types: list[dict[str, Any]] = field(default_factory=list)
+    cache: str = ""  # downloaded packages and built guest images; default DATA_DIR/cache
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -50,7 +51,7 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
+        return Path(self.cache).expanduser() if self.cache else self.data_dir / "cache"
 
     @property
     def credentials_path(self) -> Path:
@@ -69,6 +70,7 @@ def load(data_dir: str | Path | None = None, **overrides: Any) -> Settings:
         "accel": os.environ.get("ECSNAP_ACCEL"),
         "signature_window_minutes": os.environ.get("ECSNAP_SIGNATURE_WINDOW"),
         "crash_at": os.environ.get("ECSNAP_CRASH_AT"),
+        "cache": os.environ.get("ECSNAP_CACHE_DIR"),
     }
     values.update({k: v for k, v in env.items() if v})
     values.update(overrides)
