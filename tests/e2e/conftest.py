@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -37,10 +38,8 @@ def _stop_vms(data_dir: Path) -> None:
     import signal
 
     for pidfile in (data_dir / "run").glob("*/*.pid"):
-        try:
+        with contextlib.suppress(ValueError, OSError):
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
-        except (ValueError, OSError):
-            pass
 
 
 @pytest.fixture(scope="session")

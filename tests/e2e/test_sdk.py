@@ -115,9 +115,9 @@ class NewSdk:
 
         found, token = [], None
         while True:
-            body = self._call(lambda: self.client.describe_snapshot_groups(
-                m.DescribeSnapshotGroupsRequest(region_id=self.region, max_results=page,
-                                                next_token=token)))
+            req = m.DescribeSnapshotGroupsRequest(region_id=self.region, max_results=page,
+                                                  next_token=token)
+            body = self._call(lambda r=req: self.client.describe_snapshot_groups(r))
             found += [g.snapshot_group_id for g in body.snapshot_groups.snapshot_group]
             token = body.next_token
             if not token:
