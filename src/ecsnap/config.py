@@ -1,8 +1,8 @@
 """Settings of ecsnap, in one place: defaults, then `DATA_DIR/config.json`, then environment.
 
 Environment variables: ECSNAP_DATA_DIR, ECSNAP_DATABASE_URL, ECSNAP_ACCEL (auto|kvm|tcg),
-ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CACHE_DIR, ECSNAP_CRASH_AT (fault injection for crash tests: the
-process kills itself with SIGKILL at the named task step).
+ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CACHE_DIR, ECSNAP_CRASH_AT (fault injection for
+crash tests: the process kills itself with SIGKILL at the named task step).
 """
 
 from __future__ import annotations

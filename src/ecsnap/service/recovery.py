@@ -38,6 +38,8 @@ def recover(ctx: ServiceContext) -> RecoveryReport:
             task = uow.tasks.get(task_id)
             assert task is not None
         h = HANDLERS[task.action]
+        if "transaction" in task.plan.get("steps", []):  # a live snapshot was cut short
+            ctx.compute.resume_guest(task.plan["instance_id"])
         if h.recover_forward(ctx, task):
             log.warning("recovery: driving task %s (%s) forward from %s", task.id, task.action,
                         task.done)

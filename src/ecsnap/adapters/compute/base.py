@@ -108,6 +108,11 @@ class ComputeDriver(Protocol):
         """Path of the unix socket on which the VM's serial console is served."""
         ...
 
+    def resume_guest(self, instance_id: str) -> None:
+        """Thaw the guest's file systems and resume a paused VM (after a crash that cut a
+        live snapshot short); a VM that is neither frozen nor paused is left alone."""
+        ...
+
 
 class BuiltImage(Protocol):
     """What a guest-image builder produces: a root file system template and a kernel."""

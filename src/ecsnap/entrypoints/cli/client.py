@@ -64,7 +64,7 @@ class ApiClient:
         query = rpc_v1_request_params(action, values, self.creds.access_key_id,
                                       self.creds.access_key_secret)
         try:
-            response = self.http.post(self.creds.endpoint, params=query)
+            response = self.http.post(self.creds.endpoint, params=list(query))
         except httpx.HTTPError as exc:
             raise EcsError("ServiceUnavailable",
                            f"Cannot reach {self.creds.endpoint}: {exc}", 503) from exc
