@@ -16,7 +16,7 @@ from ecsnap.adapters.store.base import Criteria
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus, StoppedMode, TaskStatus
 from ecsnap.service.context import ServiceContext
-from ecsnap.service.tasks import HANDLERS, drive, fail
+from ecsnap.service.tasks import drive, fail, handler_for
 
 log = logging.getLogger("ecsnap.recovery")
 
@@ -37,7 +37,7 @@ def recover(ctx: ServiceContext) -> RecoveryReport:
         with ctx.uow() as uow:
             task = uow.tasks.get(task_id)
             assert task is not None
-        h = HANDLERS[task.action]
+        h = handler_for(task.action)
         if "transaction" in task.plan.get("steps", []):  # a live snapshot was cut short
             ctx.compute.resume_guest(task.plan["instance_id"])
         if h.recover_forward(ctx, task):

@@ -60,6 +60,14 @@ def handler(cls: type[TaskHandler]) -> type[TaskHandler]:
     return cls
 
 
+def handler_for(action: str) -> TaskHandler:
+    """The handler of a journaled action (its module registers it when imported)."""
+    if action not in HANDLERS:
+        from ecsnap.service import disks, instances, rollback, snapshots  # noqa: F401
+
+    return HANDLERS[action]
+
+
 def crash_point(ctx: ServiceContext, name: str) -> None:
     if ctx.settings.crash_at and ctx.settings.crash_at == name:
         log.warning("fault injection: SIGKILL at %s", name)
@@ -107,7 +115,7 @@ def drive(ctx: ServiceContext, task_id: str) -> Task:
             raise errors.not_found("task", task_id)
     if task.status != TaskStatus.PROCESSING:
         return task
-    h = HANDLERS[task.action]
+    h = handler_for(task.action)
     try:
         for step in task.plan["steps"]:
             if step in task.done:
@@ -141,7 +149,7 @@ def fail(ctx: ServiceContext, task_id: str, exc: BaseException) -> Task:
     with ctx.uow() as uow:
         task = uow.tasks.get(task_id)
         assert task is not None
-    h = HANDLERS[task.action]
+    h = handler_for(task.action)
     try:
         h.compensate(ctx, task, exc)
     except Exception:
