@@ -69,6 +69,11 @@ def guest_run(client: ApiClient, instance_id: str, command: str) -> str:
         time.sleep(1)
 
 
+def status(client: ApiClient, instance_id: str) -> str:
+    body = client.call("DescribeInstances", {"InstanceIds": f'["{instance_id}"]'})
+    return str(body["Instances"]["Instance"][0]["Status"])
+
+
 def prepared_instance(server: LiveServer, demo_image: str) -> dict[str, Any]:
     """Through the API: an instance with 3 disks, old markers, an instance snapshot,
     new markers, stopped (the part of the story before the console's flow)."""
@@ -77,6 +82,7 @@ def prepared_instance(server: LiveServer, demo_image: str) -> dict[str, Any]:
                                         "InstanceType": "ecs.t5-lc2m1.nano",
                                         "DataDisk.1.Size": 20, "DataDisk.2.Size": 20})
     instance_id = body["InstanceIdSets"]["InstanceIdSet"][0]
+    wait(lambda: status(client, instance_id) == "Running", what="Running")
     disks = sorted(client.call("DescribeDisks", {"InstanceId": instance_id})["Disks"]["Disk"],
                    key=lambda d: d["Device"])
     system, d1, d2 = (d["DiskId"] for d in disks)
@@ -91,6 +97,7 @@ def prepared_instance(server: LiveServer, demo_image: str) -> dict[str, Any]:
 
 def log_on(page: Any, server: LiveServer) -> None:
     creds = server.credentials
+    page.context.clear_cookies()
     page.goto(server.endpoint + "console/")
     page.fill("input[name=account]", "admin")
     page.fill("input[name=password]", creds["ConsolePassword"])
@@ -168,8 +175,7 @@ def test_disabled_disk_undo_and_tenancy(server: LiveServer, demo_image: str,
     client = api(server)
     client.call("StopInstance", {"InstanceId": story["instance"],
                                  "StoppedMode": "StopCharging"})
-    wait(lambda: client.call("DescribeInstances", {"InstanceIds": f'["{story["instance"]}"]'})
-         ["Instances"]["Instance"][0]["Status"] == "Stopped", what="Stopped")
+    wait(lambda: status(client, story["instance"]) == "Stopped", what="Stopped")
     client.call("DetachDisk", {"InstanceId": story["instance"], "DiskId": story["d2"]})
     page = browser.new_page()
     log_on(page, server)
@@ -190,6 +196,7 @@ def test_disabled_disk_undo_and_tenancy(server: LiveServer, demo_image: str,
     shot(page, "undo-rollback")
     # the undo brought the newer data back: start and read it through the agent
     client.call("StartInstance", {"InstanceId": story["instance"]})
+    wait(lambda: status(client, story["instance"]) == "Running", what="Running")
     out = guest_run(client, story["instance"], "cat /root/marker /mnt/" + story["d1"] +
                     "/marker")
     assert out.split() == ["new-sys", "new-d1"]

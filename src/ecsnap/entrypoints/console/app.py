@@ -138,21 +138,22 @@ class Console:
 
     # ------------------------------------------------------------ log on / off, region
 
-    async def login_page(self, request: Request) -> Response:
-        return self.render(request, "login.html", csrf=self._login_csrf(request))
+    def _login_form(self, request: Request, status: int = 200, error: str = "") -> Response:
+        """The log-on page with a CSRF token bound to a cookie (double submit)."""
+        token = request.cookies.get("ecsnap_login_csrf") or secrets.token_urlsafe(16)
+        response = self.render(request, "login.html", status=status, csrf=token, error=error)
+        response.set_cookie("ecsnap_login_csrf", token, httponly=True, samesite="strict",
+                            path="/console")
+        return response
 
-    def _login_csrf(self, request: Request) -> str:
-        return request.cookies.get("ecsnap_login_csrf") or secrets.token_urlsafe(16)
+    async def login_get(self, request: Request) -> Response:
+        return self._login_form(request)
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
         csrf = str(form.get("csrf", ""))
         if not csrf or csrf != request.cookies.get("ecsnap_login_csrf"):
-            response = self.render(request, "login.html", status=403,
-                                   csrf=self._login_csrf(request),
-                                   error="The log-on form expired; please try again.")
-            self._set_login_csrf(response, request)
-            return response
+            return self._login_form(request, 403, "The log-on form expired; please try again.")
         name, password = str(form.get("account", "")), str(form.get("password", ""))
         key_id, secret = str(form.get("access_key_id", "")), \
             str(form.get("access_key_secret", ""))
@@ -163,12 +164,8 @@ class Console:
             account = await run_in_threadpool(accounts.authenticate_password, self.ctx, name,
                                               password)
         if account is None:
-            response = self.render(request, "login.html", status=401,
-                                   csrf=self._login_csrf(request),
-                                   error="The account name or password (or AccessKey pair) "
-                                         "is not correct.")
-            self._set_login_csrf(response, request)
-            return response
+            return self._login_form(request, 401, "The account name or password (or "
+                                    "AccessKey pair) is not correct.")
         all_regions = regions.describe_regions(self.ctx)
         region = all_regions[0].id if all_regions else self.ctx.settings.default_region
         token = secrets.token_urlsafe(32)
@@ -177,15 +174,6 @@ class Console:
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/console",
                             max_age=SESSION_SECONDS)
         response.delete_cookie("ecsnap_login_csrf", path="/console")
-        return response
-
-    def _set_login_csrf(self, response: Response, request: Request) -> None:
-        response.set_cookie("ecsnap_login_csrf", self._login_csrf(request), httponly=True,
-                            samesite="strict", path="/console")
-
-    async def login_get(self, request: Request) -> Response:
-        response = await self.login_page(request)
-        self._set_login_csrf(response, request)
         return response
 
     async def logout(self, request: Request, s: Session) -> Response:
