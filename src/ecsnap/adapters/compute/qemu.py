@@ -47,6 +47,7 @@ from ecsnap.adapters.compute.base import (
 from ecsnap.adapters.compute.qga import GuestAgent
 
 OUTPUT_CAP = 1024 * 1024
+HOTPLUG_PORTS = 8  # PCIe root ports for disks attached while the VM runs
 PROBE_SECONDS = 10.0
 
 
@@ -218,6 +219,8 @@ class QemuDriver:
                    "-device", "virtio-serial-pci,id=vser0",
                    "-device", "virtserialport,bus=vser0.0,chardev=qga0,"
                               "name=org.qemu.guest_agent.0"]
+            for port in range(1, HOTPLUG_PORTS + 1):
+                cmd += ["-device", f"pcie-root-port,id=hp{port},chassis={port},slot={port}"]
             for n, disk in enumerate(spec.disks):
                 cmd += self._disk_args(disk, 0 if n == 0 and spec.boot_mode != "direct"
                                        else None)
@@ -392,6 +395,14 @@ class QemuDriver:
     def attach_disk(self, instance_id: str, disk: VmDisk) -> None:
         with self._lock(instance_id):
             node = disk.disk_id
+            run = self._dir(instance_id) / "spec.json"
+            spec = json.loads(run.read_text())
+            ports = spec.setdefault("ports", {})
+            free = [f"hp{n}" for n in range(1, HOTPLUG_PORTS + 1) if f"hp{n}" not in
+                    ports.values()]
+            if not free:
+                raise ComputeError(f"{instance_id} has no free hot-plug slot; stop it to "
+                                   "attach more disks")
             with self._qmp(instance_id) as qmp:
                 for command, args in (
                         ("blockdev-add", {"driver": "file", "node-name": f"f-{node}",
@@ -399,13 +410,13 @@ class QemuDriver:
                         ("blockdev-add", {"driver": "qcow2", "node-name": node,
                                           "file": f"f-{node}"}),
                         ("device_add", {"driver": "virtio-blk-pci", "drive": node,
-                                        "id": f"dev-{node}", "serial": disk_serial(node)})):
+                                        "id": f"dev-{node}", "serial": disk_serial(node),
+                                        "bus": free[0]})):
                     reply = qmp.cmd_obj({"execute": command, "arguments": args})
                     if "error" in reply:
                         raise ComputeError(f"{command} {node}: {reply['error'].get('desc')}")
-            run = self._dir(instance_id) / "spec.json"
-            spec = json.loads(run.read_text())
             spec["disks"][node] = disk.path
+            ports[node] = free[0]
             run.write_text(json.dumps(spec))
         with contextlib.suppress(ComputeError, OSError):  # the guest mounts it if it can
             self.guest_exec(instance_id, "sleep 1; /sbin/ecsnap-mount-disks", timeout=30)
@@ -432,6 +443,7 @@ class QemuDriver:
             run = self._dir(instance_id) / "spec.json"
             spec = json.loads(run.read_text())
             spec["disks"].pop(disk_id, None)
+            spec.get("ports", {}).pop(disk_id, None)
             run.write_text(json.dumps(spec))
 
     # ------------------------------------------------------------ the guest
