@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages ecsnap needs, when missing. Idempotent; needs root (or sudo).
 set -euo pipefail
-PACKAGES=(qemu-utils qemu-system-x86 postgresql busybox-static e2fsprogs cpio fakeroot
+PACKAGES=(qemu-utils qemu-system-x86 postgresql e2fsprogs fakeroot chromium
           python3-venv ${ECSNAP_EXTRA_PACKAGES:-})
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -25,8 +25,8 @@ app.add_typer(image_app, name="image")
 app.add_typer(account_app, name="account")
 app.add_typer(accesskey_app, name="accesskey")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="ECSNAP_DATA_DIR",
                                               help="Data directory (default "
