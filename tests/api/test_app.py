@@ -171,3 +171,20 @@ def test_bad_input_never_breaks_anything(ctx: ServiceContext, alice: Caller, ima
     if status >= 400:
         assert body["Code"] and body["Message"] and body["RequestId"]
         assert state_digest(ctx) == before, f"{action} {params} changed state on {body}"
+
+
+def test_a_replayed_request_is_refused_even_after_a_restart(ctx: ServiceContext,
+                                                            client: TestClient) -> None:
+    done = setup.initialise(ctx, REGION)
+    query = rpc_v1_request_params("DescribeRegions", {"RegionId": REGION},
+                                  done.access_key.id, done.access_key.secret)
+    assert client.post("/", params=query).status_code == 200
+    again = client.post("/", params=query)
+    assert again.status_code == 400 and again.json()["Code"] == "SignatureNonceUsed"
+    with TestClient(create_app(ctx), base_url="http://127.0.0.1") as restarted:
+        replay = restarted.post("/", params=query)
+    assert replay.status_code == 400 and replay.json()["Code"] == "SignatureNonceUsed"
+    tampered = [(k, "eu-1" if k == "RegionId" else v) for k, v in query]
+    response = client.post("/", params=tampered)
+    assert response.json()["Code"] == "SignatureDoesNotMatch" and ":" in response.json()[
+        "Message"]

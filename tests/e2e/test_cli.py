@@ -70,3 +70,21 @@ def test_cli_round_trip(server: LiveServer, demo_image: str) -> None:
 
     _, out, _ = cli(server, "snapshot-groups", "delete", group_id)
     assert "deleted" in out
+
+
+def test_vms_survive_a_restart_of_ecsnap(server: LiveServer, demo_image: str) -> None:
+    _, out, _ = cli(server, "api", "RunInstances", "--ImageId", demo_image,
+                    "--InstanceType", "ecs.t5-lc2m1.nano")
+    instance_id = json.loads(out)["InstanceIdSets"]["InstanceIdSet"][0]
+    deadline = time.monotonic() + 120
+    while cli(server, "run", instance_id, "--", "true", check=False)[0] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert server.stop() == 0  # SIGTERM: a clean stop
+    server.start()  # recovery reattaches the running VM
+    _, out, _ = cli(server, "instances", "--output", "json")
+    status = {i["InstanceId"]: i["Status"] for i in json.loads(out)["Instances"]["Instance"]}
+    assert status[instance_id] == "Running"
+    _, out, _ = cli(server, "run", instance_id, "--", "echo", "still-here")
+    assert out.strip() == "still-here"
+    cli(server, "api", "StopInstance", "--InstanceId", instance_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -169,11 +170,19 @@ def serve(data_dir: DataDir = None,
     ctx = _context(data_dir, recover=True, background=True)
     out.print(f"ecsnap serving\n  endpoint  http://{listen}/\n  console   http://{listen}"
               f"/console/\n  credentials {ctx.settings.credentials_path}", highlight=False)
+    def stopped(signum: int, _frame: object) -> None:
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
+        # this handler back in place: leave through the finally block, exit status 0
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
     try:
         uvicorn.run(create_app(ctx), host=host or "127.0.0.1", port=int(port),
                     log_level="warning", access_log=False)
     finally:
-        ctx.runner.shutdown()
+        ctx.runner.shutdown()  # running tasks finish their steps (all are journaled anyway)
+        err.print("ecsnap stopped", highlight=False)
 
 
 def main() -> None:
