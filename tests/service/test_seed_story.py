@@ -315,3 +315,18 @@ def test_pagination_both_styles(ctx: ServiceContext, image: Image) -> None:
     assert sorted(seen) == sorted(made) and len(seen) == 7
     page2 = snapshots.describe_snapshots(ctx, ACCOUNT, REGION, page_number=2, page_size=5)
     assert page2.total == 7 and len(page2.items) == 2
+
+
+def test_a_guest_that_does_not_come_up_is_reported(ctx: ServiceContext, image: Image,
+                                                   compute: FileBackedCompute) -> None:
+    instance_id = make_instance(ctx, image)
+    group_id = snapshot_everything(ctx, instance_id)
+    instances.wait_task(ctx, instances.stop_instance(ctx, ACCOUNT, instance_id))
+    compute.agent_up = False  # the rolled-back guest never answers
+    result = rollback.reset_disks(ctx, ACCOUNT, REGION, group_items(ctx, group_id),
+                                  auto_start=True)
+    task = instances.wait_task(ctx, result.task_id)
+    assert task.status == TaskStatus.FINISHED
+    health = task.result["health"]
+    assert health["GuestAgent"] == "NoResponse"
+    assert result.safety_group_id and result.safety_group_id in health["Message"]
