@@ -135,3 +135,8 @@ def import_image(ctx: ServiceContext, region_id: str, source: Path, *, name: str
                               size_gib=size_gib_of(size), account_id=account_id)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def images_by_id(ctx: ServiceContext, image_ids: set[str]) -> dict[str, Image]:
+    with ctx.uow() as uow:
+        return {i.id: i for i in uow.images.find(Criteria(within={"id": sorted(image_ids)}))}

@@ -462,3 +462,11 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
 
 def wait_task(ctx: ServiceContext, task_id: str, timeout: float | None = None) -> Task:
     return ctx.runner.wait(task_id, timeout)
+
+
+def statuses(ctx: ServiceContext, account_id: str, instance_ids: Sequence[str]) -> dict[str, str]:
+    """The status of each of the account's instances ("" for unknown ones)."""
+    with ctx.uow() as uow:
+        found = {i.id: i.status.value for i in uow.instances.find(
+            Criteria(within={"id": list(instance_ids)}), account_id=account_id)}
+    return {i: found.get(i, "") for i in instance_ids}

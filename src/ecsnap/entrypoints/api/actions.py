@@ -156,14 +156,10 @@ def describe_instances(c: Call) -> dict[str, Any]:
         status=c.p.str("Status") or None, zone_id=c.p.str("ZoneId") or None,
         name=c.p.str("InstanceName") or None, image_id=c.p.str("ImageId") or None,
         instance_type=c.p.str("InstanceType") or None, tags=c.p.tags(), **_page_args(c.p))
-    return {"Instances": {"Instance": [views.instance(i, _image(c, i.image_id))
+    by_id = images.images_by_id(c.ctx, {i.image_id for i in page.items})
+    return {"Instances": {"Instance": [views.instance(i, by_id.get(i.image_id))
                                        for i in page.items]},
             **views.page_fields(page, _token_style(c.p))}
-
-
-def _image(c: Call, image_id: str):  # type: ignore[no-untyped-def]
-    with c.ctx.uow() as uow:
-        return uow.images.get(image_id)
 
 
 @action("DescribeInstanceStatus")
@@ -200,12 +196,7 @@ def _batch(c: Call, run: Callable[[str], object]) -> dict[str, Any]:
         raise EcsError("MissingParameter", "The input parameter \"InstanceId.1\" that is "
                        "mandatory for processing this request is not supplied.", 400)
     together = (c.p.str("BatchOptimization") or "AllTogether") == "AllTogether"
-    before: dict[str, str] = {}
-    with c.ctx.uow() as uow:
-        for instance_id in ids_:
-            inst = uow.instances.get(instance_id)
-            before[instance_id] = inst.status.value if inst and \
-                inst.account_id == c.account_id else ""
+    before = instances.statuses(c.ctx, c.account_id, ids_)
     results = []
     for instance_id in ids_:
         try:
@@ -215,12 +206,7 @@ def _batch(c: Call, run: Callable[[str], object]) -> dict[str, Any]:
             if together:
                 raise
             results.append((instance_id, exc.code, exc.message))
-    after: dict[str, str] = {}
-    with c.ctx.uow() as uow:
-        for instance_id in ids_:
-            inst = uow.instances.get(instance_id)
-            after[instance_id] = inst.status.value if inst and \
-                inst.account_id == c.account_id else ""
+    after = instances.statuses(c.ctx, c.account_id, ids_)
     return {"InstanceResponses": {"InstanceResponse": [
         {"InstanceId": i, "PreviousStatus": before[i], "CurrentStatus": after[i], "Code": code,
          "Message": msg} for i, code, msg in results]}}
