@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 test: deps venv lint
@@ -30,6 +30,9 @@ run: deps venv
 	$(BIN)/ecsnap init --data-dir $(DATA)
 	$(BIN)/ecsnap image build-demo --data-dir $(DATA)
 	$(BIN)/ecsnap serve --data-dir $(DATA) --listen $(LISTEN)
+
+bench: deps venv
+	$(BIN)/python -m bench.run --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

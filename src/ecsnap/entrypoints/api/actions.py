@@ -399,9 +399,9 @@ def modify_snapshot_group(c: Call) -> dict[str, Any]:
 
 @action("DeleteSnapshotGroup")
 def delete_snapshot_group(c: Call) -> dict[str, Any]:
-    snap_ids, _ = snapshots.delete_snapshot_group(c.ctx, c.account_id, c.region,
-                                                  c.p.str("SnapshotGroupId", required=True))
-    return {"OperationProgressSet": {"OperationProgress": [{
+    snap_ids, task_id = snapshots.delete_snapshot_group(
+        c.ctx, c.account_id, c.region, c.p.str("SnapshotGroupId", required=True))
+    return {"TaskId": task_id, "OperationProgressSet": {"OperationProgress": [{
         "OperationStatus": "Success", "ErrorCode": "", "ErrorMsg": "",
         "RelatedItemSet": {"RelatedItem": [{"Name": "SnapshotId", "Value": s}]}}
         for s in snap_ids]}}
