@@ -40,7 +40,8 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
         from ecsnap.adapters.compute.qemu import QemuDriver
 
         compute = QemuDriver(settings.run_dir, accel=settings.accel)
-    ctx = ServiceContext(settings=settings, uow=lambda: sql.SqlUnitOfWork(factory),
+    ctx = ServiceContext(settings=settings, uow=lambda readonly=False: sql.SqlUnitOfWork(factory,
+                                                                        readonly),
                          storage_for=storage_for, compute=compute,
                          image_builder=_build_demo_image,
                          image_import=Qcow2Backend(str(settings.images_dir)))

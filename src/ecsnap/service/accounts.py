@@ -50,7 +50,7 @@ def create_account(ctx: ServiceContext, name: str, password: str | None = None) 
 
 
 def get_account(ctx: ServiceContext, name: str) -> Account | None:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         found = uow.accounts.find(name=name)
         return found[0] if found else None
 
@@ -86,7 +86,7 @@ def set_access_key_enabled(ctx: ServiceContext, key_id: str, enabled: bool) -> N
 
 
 def find_access_key(ctx: ServiceContext, key_id: str) -> AccessKey | None:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         key = uow.access_keys.get(key_id)
         if key is None:
             return None

@@ -122,7 +122,7 @@ def describe_invocation_results(ctx: ServiceContext, account_id: str, region_id:
     number, size = page_number or 1, page_size or 10
     if not 1 <= size <= 50:
         raise EcsError("InvalidParameter.PageSize", "PageSize is 1 to 50.", 400)
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         rows = uow.invocations.find(criteria)
     if record_status:

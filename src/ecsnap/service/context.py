@@ -23,7 +23,7 @@ log = logging.getLogger("ecsnap.service")
 @dataclass
 class ServiceContext:
     settings: Settings
-    uow: Callable[[], UnitOfWork]
+    uow: Callable[..., UnitOfWork]  # uow(readonly=True) for reads that never write
     storage_for: Callable[[str], StorageBackend]  # storage pool directory -> backend
     compute: ComputeDriver
     image_builder: GuestImageBuilder | None = None

@@ -475,7 +475,7 @@ def describe_disks(ctx: ServiceContext, account_id: str, region_id: str, *,
             criteria.equals[column] = value
     if disk_ids is not None:
         criteria.within["id"] = list(disk_ids)
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         return paginate(uow.disks, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results,

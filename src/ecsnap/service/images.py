@@ -75,7 +75,7 @@ def describe_images(ctx: ServiceContext, account_id: str, region_id: str, *,
                        f"The ImageOwnerAlias \"{owner_alias}\" is not valid.", 400)
     else:
         criteria.within["account_id"] = [account_id]
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         if owner_alias in (None, ""):
             rows = [i for i in uow.images.find(Criteria(equals={"region_id": region_id},
@@ -138,5 +138,5 @@ def import_image(ctx: ServiceContext, region_id: str, source: Path, *, name: str
 
 
 def images_by_id(ctx: ServiceContext, image_ids: set[str]) -> dict[str, Image]:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         return {i.id: i for i in uow.images.find(Criteria(within={"id": sorted(image_ids)}))}

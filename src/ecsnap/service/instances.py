@@ -454,7 +454,7 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
         criteria.within["id"] = list(instance_ids)
     if name:
         criteria.wildcard["name"] = name
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         return paginate(uow.instances, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
@@ -466,7 +466,7 @@ def wait_task(ctx: ServiceContext, task_id: str, timeout: float | None = None) -
 
 def statuses(ctx: ServiceContext, account_id: str, instance_ids: Sequence[str]) -> dict[str, str]:
     """The status of each of the account's instances ("" for unknown ones)."""
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         found = {i.id: i.status.value for i in uow.instances.find(
             Criteria(within={"id": list(instance_ids)}), account_id=account_id)}
     return {i: found.get(i, "") for i in instance_ids}

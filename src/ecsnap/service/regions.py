@@ -31,18 +31,18 @@ def ensure_region(ctx: ServiceContext, region_id: str, *, vcpus: int, memory_mib
 
 
 def describe_regions(ctx: ServiceContext) -> list[Region]:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         return sorted(uow.regions.find(), key=lambda r: r.id)
 
 
 def describe_zones(ctx: ServiceContext, region_id: str) -> tuple[Region, list[Zone]]:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         region = get_region(uow, region_id)
         return region, sorted(uow.zones.find(region_id=region_id), key=lambda z: z.id)
 
 
 def describe_instance_types(ctx: ServiceContext, region_id: str) -> tuple[InstanceType, ...]:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         return get_region(uow, region_id).catalogue()
 
 
@@ -55,7 +55,7 @@ class Capacity:
 
 
 def region_capacity(ctx: ServiceContext, region_id: str) -> Capacity:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         region = get_region(uow, region_id)
         used = rules.reserved(uow.instances.find(region_id=region_id))
         return Capacity(region.vcpu_capacity, region.memory_mib_capacity, *used)

@@ -376,7 +376,7 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
             criteria.equals[column] = value
     if snapshot_ids is not None:
         criteria.within["id"] = list(snapshot_ids)
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         return paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
@@ -413,7 +413,7 @@ def describe_snapshot_groups(ctx: ServiceContext, account_id: str, region_id: st
         criteria.equals["instance_id"] = instance_id
     if name:
         criteria.equals["name"] = name
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         page = paginate(uow.snapshot_groups, criteria, next_token=next_token,
                         max_results=max_results, token_only=True)
@@ -427,7 +427,7 @@ def describe_snapshot_groups(ctx: ServiceContext, account_id: str, region_id: st
 
 
 def get_snapshot_group(ctx: ServiceContext, account_id: str, group_id: str) -> GroupView:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         group = get_group(uow, account_id, group_id)
         return GroupView(group, _system_first(uow.snapshots.find(group_id=group.id)))
 

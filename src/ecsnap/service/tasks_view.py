@@ -12,7 +12,7 @@ from ecsnap.service.listing import Page, paginate
 
 
 def get_task(ctx: ServiceContext, account_id: str, region_id: str | None, task_id: str) -> Task:
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         task = uow.tasks.get(task_id)
         if task is None or task.account_id != account_id or \
                 (region_id and task.region_id != region_id):
@@ -31,6 +31,6 @@ def describe_tasks(ctx: ServiceContext, account_id: str, region_id: str, *,
         criteria.equals["action"] = action
     if status in ("Finished", "Processing", "Failed"):
         criteria.equals["status"] = status
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         return paginate(uow.tasks, criteria, page_number=page_number, page_size=page_size)

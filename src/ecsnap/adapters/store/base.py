@@ -104,4 +104,4 @@ class UnitOfWork(Protocol):
         ...
 
 
-UnitOfWorkFactory = Callable[..., UnitOfWork]
+UnitOfWorkFactory = Callable[..., UnitOfWork]  # factory(readonly=True): a read-only one

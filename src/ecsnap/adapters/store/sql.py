@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ from ecsnap.domain import model
 T = TypeVar("T")
 
 TAG_FILTER_CAP = 1000  # ECS caps tag-filtered listings at 1,000 results
+NONCE_PURGE_SECONDS = 60.0
+_last_purge = 0.0
 
 
 def make_engine(url: str) -> Engine:
@@ -37,8 +40,12 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
             # IMMEDIATE takes the write lock up front, so a read-then-write transaction
-            # never fails half-way with SQLITE_BUSY when another writer got in between.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # never fails half-way with SQLITE_BUSY when another writer got in between;
+            # read-only units of work take no lock and run beside the writer (WAL).
+            if conn.get_execution_options().get("ecsnap_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -140,12 +147,15 @@ _LOCKABLE = {"instance": orm.instances, "disk": orm.disks}
 
 
 class SqlUnitOfWork:
-    def __init__(self, session_factory: Callable[[], Session]) -> None:
+    def __init__(self, session_factory: Callable[[], Session], readonly: bool = False) -> None:
         self.session_factory = session_factory
+        self.readonly = readonly
 
     def __enter__(self) -> Self:
         self.session = self.session_factory()
         s = self.session
+        if self.readonly:
+            s.connection(execution_options={"ecsnap_readonly": True})
         self.accounts = SqlRepository(s, model.Account)
         self.access_keys = SqlRepository(s, model.AccessKey)
         self.regions = SqlRepository(s, model.Region)
@@ -198,7 +208,17 @@ class SqlUnitOfWork:
 
     def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
         table = orm.nonces
-        self.session.execute(delete(table).where(table.c.expires < now))
+        global _last_purge
+        if time.monotonic() - _last_purge > NONCE_PURGE_SECONDS:  # not on every request
+            self.session.execute(delete(table).where(table.c.expires < now))
+            _last_purge = time.monotonic()
+        seen = self.session.execute(select(table.c.expires).where(
+            table.c.key_id == key_id, table.c.nonce == nonce)).scalar()
+        if seen is not None and seen >= now:
+            return False
+        if seen is not None:  # expired, not purged yet: the nonce may be used again
+            self.session.execute(delete(table).where(table.c.key_id == key_id,
+                                                     table.c.nonce == nonce))
         try:
             with self.session.begin_nested():
                 self.session.execute(insert(table).values(key_id=key_id, nonce=nonce,
