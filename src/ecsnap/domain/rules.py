@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ecsnap.domain.errors import CheckFailure, EcsError, RuleViolations, incorrect_instance_status
+from ecsnap.domain.errors import (
+    CheckFailure,
+    EcsError,
+    RuleViolations,
+    incorrect_instance_status,
+    operation_conflict,
+)
 from ecsnap.domain.model import (
     DISK_CATEGORIES,
     MAX_DATA_DISKS,
@@ -120,8 +126,6 @@ def require_instance_status(instance: Instance, *allowed: InstanceStatus,
 
 
 def check_not_locked(*resources: Instance | Disk) -> None:
-    from ecsnap.domain.errors import operation_conflict
-
     for resource in resources:
         if resource.lock_task_id:
             raise operation_conflict(resource.id, resource.lock_task_id)
