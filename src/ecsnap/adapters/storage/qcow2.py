@@ -1,14 +1,18 @@
 """The qcow2 storage backend: one directory per pool, one qcow2 file per disk, driven by
-`qemu-img` only (it never writes qcow2 metadata itself).
+`qemu-img` only (it never writes qcow2 metadata itself, nor copies whole disk files).
 
 Snapshots are qcow2 internal snapshots named by snapshot ID, inside the disk's file, so a
 snapshot and a revert cost a metadata update, whatever the disk's size.
 
 Bytes written since a snapshot: right after an internal snapshot, the active layer's
 mapping (guest offset -> host offset, from `qemu-img map`) is the snapshot's, and is kept
-in a small sidecar file. Every later guest write to a shared cluster is copied to a new
-host cluster, so the guest ranges whose mapping differs from the kept one are exactly the
-ranges written since. Comparing two extent lists is O(extents), never O(disk size).
+in a small sidecar file `<pool>/<disk>.maps/<snapshot>.json`. Every later guest write to a
+cluster shared with the snapshot is copied to a new host cluster, and the snapshot keeps
+its old clusters referenced, so the guest ranges whose mapping differs from the kept one
+are exactly the ranges written since. Comparing two extent lists is O(extents), never
+O(disk size).
+
+Read-only queries (info, map) pass `-U`, so they also work while a VM has the file open.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from typing import Any
 
 from ecsnap.adapters.storage.base import SnapshotInfo, StorageError
 
-Extent = tuple[int, int, tuple[Any, ...]]  # start, end, what the range maps to
+# One extent of `qemu-img map`: guest [start, end) and what it maps to, as
+# (depth, present, zero, data, host offset - guest offset or None). The offset is kept
+# relative to the guest offset, so a run split in pieces compares equal to the whole run.
+Key = tuple[Any, ...]
+Extent = tuple[int, int, Key]
 
 
 class Qcow2Backend:
@@ -37,21 +45,31 @@ class Qcow2Backend:
 
     def _run(self, *args: str) -> str:
         cmd = [self.qemu_img, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as exc:
+            raise StorageError(f"{' '.join(cmd)}: {exc}") from exc
         if proc.returncode != 0:
-            raise StorageError(f"{' '.join(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}")
+            why = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+            raise StorageError(f"{' '.join(cmd)}: {why}")
         return proc.stdout
 
-    def path(self, disk_id: str) -> str:
-        return str(self.pool / f"{disk_id}.qcow2")
+    def _info_of(self, path: str) -> dict[str, Any]:
+        return dict(json.loads(self._run("info", "-U", "--output=json", path)))
+
+    def _info(self, disk_id: str) -> dict[str, Any]:
+        return self._info_of(self.path(disk_id))
 
     def _maps(self, disk_id: str) -> Path:
         return self.pool / f"{disk_id}.maps"
 
-    def _info(self, disk_id: str) -> dict[str, Any]:
-        return dict(json.loads(self._run("info", "-U", "--output=json", self.path(disk_id))))
+    def _map_file(self, disk_id: str, snapshot_id: str) -> Path:
+        return self._maps(disk_id) / f"{snapshot_id}.json"
 
     # ------------------------------------------------------------ lifecycle
+
+    def path(self, disk_id: str) -> str:
+        return str(self.pool / f"{disk_id}.qcow2")
 
     def exists(self, disk_id: str) -> bool:
         return os.path.exists(self.path(disk_id))
@@ -61,9 +79,9 @@ class Qcow2Backend:
 
     def create_from_image(self, disk_id: str, image_path: str, size_bytes: int) -> None:
         base = str(Path(image_path).resolve())
-        info = json.loads(self._run("info", "-U", "--output=json", base))
+        info = self._info_of(base)
         size = max(size_bytes, int(info["virtual-size"]))
-        self._run("create", "-q", "-f", "qcow2", "-b", base, "-F", info["format"],
+        self._run("create", "-q", "-f", "qcow2", "-b", base, "-F", str(info["format"]),
                   self.path(disk_id), str(size))
 
     def resize(self, disk_id: str, size_bytes: int) -> None:
@@ -79,21 +97,22 @@ class Qcow2Backend:
         return int(self._info(disk_id)["virtual-size"])
 
     def allocated_bytes(self, disk_id: str) -> int:
+        """Bytes the file takes on the host (`actual-size`), snapshots included."""
         return int(self._info(disk_id).get("actual-size", 0))
 
     def import_image(self, source: str, target: str) -> int:
-        fmt = json.loads(self._run("info", "-U", "--output=json", source))["format"]
+        fmt = self._info_of(source)["format"]
         if fmt not in ("qcow2", "raw"):
             raise StorageError(f"{source}: {fmt} images are not supported (qcow2 or raw)")
         self._run("convert", "-q", "-f", fmt, "-O", "qcow2", source, target)
-        return int(json.loads(self._run("info", "--output=json", target))["virtual-size"])
+        return int(self._info_of(target)["virtual-size"])
 
     # ------------------------------------------------------------ snapshots
 
     def list_snapshots(self, disk_id: str) -> list[SnapshotInfo]:
         if not self.exists(disk_id):
             return []
-        return [SnapshotInfo(s["name"], int(s.get("vm-state-size", 0)),
+        return [SnapshotInfo(str(s["name"]), int(s.get("vm-state-size", 0)),
                              int(s.get("date-sec", 0)))
                 for s in self._info(disk_id).get("snapshots", [])]
 
@@ -104,23 +123,39 @@ class Qcow2Backend:
         made: list[tuple[str, str]] = []
         try:
             for disk_id, snapshot_id in items:
+                _check_name(snapshot_id)
                 if self.has_snapshot(disk_id, snapshot_id):
-                    continue
+                    continue  # qcow2 would happily add a second one of the same name
                 self._run("snapshot", "-c", snapshot_id, self.path(disk_id))
                 made.append((disk_id, snapshot_id))
                 self.record_snapshot_map(disk_id, snapshot_id)
-        except (StorageError, OSError) as exc:
-            for disk_id, snapshot_id in made:
-                self.delete_snapshot(disk_id, snapshot_id)
-            raise StorageError(f"snapshot of {len(items)} disk(s) undone: {exc}") from exc
+        except (StorageError, OSError, ValueError) as exc:
+            undo_errors = []
+            for disk_id, snapshot_id in reversed(made):
+                try:
+                    self.delete_snapshot(disk_id, snapshot_id)
+                except (StorageError, OSError) as undo_exc:
+                    undo_errors.append(str(undo_exc))
+            left = f"; could not undo: {'; '.join(undo_errors)}" if undo_errors else ""
+            raise StorageError(f"snapshot of {len(items)} disk(s) undone: {exc}{left}") from exc
 
     def delete_snapshot(self, disk_id: str, snapshot_id: str) -> None:
         if self.has_snapshot(disk_id, snapshot_id):
             self._run("snapshot", "-d", snapshot_id, self.path(disk_id))
-        (self._maps(disk_id) / f"{snapshot_id}.json").unlink(missing_ok=True)
+        self._map_file(disk_id, snapshot_id).unlink(missing_ok=True)
 
     def revert(self, disk_id: str, snapshot_id: str) -> None:
+        """`qemu-img snapshot -a` also restores the size the disk had at the snapshot; the
+        disk is grown back to its current size, since disks never shrink."""
+        _check_name(snapshot_id)
+        size = self.virtual_size(disk_id)
         self._run("snapshot", "-a", snapshot_id, self.path(disk_id))
+        if self.virtual_size(disk_id) < size:
+            self._run("resize", "-q", self.path(disk_id), str(size))
+        # The active layer now shares the snapshot's L2 tables, so its mapping is the kept
+        # one again; should a qemu-img ever remap, keep the map exact all the same.
+        if self.bytes_written_since(disk_id, snapshot_id):
+            self.record_snapshot_map(disk_id, snapshot_id)
 
     # ------------------------------------------------------------ change tracking
 
@@ -134,34 +169,50 @@ class Qcow2Backend:
     def record_snapshot_map(self, disk_id: str, snapshot_id: str) -> None:
         folder = self._maps(disk_id)
         folder.mkdir(exist_ok=True)
-        extents = [[s, e, list(k)] for s, e, k in self._map(disk_id)]
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(extents, fh)
-        os.replace(tmp, folder / f"{snapshot_id}.json")
+        extents = [[start, end, list(key)] for start, end, key in self._map(disk_id)]
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{snapshot_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(extents, fh, separators=(",", ":"))
+            os.replace(tmp, self._map_file(disk_id, snapshot_id))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def bytes_written_since(self, disk_id: str, snapshot_id: str) -> int | None:
-        kept = self._maps(disk_id) / f"{snapshot_id}.json"
-        if not kept.exists():
+        kept = self._map_file(disk_id, snapshot_id)
+        try:
+            text = kept.read_text()
+        except FileNotFoundError:
             return None
-        then = [(int(s), int(e), tuple(k)) for s, e, k in json.loads(kept.read_text())]
+        then = [(int(s), int(e), tuple(k)) for s, e, k in json.loads(text)]
         return _differing_bytes(then, self._map(disk_id))
 
 
-def _differing_bytes(a: list[Extent], b: list[Extent]) -> int:
-    """Guest bytes mapped differently by two sorted, gap-free extent lists. A host offset is
-    kept relative to the guest offset, so one extent that maps a contiguous run compares
-    equal to the same run split in pieces."""
+def _check_name(snapshot_id: str) -> None:
+    """`qemu-img snapshot -a N` finds a snapshot by its numeric qcow2 ID before its name, so
+    an all-digit name could revert to another snapshot."""
+    if not snapshot_id or snapshot_id.isdigit():
+        raise StorageError(f"{snapshot_id!r}: snapshot names must not be empty or all digits")
+
+
+def _differing_bytes(then: list[Extent], now: list[Extent]) -> int:
+    """Guest bytes mapped differently by two sorted, gap-free extent lists from offset 0.
+
+    Beyond the end of `then` (the disk grew since), bytes count where `now` has them
+    allocated in some layer: grown space reads as zeros until it is written."""
     i = j = 0
-    pos = 0
-    differing = 0
-    while i < len(a) and j < len(b):
-        end = min(a[i][1], b[j][1])
-        if a[i][2] != b[j][2]:
+    pos = differing = 0
+    while i < len(then) and j < len(now):
+        end = min(then[i][1], now[j][1])
+        if then[i][2] != now[j][2]:
             differing += end - pos
         pos = end
-        if a[i][1] == end:
+        if then[i][1] == end:
             i += 1
-        if b[j][1] == end:
+        if now[j][1] == end:
             j += 1
+    for start, end, key in now[j:]:
+        if key[1] or key[3]:  # present or data
+            differing += end - max(start, pos)
     return differing
