@@ -110,11 +110,13 @@ def test_seed_flow_in_the_browser(server: LiveServer, demo_image: str, browser: 
     page = browser.new_page()
     log_on(page, server)
     # choose the region in the top navigation bar
-    page.select_option("select[name=region]", server.credentials["RegionId"])
+    with page.expect_navigation():  # the selector submits its form on change
+        page.select_option("select[name=region]", server.credentials["RegionId"])
     # stop the instance from the Instances page, in KeepCharging mode
     row = page.locator(f"tr[data-instance={story['instance']}]")
     row.get_by_text("Stop", exact=True).click()
-    assert page.locator("#stop-charging-warning").is_visible()  # the StopCharging warning
+    page.wait_for_selector("#stop-charging-warning")  # the StopCharging warning
+    assert page.locator("#stop-charging-warning").is_visible()
     page.get_by_role("button", name="OK").click()
     page.wait_for_selector("#task-result", timeout=90_000)
     assert "stopped" in page.inner_text("#task-result")

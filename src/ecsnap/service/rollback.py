@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import errors, rules
 from ecsnap.domain.errors import CheckFailure, EcsError
@@ -150,7 +151,9 @@ def preview_reset_disks(ctx: ServiceContext, account_id: str, region_id: str | N
     snapshot (what a rollback would lose). Changes nothing."""
     with ctx.uow() as uow:
         preview, targets = _check(uow, account_id, region_id, items)
-        storage = ctx.storage(uow, uow.instances.get(preview.instance_id).region_id)  # type: ignore[union-attr]
+        inst = uow.instances.get(preview.instance_id)
+        assert inst is not None
+        storage = ctx.storage(uow, inst.region_id)
     for disk_preview, target in zip(preview.disks, targets, strict=True):
         if target.disk is not None and target.snapshot is not None and \
                 not target.disk.released and target.snapshot.source_disk_id == target.disk_id:
@@ -224,7 +227,7 @@ def reset_disk(ctx: ServiceContext, account_id: str, disk_id: str, snapshot_id: 
 class ResetDisksTask(TaskHandler):
     action = "ResetDisks"
 
-    def _storage(self, ctx: ServiceContext, task: Task):  # type: ignore[no-untyped-def]
+    def _storage(self, ctx: ServiceContext, task: Task) -> StorageBackend:
         with ctx.uow() as uow:
             return ctx.storage(uow, task.region_id)
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import InstanceStatus
 from ecsnap.entrypoints.api import views
 from ecsnap.service import (
     commands,
@@ -567,4 +566,4 @@ def describe_invocations(c: Call) -> dict[str, Any]:
             "PageSize": 50}
 
 
-__all__ = ["ACTIONS", "Call", "InstanceStatus"]
+__all__ = ["ACTIONS", "Call"]

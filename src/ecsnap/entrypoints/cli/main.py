@@ -15,6 +15,7 @@ from rich.console import Console
 
 from ecsnap import config
 from ecsnap.domain.errors import EcsError
+from ecsnap.service.context import ServiceContext
 
 app = typer.Typer(help="ecsnap: ECS-style instance snapshots and rollback for QEMU VMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -39,7 +40,8 @@ def fail(exc: EcsError) -> None:
     raise typer.Exit(1)
 
 
-def _context(data_dir: Path | None, *, recover: bool = False, background: bool = False):  # type: ignore[no-untyped-def]
+def _context(data_dir: Path | None, *, recover: bool = False,
+             background: bool = False) -> ServiceContext:
     from ecsnap import bootstrap
 
     settings = config.load(data_dir)
