@@ -1,305 +1,632 @@
-"""The demo guest image: a tiny Debian 12 Linux built from Debian packages, no root needed.
+"""The demo guest image: a tiny Debian 12 Linux built from Debian packages.
 
-Packages (`apt-get download`, cached): the cloud kernel, busybox-static, qemu-guest-agent
-and e2fsprogs; the shared libraries of qemu-ga and mke2fs come from the host (which has
-them: qemu-system-x86 and e2fsprogs need the same ones). Output: vmlinuz, an initramfs
-(busybox + virtio modules) and a qcow2 root file system template.
+`build_demo_image(out_dir, cache_dir)` downloads (`apt-get download`, cached in
+`cache_dir`, reused when the candidate version is already there) Debian's cloud kernel,
+busybox-static, qemu-guest-agent and e2fsprogs, unpacks them with `dpkg-deb -x` and
+produces in `out_dir`:
 
-The guest:
-- mounts the system disk (the first virtio disk, /dev/vda) as its root file system;
-- finds each data disk's ID in sysfs: the host gives each virtio-blk device
-  `serial=<disk id without "d-">` (20 characters, the most virtio-blk keeps), and the guest
-  mounts it at `/mnt/d-<serial>`, i.e. `/mnt/<disk id>`, formatting it (ext4, lazy inode
-  tables, so even a large sparse disk formats in a moment) when it holds no file system;
-  `/sbin/ecsnap-mount-disks` does that at boot, and the host runs it through the agent
-  after a hot-plug;
-- runs qemu-guest-agent on the virtio-serial port `org.qemu.guest_agent.0` (respawned);
-- offers a login shell on the serial console ttyS0: user `root`, no password (a local test
-  guest; do not expose its console).
+- `vmlinuz`: the kernel, booted directly (`-kernel`, `DemoImage.kernel_args`);
+- `initrd.img`: an initramfs (busybox and the virtio modules) that mounts the root file
+  system and switches to it;
+- `rootfs.qcow2`: the root file system template (ext4, 128 MiB virtual, a few MiB on
+  disk), made with `mke2fs -d` (under fakeroot when not root) and `qemu-img convert`;
+  instances get a copy-on-write overlay or a copy of it as their system disk;
+- `manifest.json`: what the build used. The build is skipped when the manifest matches
+  (same packages, same guest files), so calling this again is cheap.
+
+The shared libraries of qemu-ga and the e2fsprogs tools come from the host (`ldd`; a
+Debian 12 host has them, since qemu-system-x86 and e2fsprogs depend on the same ones);
+the ones the host lacks are taken from their Debian packages instead.
+
+The guest, which is what the QEMU driver (qemu.py) expects:
+
+- the system disk is the first virtio disk, /dev/vda, mounted read-write as /;
+- every other virtio-blk disk is a data disk. Serial scheme: the host gives each one
+  `serial=<disk id without its "d-" prefix>` (ecsnap disk IDs are "d-" and 20 lowercase
+  letters and digits, and virtio-blk keeps at most 20 bytes of serial), and the guest
+  mounts it at `/mnt/d-<serial>`, which is `/mnt/<disk id>`. A disk without a file
+  system (no ext magic and its first 128 KiB all zero) is formatted first with
+  e2fsprogs' `mke2fs -t ext4`, lazily (no inode table or journal zeroing, no discard),
+  so even a 20 GiB sparse disk formats in about a second under TCG; it is mounted with
+  `noinit_itable`, so the kernel does not zero the inode tables later either (which
+  would fill a thin disk). A disk with other content is mounted if the kernel knows its
+  file system, and never formatted. `/sbin/ecsnap-mount-disks` does this at boot, again
+  on every block uevent of a whole virtio disk (busybox `uevent`: hot-plugged and
+  removed disks), and whenever the host runs it through the agent;
+  `ecsnap-mount-disks --wait <serial> <seconds>` also waits for that disk to be mounted.
+  Its log is /run/ecsnap-disks.log;
+- qemu-guest-agent runs on the virtio-serial port `org.qemu.guest_agent.0`, respawned
+  by init (its log: /run/qemu-ga.log). While `/run/ecsnap-agent-off` exists, init does
+  not restart it (to exercise the host's fallbacks);
+- the serial console ttyS0 has a login prompt. The account `root` has an EMPTY
+  password: type `root` at `login:` to get a shell (prompt `root@ecsnap:~# `). This is a
+  local test guest; do not expose its console to anyone you would not give root to;
+- `/sbin/shutdown` (which qemu-ga's `guest-shutdown` runs) maps to busybox's poweroff,
+  halt or reboot; the ACPI power button (QMP `system_powerdown`) powers off through
+  busybox acpid; Ctrl-Alt-Del reboots; on the way down init syncs, unmounts the data
+  disks and remounts / read-only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
-import io
+import json
+import logging
 import os
+import re
 import shutil
 import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGES = ("busybox-static", "qemu-guest-agent", "e2fsprogs")
-KERNEL_META = "linux-image-cloud-amd64"
-VIRTIO_MODULES = ("virtio/virtio_ring", "virtio/virtio", "virtio/virtio_pci_modern_dev",
-                  "virtio/virtio_pci_legacy_dev", "virtio/virtio_pci", "block/virtio_blk")
-ROOTFS_MIB = 128
-BUILD_VERSION = "4"  # bump when the guest's scripts change
+log = logging.getLogger("ecsnap.compute.image")
 
-INITRAMFS_INIT = """#!/bin/sh
+KERNEL_META = "linux-image-cloud-amd64"
+PACKAGES = ("busybox-static", "qemu-guest-agent", "e2fsprogs")
+# loaded in this order by the initramfs (paths under the kernel's drivers/)
+INITRD_MODULES = ("virtio/virtio_ring", "virtio/virtio", "virtio/virtio_pci_modern_dev",
+                  "virtio/virtio_pci_legacy_dev", "virtio/virtio_pci", "block/virtio_blk")
+# loaded by the root file system's rcS
+ROOTFS_MODULES = ("char/virtio_console", "input/evdev", "acpi/button")
+E2FSPROGS = ("mke2fs", "e2fsck", "resize2fs", "tune2fs")
+ROOTFS_MIB = 128
+KERNEL_ARGS = "console=ttyS0 root=/dev/vda rw panic=-1 quiet"
+OS_NAME = "Debian 12 (ecsnap demo, busybox)"
+SIZE_GIB = 1
+FORMAT = 5  # bump when the build itself (not a guest file) changes
+
+INITRAMFS_INIT = r"""#!/bin/sh
+# ecsnap initramfs: load the virtio modules, mount the root disk, switch to it.
 mount -t devtmpfs devtmpfs /dev
 exec 0</dev/console 1>/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
-do insmod /lib/modules/$m.ko; done
+for m in MODULES; do
+  insmod /lib/modules/$m.ko || echo "initramfs: cannot load $m"
+done
 root=/dev/vda
-for i in $(seq 1 100); do [ -b $root ] && break; sleep 0.1; done
-mount -t ext4 -o rw $root /newroot || { echo "ecsnap: cannot mount $root"; sh; }
+mode=rw
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    root=/dev/*) root=${arg#root=} ;;
+    ro) mode=ro ;;
+    rw) mode=rw ;;
+  esac
+done
+i=0
+while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if ! mount -t ext4 -o $mode "$root" /newroot; then
+  echo "initramfs: cannot mount $root; here is a shell"
+  exec sh
+fi
 umount /proc /sys
 mount --move /dev /newroot/dev
 exec switch_root /newroot /sbin/init
 """
 
-INITTAB = """::sysinit:/etc/init.d/rcS
+INITTAB = """\
+::sysinit:/etc/init.d/rcS
 ::respawn:/etc/init.d/qga
+::respawn:/etc/init.d/uevent
+::respawn:/etc/init.d/acpid
 ttyS0::respawn:/sbin/getty -L 115200 ttyS0 vt100
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/etc/init.d/rcK
 """
 
-RCS = """#!/bin/sh
+RCS = r"""#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
-hostname ecsnap
-insmod /lib/modules/virtio_console.ko 2>/dev/null
+hostname -F /etc/hostname
+for m in /lib/modules/ecsnap/*.ko; do insmod $m 2>/dev/null; done
 /sbin/ecsnap-mount-disks
 """
 
-MOUNT_DISKS = """#!/bin/sh
-# Mount every data disk at /mnt/d-<serial>; format it first if it holds no file system.
-for dev in /sys/block/vd*; do
-  name=${dev##*/}
-  [ "$name" = vda ] && continue
-  serial=$(cat $dev/serial 2>/dev/null)
-  [ -n "$serial" ] || continue
-  target=/mnt/d-$serial
-  grep -q " $target " /proc/mounts && continue
-  [ -b /dev/$name ] || mknod /dev/$name b $(tr ':' ' ' < $dev/dev)
-  magic=$(dd if=/dev/$name bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \\n')
-  if [ "$magic" != "53ef" ]; then
-    /sbin/mke2fs -q -F -t ext4 -E lazy_itable_init=1,lazy_journal_init=1 /dev/$name
-  fi
-  mkdir -p $target && mount -t ext4 /dev/$name $target
+RCK = r"""#!/bin/sh
+sync
+for m in $(awk '$2 ~ "^/mnt/" {print $2}' /proc/mounts); do
+  umount $m 2>/dev/null || umount -l $m
 done
-# forget the mount points of disks that are gone
-for m in $(awk '$2 ~ "^/mnt/d-" {print $2}' /proc/mounts); do
-  grep -q " $m " /proc/mounts || continue
-  dev=$(awk -v m=$m '$2 == m {print $1}' /proc/mounts)
-  [ -b "$dev" ] || umount -l $m
-done
+mount -o remount,ro /
+sync
 """
 
-QGA = """#!/bin/sh
+QGA = r"""#!/bin/sh
+# qemu-guest-agent on its virtio-serial port (no udev here, so look it up in sysfs).
+# init respawns this script; while /run/ecsnap-agent-off exists the agent stays down.
+while [ -e /run/ecsnap-agent-off ]; do sleep 1; done
 for p in /sys/class/virtio-ports/*; do
   if [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
-    exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/${p##*/} -t /run
+    exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/${p##*/} -t /run 2>>/run/qemu-ga.log
   fi
 done
 sleep 2
 """
 
-RCK = """#!/bin/sh
-sync
-for m in $(awk '$2 ~ "^/mnt/" {print $2}' /proc/mounts); do umount $m; done
-mount -o remount,ro /
+UEVENTD = r"""#!/bin/sh
+# hot-plugged and removed disks: /sbin/ecsnap-uevent runs for every kernel uevent
+/sbin/uevent /sbin/ecsnap-uevent
+sleep 5  # init respawns this script; do not spin if uevent cannot run
 """
 
-SHUTDOWN = """#!/bin/sh
-# qemu-ga runs `shutdown -h|-P|-r +0 "reason"`; busybox has poweroff, halt and reboot.
-case "$1" in
-  -r) exec /sbin/reboot ;;
-  -H) exec /sbin/halt ;;
-  *) exec /sbin/poweroff ;;
+ACPID = r"""#!/bin/sh
+# the ACPI power button (QMP system_powerdown) runs /etc/acpi/PWRF/00000080: poweroff
+/sbin/acpid -f -c /etc/acpi -l /run/acpid.log -p /run/acpid.pid
+sleep 5  # init respawns this script; do not spin if acpid cannot run
+"""
+
+MOUNT_DISKS = r"""#!/bin/sh
+# Mount every data disk (every virtio disk but vda) at /mnt/d-<serial>, i.e. at
+# /mnt/<disk id>: the host passes the disk ID without "d-" as the virtio-blk serial.
+# A blank disk is formatted (ext4, lazily) first; a disk with other content is mounted
+# if the kernel knows its file system and is never formatted. The mount points of
+# disks that are gone are unmounted.
+# Usage: ecsnap-mount-disks [--wait SERIAL SECONDS]
+exec 3>>/run/ecsnap-disks.log
+say() { echo "$(date +%T) $*" >&3; }
+
+lock=/run/ecsnap-mount-disks.lock
+i=0
+until mkdir $lock 2>/dev/null; do
+  i=$((i + 1))
+  [ $i -ge 300 ] && { say "breaking a stale lock"; rmdir $lock; }
+  sleep 0.1
+done
+trap 'rmdir $lock' EXIT
+
+mounted() { grep -q " $1 " /proc/mounts; }
+
+scan() {
+  for sys in /sys/block/vd*; do
+    [ -e "$sys" ] || continue
+    name=${sys##*/}
+    [ "$name" = vda ] && continue
+    serial=$(cat $sys/serial 2>/dev/null)
+    [ -n "$serial" ] || { say "$name: no serial, left alone"; continue; }
+    target=/mnt/d-$serial
+    mounted $target && continue
+    dev=/dev/$name
+    [ -b $dev ] || mknod $dev b $(tr ':' ' ' < $sys/dev)
+    magic=$(dd if=$dev bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')
+    mkdir -p $target
+    if [ "$magic" = 53ef ]; then
+      mount -t ext4 -o noinit_itable $dev $target && say "$name: mounted at $target"
+    elif [ "$(dd if=$dev bs=65536 count=2 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; then
+      say "$name: blank; formatting ext4"
+      /sbin/mke2fs -q -F -t ext4 -m 1 \
+        -E lazy_itable_init=1,lazy_journal_init=1,nodiscard $dev >&3 2>&1 &&
+        mount -t ext4 -o noinit_itable $dev $target && say "$name: mounted at $target"
+    else
+      mount $dev $target 2>/dev/null && say "$name: mounted at $target" ||
+        say "$name: unknown content, not formatted and not mounted"
+    fi
+  done
+  # unmount what belonged to disks that were unplugged
+  awk '$2 ~ "^/mnt/d-" {print $1, $2}' /proc/mounts | while read dev target; do
+    if [ ! -e /sys/block/${dev##*/} ]; then
+      umount -l $target && say "${dev##*/}: gone; unmounted $target"
+      rmdir $target 2>/dev/null
+    fi
+  done
+}
+
+scan
+if [ "$1" = --wait ]; then
+  deadline=$(( $(date +%s) + ${3:-30} ))
+  until mounted /mnt/d-$2; do
+    [ $(date +%s) -ge $deadline ] && { say "d-$2 did not appear"; exit 1; }
+    sleep 0.2
+    scan
+  done
+fi
+exit 0
+"""
+
+UEVENT = r"""#!/bin/sh
+# Run by busybox uevent for each kernel uevent: rescan the data disks when a whole
+# virtio disk comes or goes.
+[ "$SUBSYSTEM" = block ] || exit 0
+case "$DEVNAME" in
+  vd[a-z] | vd[a-z][a-z]) ;;
+  *) exit 0 ;;
+esac
+case "$ACTION" in
+  add | remove) exec /sbin/ecsnap-mount-disks ;;
 esac
 """
 
-PROFILE = """export PATH=/sbin:/usr/sbin:/bin:/usr/bin
-export PS1='root@ecsnap:\\w# '
-cd /root
+SHUTDOWN = r"""#!/bin/sh
+# qemu-ga runs `shutdown -h -P|-H|-r +0 "hypervisor initiated shutdown"`; busybox has no
+# shutdown, but poweroff, halt and reboot (init then runs /etc/init.d/rcK).
+for arg in "$@"; do
+  case "$arg" in
+    -r) exec /sbin/reboot ;;
+    -H) exec /sbin/halt ;;
+  esac
+done
+exec /sbin/poweroff
 """
+
+POWER_BUTTON = """#!/bin/sh
+exec /sbin/poweroff
+"""
+
+PROFILE = r"""export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+export HOME=/root
+# root@ecsnap:~# (busybox's \w does not abbreviate the home directory)
+_ecsnap_pwd() {
+  case "$PWD" in
+    "$HOME") echo "~" ;;
+    "$HOME"/*) echo "~${PWD#"$HOME"}" ;;
+    *) echo "$PWD" ;;
+  esac
+}
+PS1='root@ecsnap:$(_ecsnap_pwd)# '
+cd "$HOME"
+"""
+
+ISSUE = """
+ecsnap demo guest (Debian 12 kernel, busybox). Log in as root, no password.
+
+"""
+
+# path in the root file system -> (mode, text)
+GUEST_FILES: dict[str, tuple[int, str]] = {
+    "etc/inittab": (0o644, INITTAB),
+    "etc/init.d/rcS": (0o755, RCS),
+    "etc/init.d/rcK": (0o755, RCK),
+    "etc/init.d/qga": (0o755, QGA),
+    "etc/init.d/uevent": (0o755, UEVENTD),
+    "etc/init.d/acpid": (0o755, ACPID),
+    "sbin/ecsnap-mount-disks": (0o755, MOUNT_DISKS),
+    "sbin/ecsnap-uevent": (0o755, UEVENT),
+    "sbin/shutdown": (0o755, SHUTDOWN),
+    "etc/acpi/PWRF/00000080": (0o755, POWER_BUTTON),
+    "etc/passwd": (0o644, "root::0:0:root:/root:/bin/sh\n"),
+    "etc/group": (0o644, "root:x:0:\n"),
+    "etc/shadow": (0o600, "root::19000:0:99999:7:::\n"),
+    "etc/shells": (0o644, "/bin/sh\n/bin/ash\n"),
+    "etc/securetty": (0o644, "ttyS0\nconsole\n"),
+    "etc/profile": (0o644, PROFILE),
+    "etc/issue": (0o644, ISSUE),
+    "etc/hostname": (0o644, "ecsnap\n"),
+    "etc/hosts": (0o644, "127.0.0.1 localhost ecsnap\n"),
+    "etc/fstab": (0o644, "/dev/vda / ext4 rw 0 1\n"),
+    "etc/os-release": (0o644, f'PRETTY_NAME="{OS_NAME}"\nNAME="ecsnap demo"\n'
+                              'ID=debian\nVERSION_ID="12"\n'),
+}
 
 
 @dataclass(frozen=True)
 class DemoImage:
     kernel_path: Path
     initrd_path: Path
-    rootfs_path: Path
+    rootfs_path: Path  # a qcow2 template
     kernel_args: str
     os_name: str
     size_gib: int
 
 
 class ImageBuildError(Exception):
-    pass
+    """The demo image could not be built."""
 
 
-def _run(*cmd: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+class _MissingLibraries(ImageBuildError):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"shared libraries not found: {', '.join(names)}")
+        self.names = names
+
+
+def _run(*cmd: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+         timeout: float = 600) -> str:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ImageBuildError(f"{cmd[0]}: {exc}") from exc
     if proc.returncode != 0:
-        raise ImageBuildError(f"{' '.join(cmd)}: {proc.stderr.strip()[-2000:]}")
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise ImageBuildError(f"{' '.join(cmd)}: {detail}")
     return proc.stdout
 
 
-def _kernel_package() -> str:
-    out = _run("apt-cache", "depends", KERNEL_META)
+def _newest(paths: list[Path]) -> Path | None:
+    return max(paths, key=lambda p: p.stat().st_mtime, default=None)
+
+
+# ------------------------------------------------------------------ packages
+
+def _kernel_package(cache: Path) -> str:
+    """The versioned cloud kernel package (linux-image-6.1.0-NN-cloud-amd64)."""
+    try:
+        out = _run("apt-cache", "depends", KERNEL_META)
+    except ImageBuildError:
+        out = ""
     for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Depends:") and "linux-image-" in line:
-            return line.split()[-1]
-    raise ImageBuildError(f"cannot resolve {KERNEL_META}: run apt-get update")
+        words = line.split()
+        if len(words) == 2 and words[0] == "Depends:" and words[1].startswith("linux-image-"):
+            return words[1]
+    cached = _newest(list(cache.glob("linux-image-*-cloud-amd64_*.deb")))
+    if cached is not None:  # no apt lists (offline): use what was downloaded before
+        return cached.name.split("_")[0]
+    raise ImageBuildError(f"cannot resolve {KERNEL_META}: run `apt-get update`")
 
 
-def _download(cache: Path, names: list[str]) -> dict[str, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    found = {}
-    missing = []
-    for name in names:
-        debs = sorted(cache.glob(f"{name}_*.deb"))
-        if debs:
-            found[name] = debs[-1]
-        else:
-            missing.append(name)
-    if missing:
-        os.chmod(cache, 0o777)  # apt's sandbox user may write here
-        _run("apt-get", "download", "-q", *missing, cwd=cache)
-        for name in missing:
-            found[name] = sorted(cache.glob(f"{name}_*.deb"))[-1]
+def _candidates(names: list[str]) -> dict[str, str]:
+    """name -> the .deb file name `apt-get download` would fetch now (from apt-cache)."""
+    try:
+        out = _run("apt-cache", "show", "--no-all-versions", *names)
+    except ImageBuildError:
+        return {}
+    found: dict[str, str] = {}
+    for block in out.split("\n\n"):
+        fields = dict(re.findall(r"^(Package|Version|Architecture): (.+)$", block, re.M))
+        if {"Package", "Version", "Architecture"} <= fields.keys():
+            version = fields["Version"].replace(":", "%3a")
+            found.setdefault(fields["Package"],
+                             f"{fields['Package']}_{version}_{fields['Architecture']}.deb")
     return found
 
 
-def _libs(binary: Path) -> list[str]:
-    out = _run("ldd", str(binary))
-    libs = []
-    for line in out.splitlines():
-        parts = line.split()
-        if "=>" in parts and len(parts) > parts.index("=>") + 1 and \
-                parts[parts.index("=>") + 1].startswith("/"):
-            libs.append(parts[parts.index("=>") + 1])
-        elif parts and parts[0].startswith("/"):
-            libs.append(parts[0])
-    return libs
+def _fetch(cache: Path, names: list[str]) -> dict[str, Path]:
+    """The .deb of each package: from the cache when its candidate version is there,
+    else downloaded into the cache with `apt-get download`."""
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = _candidates(names)
+    debs: dict[str, Path] = {}
+    missing = []
+    for name in names:
+        if name in wanted:
+            if (cache / wanted[name]).is_file():
+                debs[name] = cache / wanted[name]
+                continue
+        elif (old := _newest(list(cache.glob(f"{name}_*.deb")))) is not None:
+            debs[name] = old  # apt knows nothing (offline): the newest cached one
+            continue
+        missing.append(name)
+    if missing:
+        log.info("downloading %s", " ".join(missing))
+        # as root, apt drops to its sandbox user, which may not write here: stay root
+        sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+        try:
+            _run("apt-get", "download", "-q", *sandbox, *missing, cwd=cache)
+        except ImageBuildError as exc:
+            older = {n: _newest(list(cache.glob(f"{n}_*.deb"))) for n in missing}
+            if any(p is None for p in older.values()):
+                raise
+            log.warning("apt-get download failed (%s); using the cached older versions", exc)
+            wanted = {}
+        for name in missing:
+            got = cache / wanted[name] if name in wanted else \
+                _newest(list(cache.glob(f"{name}_*.deb")))
+            if got is None or not got.is_file():
+                raise ImageBuildError(f"apt-get download {name} left no .deb in {cache}")
+            debs[name] = got
+    return debs
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
+def _lib_packages(names: tuple[str, ...]) -> list[str]:
+    out = _run("apt-cache", "depends", *names)
+    return sorted({w[1] for line in out.splitlines() if len(w := line.split()) == 2
+                   and w[0] in ("Depends:", "PreDepends:") and w[1].startswith("lib")})
+
+
+# ------------------------------------------------------------------ files
+
+def _libraries(binaries: list[Path], extracted: Path) -> list[Path]:
+    """The shared libraries (and the dynamic loader) the binaries need, by `ldd`; the
+    libraries unpacked from packages into `extracted` win over the host's."""
+    dirs = [str(extracted / d) for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")]
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(dirs)}
+    libs: set[Path] = set()
+    missing: set[str] = set()
+    for binary in binaries:
+        for line in _run("ldd", str(binary), env=env).splitlines():
+            words = line.split()
+            if "=>" in words:
+                after = words[words.index("=>") + 1:]
+                if after[:2] == ["not", "found"]:
+                    missing.add(words[0])
+                elif after and after[0].startswith("/"):
+                    libs.add(Path(after[0]))
+            elif words and words[0].startswith("/"):
+                libs.add(Path(words[0]))
+    if missing:
+        raise _MissingLibraries(sorted(missing))
+    return sorted(libs)
+
+
+def _guest_path(lib: Path, extracted: Path) -> Path:
+    """Where a library goes in the guest: its path in the package or on the host, if
+    that is a directory the guest's loader searches."""
+    with contextlib.suppress(ValueError):
+        return Path("/") / lib.relative_to(extracted)
+    if str(lib.parent) in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64"):
+        return lib
+    return Path("/usr/lib/x86_64-linux-gnu") / lib.name
+
+
+def _write(root: Path, rel: str, mode: int, text: str) -> None:
+    path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(mode)
 
 
-def _cpio_newc(root: Path) -> bytes:
-    """A newc cpio archive of `root` with every file owned by root (no cpio tool needed)."""
-    out = io.BytesIO()
-    ino = 1
+def _cpio(root: Path) -> bytes:
+    """A newc cpio archive of `root`, every entry owned by root, timestamps zero."""
+    out = bytearray()
 
-    def entry(name: str, mode: int, data: bytes) -> None:
-        nonlocal ino
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
-        header = "070701" + "".join(f"{f:08x}" for f in fields)
-        out.write(header.encode() + name.encode() + b"\0")
-        out.write(b"\0" * (-(110 + len(name) + 1) % 4))
-        out.write(data)
-        out.write(b"\0" * (-len(data) % 4))
-        ino += 1
+    def entry(ino: int, name: str, mode: int, data: bytes) -> None:
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+        out.extend(b"070701" + "".join(f"{f:08x}" for f in fields).encode())
+        out.extend(name.encode() + b"\0")
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
 
-    for path in sorted(root.rglob("*")):
+    for ino, path in enumerate(sorted(root.rglob("*")), start=1):
         rel = str(path.relative_to(root))
-        st = path.lstat()
         if path.is_symlink():
-            entry(rel, 0o120777, os.readlink(path).encode())
+            entry(ino, rel, 0o120777, os.readlink(path).encode())
         elif path.is_dir():
-            entry(rel, 0o040755, b"")
+            entry(ino, rel, 0o040755, b"")
         else:
-            entry(rel, 0o100000 | (st.st_mode & 0o777), path.read_bytes())
-    entry("TRAILER!!!", 0, b"")
-    return out.getvalue()
+            entry(ino, rel, 0o100000 | (path.stat().st_mode & 0o777), path.read_bytes())
+    entry(0, "TRAILER!!!", 0, b"")
+    return bytes(out)
+
+
+# ------------------------------------------------------------------ build
+
+def _fingerprint(kernel_pkg: str) -> str:
+    h = hashlib.sha256()
+    for part in (str(FORMAT), kernel_pkg, *PACKAGES, *INITRD_MODULES, *ROOTFS_MODULES,
+                 *E2FSPROGS, str(ROOTFS_MIB), KERNEL_ARGS, INITRAMFS_INIT):
+        h.update(part.encode() + b"\0")
+    for rel, (mode, text) in sorted(GUEST_FILES.items()):
+        h.update(f"{rel}:{mode:o}:".encode() + text.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout: float = 900) -> Iterator[None]:
+    """One builder per output directory, across processes."""
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ImageBuildError(f"another build holds {path}") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_demo_image(out_dir: Path, cache_dir: Path) -> DemoImage:
-    """Build (or reuse) the demo image in `out_dir`, downloading packages into `cache_dir`."""
-    out_dir = Path(out_dir)
+    """Build the demo image in `out_dir` (or reuse the one there if it was built from the
+    same inputs), with the Debian packages cached in `cache_dir`."""
+    out_dir = Path(out_dir).resolve()
+    cache_dir = Path(cache_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    kernel_pkg = _kernel_package()
-    stamp = hashlib.sha256(f"{BUILD_VERSION}:{kernel_pkg}".encode()).hexdigest()[:12]
-    done = out_dir / f"done-{stamp}"
     image = DemoImage(kernel_path=out_dir / "vmlinuz", initrd_path=out_dir / "initrd.img",
-                      rootfs_path=out_dir / "rootfs.qcow2",
-                      kernel_args="console=ttyS0 root=/dev/vda rw panic=-1 quiet",
-                      os_name="Debian 12 (ecsnap demo: busybox, qemu-guest-agent)",
-                      size_gib=1)
-    if done.exists():
-        return image
-    debs = _download(Path(cache_dir), [kernel_pkg, *PACKAGES])
-    work = out_dir / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    extracted = work / "x"
-    extracted.mkdir(parents=True)
-    for deb in debs.values():
-        _run("dpkg-deb", "-x", str(deb), str(extracted))
-    modules = next((extracted / "lib" / "modules").iterdir()) / "kernel" / "drivers"
-    busybox = extracted / "bin" / "busybox"
-    applets = [a for a in _run(str(busybox), "--list").split() if a not in ("busybox",)]
-
-    # initramfs
-    initrd = work / "initrd"
-    for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
-        (initrd / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(busybox, initrd / "bin" / "busybox")
-    for applet in ("sh", "mount", "umount", "insmod", "switch_root", "sleep", "seq", "echo"):
-        (initrd / "bin" / applet).symlink_to("busybox")
-    for module in VIRTIO_MODULES:
-        shutil.copy2(modules / f"{module}.ko", initrd / "lib" / "modules")
-    _write(initrd / "init", INITRAMFS_INIT, 0o755)
-    image.initrd_path.write_bytes(gzip.compress(_cpio_newc(initrd), compresslevel=1))
-    shutil.copy2(next((extracted / "boot").glob("vmlinuz-*")), image.kernel_path)
-
-    # root file system
-    root = work / "rootfs"
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp", "mnt",
-              "root", "etc/init.d", "lib/modules"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "var").symlink_to("run")
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    for applet in applets:
-        link = root / "bin" / applet
-        if not link.exists():
-            link.symlink_to("busybox")
-    for name in ("init", "getty", "poweroff", "reboot", "halt", "login"):
-        (root / "sbin" / name).symlink_to("/bin/busybox")
-    shutil.copy2(modules / "char" / "virtio_console.ko", root / "lib" / "modules")
-    for binary, target in ((extracted / "usr/sbin/qemu-ga", root / "usr/sbin/qemu-ga"),
-                           (extracted / "sbin/mke2fs", root / "sbin/mke2fs")):
-        shutil.copy2(binary, target)
-        for lib in _libs(binary):
-            dest = root / lib.lstrip("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(lib, dest, follow_symlinks=True)
-    _write(root / "etc/inittab", INITTAB)
-    _write(root / "etc/init.d/rcS", RCS, 0o755)
-    _write(root / "etc/init.d/rcK", RCK, 0o755)
-    _write(root / "etc/init.d/qga", QGA, 0o755)
-    _write(root / "sbin/shutdown", SHUTDOWN, 0o755)
-    _write(root / "sbin/ecsnap-mount-disks", MOUNT_DISKS, 0o755)
-    _write(root / "etc/passwd", "root::0:0:root:/root:/bin/sh\n")
-    _write(root / "etc/group", "root:x:0:\n")
-    _write(root / "etc/shadow", "root::19000:0:99999:7:::\n", 0o600)
-    _write(root / "etc/profile", PROFILE)
-    _write(root / "etc/hostname", "ecsnap\n")
-    _write(root / "etc/os-release", 'PRETTY_NAME="Debian 12 (ecsnap demo)"\nID=debian\n')
-    raw = work / "rootfs.raw"
-    fakeroot = ["fakeroot"] if shutil.which("fakeroot") and os.geteuid() != 0 else []
-    _run(*fakeroot, "mke2fs", "-q", "-t", "ext4", "-L", "root", "-E", "root_owner=0:0",
-         "-d", str(root), str(raw), f"{ROOTFS_MIB}M")
-    _run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
-         str(image.rootfs_path))
-    shutil.rmtree(work, ignore_errors=True)
-    for old in out_dir.glob("done-*"):
-        old.unlink()
-    done.write_text(kernel_pkg)
+                      rootfs_path=out_dir / "rootfs.qcow2", kernel_args=KERNEL_ARGS,
+                      os_name=OS_NAME, size_gib=SIZE_GIB)
+    manifest = out_dir / "manifest.json"
+    with _exclusive(out_dir / ".build.lock"):
+        kernel_pkg = _kernel_package(cache_dir)
+        stamp = _fingerprint(kernel_pkg)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(manifest.read_text())["fingerprint"] == stamp and all(
+                    p.is_file() for p in (image.kernel_path, image.initrd_path,
+                                          image.rootfs_path)):
+                return image
+        started = time.monotonic()
+        manifest.unlink(missing_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+        try:
+            debs = _build(work, cache_dir, kernel_pkg, image)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        manifest.write_text(json.dumps({
+            "fingerprint": stamp, "os_name": OS_NAME, "kernel_args": KERNEL_ARGS,
+            "rootfs_mib": ROOTFS_MIB, "packages": {k: v.name for k, v in debs.items()},
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+        log.info("built the demo image in %s in %.1f s", out_dir, time.monotonic() - started)
     return image
 
 
-__all__ = ["DemoImage", "build_demo_image"]
+def _build(work: Path, cache: Path, kernel_pkg: str, image: DemoImage) -> dict[str, Path]:
+    debs = _fetch(cache, [kernel_pkg, *PACKAGES])
+    x = work / "x"
+    x.mkdir()
+    for deb in debs.values():
+        _run("dpkg-deb", "-x", str(deb), str(x))
+    kernels = sorted((x / "boot").glob("vmlinuz-*"))
+    module_roots = sorted((x / "lib" / "modules").glob("*/kernel/drivers"))
+    if not kernels or not module_roots:
+        raise ImageBuildError(f"{debs[kernel_pkg].name} holds no kernel or modules")
+    drivers = module_roots[-1]
+    busybox = x / "bin" / "busybox"
+
+    # the initramfs
+    initrd = work / "initrd"
+    for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
+        (initrd / d).mkdir(parents=True)
+    shutil.copy2(busybox, initrd / "bin" / "busybox")
+    for applet in ("sh", "mount", "umount", "insmod", "switch_root", "sleep", "cat", "echo"):
+        (initrd / "bin" / applet).symlink_to("busybox")
+    for module in INITRD_MODULES:
+        shutil.copy2(drivers / f"{module}.ko", initrd / "lib" / "modules")
+    names = " ".join(m.rsplit("/", 1)[-1] for m in INITRD_MODULES)
+    _write(initrd, "init", 0o755, INITRAMFS_INIT.replace("MODULES", names))
+
+    # the root file system
+    root = work / "rootfs"
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp",
+              "mnt", "root", "etc/init.d", "lib/modules/ecsnap"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var").symlink_to("run")
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    tools = [x / "usr/sbin/qemu-ga", *(x / "sbin" / t for t in E2FSPROGS)]
+    for tool in tools:
+        shutil.copy2(tool, root / tool.relative_to(x))
+    (root / "sbin/mkfs.ext4").symlink_to("mke2fs")
+    (root / "sbin/fsck.ext4").symlink_to("e2fsck")
+    shutil.copy2(x / "etc/mke2fs.conf", root / "etc/mke2fs.conf")
+    for applet in _run(str(busybox), "--list-full").split():
+        link = root / applet
+        if not link.exists() and not link.is_symlink():  # e2fsprogs' tools win
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    for module in ROOTFS_MODULES:
+        shutil.copy2(drivers / f"{module}.ko", root / "lib/modules/ecsnap")
+    try:
+        libs = _libraries(tools, x)
+    except _MissingLibraries as exc:
+        log.info("the host lacks %s; taking them from Debian packages", ", ".join(exc.names))
+        for deb in _fetch(cache, _lib_packages(PACKAGES)).values():
+            _run("dpkg-deb", "-x", str(deb), str(x))
+        libs = _libraries(tools, x)
+    for lib in libs:
+        dest = root / str(_guest_path(lib, x)).lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lib, dest, follow_symlinks=True)
+    for rel, (mode, text) in GUEST_FILES.items():
+        _write(root, rel, mode, text)
+    (root / "root").chmod(0o700)
+    (root / "tmp").chmod(0o1777)
+
+    raw = work / "rootfs.raw"
+    fakeroot = ["fakeroot"] if os.geteuid() != 0 and shutil.which("fakeroot") else []
+    _run(*fakeroot, "mke2fs", "-q", "-F", "-t", "ext4", "-L", "ecsnap-root",
+         "-E", "root_owner=0:0", "-d", str(root), str(raw), f"{ROOTFS_MIB}M")
+
+    # write each output next to its final name, then rename: no reader sees half a file
+    staged = {target: target.with_name(f".{target.name}.tmp")
+              for target in (image.initrd_path, image.kernel_path, image.rootfs_path)}
+    staged[image.initrd_path].write_bytes(
+        gzip.compress(_cpio(initrd), compresslevel=6, mtime=0))
+    shutil.copyfile(kernels[-1], staged[image.kernel_path])
+    _run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+         str(staged[image.rootfs_path]))
+    for target, tmp in staged.items():
+        os.replace(tmp, target)
+    return debs
+
+
+__all__ = ["DemoImage", "ImageBuildError", "build_demo_image"]

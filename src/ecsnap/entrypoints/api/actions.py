@@ -106,16 +106,15 @@ def describe_images(c: Call) -> dict[str, Any]:
 
 
 def _instance_request(p: Any) -> instances.InstanceRequest:
-    data = [instances.DataDiskSpec(
-        size_gib=int(d.get("Size") or 20), category=d.get("Category") or "cloud_essd",
-        name=d.get("DiskName") or "", description=d.get("Description") or "",
-        delete_with_instance=str(d.get("DeleteWithInstance", "true")).lower() != "false")
-        for d in p.objects("DataDisk", fields=("Size", "Category", "DiskName", "Description",
-                                               "DeleteWithInstance", "SnapshotId"))]
-    for d in p.objects("DataDisk", fields=("SnapshotId",)):
-        if d.get("SnapshotId"):
+    data = []
+    for d in p.items("DataDisk", max_items=16):
+        if d.str("SnapshotId"):
             raise EcsError("UnsupportedParameter",
                            "ecsnap cannot create a data disk from a snapshot yet.", 400)
+        data.append(instances.DataDiskSpec(
+            size_gib=d.int("Size", default=20), category=d.str("Category") or "cloud_essd",
+            name=d.str("DiskName") or "", description=d.str("Description") or "",
+            delete_with_instance=d.bool("DeleteWithInstance", default=True)))
     return instances.InstanceRequest(
         image_id=p.str("ImageId", required=True), instance_type=p.str("InstanceType",
                                                                        required=True),
