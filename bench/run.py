@@ -317,17 +317,13 @@ def machine() -> str:
             f"{qemu.splitlines()[0]}, {platform.platform()}")
 
 
-def report(sizes: list[float], per_size: dict[float, dict[str, Series]],
-           scale: dict[str, dict[str, tuple[float, float, float]]], out: Path | None,
-           groups: int, instances: int, clients: int = 4) -> str:
-    lines = ["# ecsnap benchmarks", "",
-             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}.",
-             "Every ecsnap figure is measured in the same run as its reference, on the same "
-             "files, interleaved; medians over the repeats, spread is min-max.", ""]
+def row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
-    def row(*cells: object) -> str:
-        return "| " + " | ".join(str(c) for c in cells) + " |"
 
+def disk_sections(sizes: list[float], per_size: dict[float, dict[str, Series]]) -> list[str]:
+    """The report of benchmarks 1-3."""
+    lines: list[str] = []
     for title, ours, ref, target in (
             ("1. Instance snapshot, stopped instance, 3 disks: API end to end vs bare "
              "`qemu-img snapshot -c`", "group", "bare_snapshot", 1.3),
@@ -359,6 +355,19 @@ def report(sizes: list[float], per_size: dict[float, dict[str, Series]],
     lines += ["", "btrfs subvolume snapshots and XFS `cp --reflink` were not measured in this "
               "run: they need `btrfs-progs` / `xfsprogs` and a loop-mounted file system, "
               "which the benchmark does not set up yet.", ""]
+    return lines
+
+
+def report(sizes: list[float], per_size: dict[float, dict[str, Series]],
+           scale: dict[str, dict[str, tuple[float, float, float]]], out: Path | None,
+           groups: int, instances: int, clients: int = 4) -> str:
+    lines = ["# ecsnap benchmarks", "",
+             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}.",
+             "Every ecsnap figure is measured in the same run as its reference, on the same "
+             "files, interleaved; medians over the repeats, spread is min-max.", ""]
+
+    if per_size:
+        lines += disk_sections(sizes, per_size)
     if scale:
         lines += [f"## 5. Metadata scale: {groups:,} snapshot groups ({groups * 3:,} "
                   f"snapshots), {instances:,} instances; {clients} concurrent clients", "",
@@ -385,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--only", choices=("disks", "scale"), default=None,
+                        help="run only benchmarks 1-3 (disks) or 5 (scale)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one repeat: proves the benchmarks still run")
@@ -396,16 +407,18 @@ def main(argv: list[str] | None = None) -> int:
     scale: dict[str, dict[str, tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ecsnap-bench-") as tmp:
         work = Path(tmp)
-        server = Server(work / "data")
-        try:
-            for size in sizes:
-                print(f"bench 1-3 at {size} GiB per disk", file=sys.stderr)
-                per_size[size] = bench_snapshot_and_rollback(server, size, args.repeats, work)
-        finally:
-            server.stop()
-        databases = [("SQLite", "")]
+        if args.only != "scale":
+            server = Server(work / "data")
+            try:
+                for size in sizes:
+                    print(f"bench 1-3 at {size} GiB per disk", file=sys.stderr)
+                    per_size[size] = bench_snapshot_and_rollback(server, size, args.repeats,
+                                                                 work)
+            finally:
+                server.stop()
+        databases = [("SQLite", "")] if args.only != "disks" else []
         pg = None
-        if not args.no_postgres:
+        if databases and not args.no_postgres:
             sys.path.insert(0, str(ROOT))
             from tests.pg import PostgresServer
 
