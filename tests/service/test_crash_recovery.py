@@ -126,25 +126,31 @@ def disk_state(ctx: ServiceContext, disk_ids: list[str]) -> str:
 
 
 def group_points() -> list[str]:
-    # TakeSnapshots on a Stopped instance: one step per disk (system, data 1, data 2)
-    return [f"{n}:{phase}" for n in range(3) for phase in ("before", "after")] + ["finish"]
+    # TakeSnapshots on a Stopped instance: one step that snapshots the three disks side by
+    # side; "partial" is a kill inside it, when only some disks have their snapshot
+    return ["snapshot:before", "snapshot:partial", "snapshot:after", "finish:before"]
+
+
+def pool_path(data_dir: Path, disk_id: str) -> str:
+    return str(data_dir / "pools" / REGION / f"{disk_id}.qcow2")
 
 
 @pytest.mark.parametrize("point", group_points())
 def test_kill_during_create_snapshot_group(tmp_path: Path, template: Path, point: str) -> None:
     data_dir = tmp_path / "data"
     instance_id, disk_ids, _ = setup_instance(data_dir, template, with_group=False)
-    if point == "finish":
-        name = "TakeSnapshots:finish:before"
-    else:
-        n, phase = point.split(":")
-        name = f"TakeSnapshots:snapshot:{disk_ids[int(n)]}:{phase}"
-    assert crash(data_dir, "group", {"instance_id": instance_id}, name) == -signal.SIGKILL
+    at = point.replace("partial", "after")
+    assert crash(data_dir, "group", {"instance_id": instance_id},
+                 f"TakeSnapshots:{at}") == -signal.SIGKILL
+    if point == "snapshot:partial":  # as if killed before the second disk's qemu-img ran
+        path = pool_path(data_dir, disk_ids[1])
+        [taken] = set(qcow.snapshots(path)) - {INITIAL}
+        subprocess.run(["qemu-img", "snapshot", "-d", taken, path], check=True)
     ctx = build(data_dir, template)  # recovery runs here, as at start-up
     check_invariants(ctx, instance_id)
     page = snapshots.describe_snapshot_groups(ctx, ACCOUNT, REGION, instance_id=instance_id)
     [view] = page.items
-    if point == "finish":  # every snapshot was journaled: recovery finishes the group
+    if point == "finish:before":  # every snapshot was journaled: recovery finishes the group
         assert view.group.status == SnapshotStatus.ACCOMPLISHED and len(view.snapshots) == 3
     else:
         assert view.group.status == SnapshotStatus.FAILED and view.snapshots == []
@@ -152,22 +158,22 @@ def test_kill_during_create_snapshot_group(tmp_path: Path, template: Path, point
 
 
 def reset_points() -> list[str]:
-    steps = ["safety", "revert:0", "revert:1", "revert:2"]
-    return [f"{s}:{phase}" for s in steps for phase in ("before", "after")] + ["finish"]
+    # "revert:partial": killed inside the revert step, when only some disks are reverted
+    return ["safety:before", "safety:after", "revert:before", "revert:partial",
+            "revert:after", "finish:before"]
 
 
 @pytest.mark.parametrize("point", reset_points())
 def test_kill_during_reset_disks(tmp_path: Path, template: Path, point: str) -> None:
     data_dir = tmp_path / "data"
     instance_id, disk_ids, items = setup_instance(data_dir, template, with_group=True)
-    if point == "finish":
-        name = "ResetDisks:finish:before"
-    elif point.startswith("revert"):
-        _, n, phase = point.split(":")
-        name = f"ResetDisks:revert:{disk_ids[int(n)]}:{phase}"
-    else:
-        name = f"ResetDisks:{point}"
-    assert crash(data_dir, "reset", {"items": items}, name) == -signal.SIGKILL
+    at = point.replace("partial", "after")
+    assert crash(data_dir, "reset", {"items": items}, f"ResetDisks:{at}") == -signal.SIGKILL
+    if point == "revert:partial":  # the second disk back at its pre-rollback data
+        path = pool_path(data_dir, disk_ids[1])
+        [safety] = set(qcow.snapshots(path)) - {INITIAL} - {s for _, s in items}
+        subprocess.run(["qemu-img", "snapshot", "-a", safety, path], check=True)
+        assert qcow.holds(path, NEW[1])
     ctx = build(data_dir, template)
     check_invariants(ctx, instance_id)
     expected = "new" if point == "safety:before" or point == "safety:after" else "old"

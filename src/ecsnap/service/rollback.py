@@ -7,7 +7,8 @@ in one transaction, it locks the instance and the disks and journals a task whos
               tagged so users recognise it); with SafetySnapshot=false the snapshots are
               still taken, as the undo log that makes the rollback all-or-nothing, and
               dropped at the end;
-2. `revert:D` revert disk D to its snapshot, one step per disk (each idempotent);
+2. `revert`   revert every disk to its snapshot, side by side (idempotent: after a crash
+              it is simply run again);
 3. `drop_safety` (SafetySnapshot=false only);
 4. `start`, `health_gate` (AutoStartInstance only): start the VM, wait for its agent.
 
@@ -201,7 +202,7 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
         task, safety_id, _ = journal_snapshots(uow, account_id, inst.id, disks, spec)
         # the safety snapshots become the first step of the rollback task
         pairs = [(t.disk_id, t.snapshot_id) for t in targets]
-        steps = ["safety", *[f"revert:{d}" for d, _ in pairs]]
+        steps = ["safety", "revert"]
         if not safety_snapshot:
             steps.append("drop_safety")
         if auto_start:
@@ -245,9 +246,8 @@ class ResetDisksTask(TaskHandler):
                 snap.status, snap.progress = SnapshotStatus.ACCOMPLISHED, 100
             uow.commit()
 
-    def step_revert(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        snap_id = dict(task.plan["pairs"])[disk_id]
-        self._storage(ctx, task).revert(disk_id, snap_id)
+    def step_revert(self, ctx: ServiceContext, task: Task, _: str) -> None:
+        self._storage(ctx, task).revert_many([(d, s) for d, s in task.plan["pairs"]])
 
     def step_drop_safety(self, ctx: ServiceContext, task: Task, _: str) -> None:
         storage = self._storage(ctx, task)
@@ -329,8 +329,8 @@ class ResetDisksTask(TaskHandler):
             if any(s.startswith("start") for s in task.done) or \
                     ctx.compute.state(task.resource_id).running:
                 ctx.compute.stop(task.resource_id, force=True)
-            for disk_id, snap_id in task.plan["items"]:
-                storage.revert(disk_id, snap_id)  # back to the state before the rollback
+            # back to the state before the rollback
+            storage.revert_many([(d, s) for d, s in task.plan["items"]])
         if "safety" not in task.done or not task.plan["keep_safety"]:
             for disk_id, snap_id in task.plan["items"]:
                 storage.delete_snapshot(disk_id, snap_id)

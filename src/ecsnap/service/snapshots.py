@@ -2,8 +2,8 @@
 
 A snapshot is a qcow2 internal snapshot named by its ID, inside its disk's file. A Running
 instance's disks are snapshotted by the hypervisor in one atomic transaction (frozen or
-paused guest); a Stopped instance's through the storage backend, disk by disk, undone
-as a whole if one fails.
+paused guest); a Stopped instance's through the storage backend in one step, all disks
+side by side, undone as a whole if one fails.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def journal_snapshots(uow: UnitOfWork, account_id: str, instance_id: str, disks:
         snap_ids.append(snap.id)
     live = inst is not None and inst.status == InstanceStatus.RUNNING
     items = [[d.id, s] for d, s in zip(disks, snap_ids, strict=True)]
-    steps = ["transaction"] if live else [f"snapshot:{d.id}" for d in disks]
+    steps = ["transaction" if live else "snapshot"]
     locks = [("disk", d.id) for d in disks]
     if inst is not None:
         locks.insert(0, ("instance", inst.id))
@@ -113,30 +113,27 @@ def delete_internal_snapshot(ctx: ServiceContext, region_id: str, disk_id: str,
 class TakeSnapshotsTask(TaskHandler):
     action = "TakeSnapshots"
 
-    def step_snapshot(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        snap_id = dict(task.plan["items"])[disk_id]
+    def step_snapshot(self, ctx: ServiceContext, task: Task, _: str) -> None:
+        """Every disk of a stopped instance (or an unattached disk): all or nothing."""
         with ctx.uow() as uow:
             storage = ctx.storage(uow, task.region_id)
         if _vm_running(ctx, task.plan["instance_id"]):
             raise EcsError("IncorrectInstanceStatus",
                            "The instance was started while its disks were being snapshotted.",
                            403)
-        storage.create_snapshots([(disk_id, snap_id)])
+        storage.create_snapshots([(d, s) for d, s in task.plan["items"]])
 
     def step_transaction(self, ctx: ServiceContext, task: Task, _: str) -> None:
         items = [(d, s) for d, s in task.plan["items"]]
         result = ctx.compute.snapshot_disks(task.plan["instance_id"], items,
                                             quiesce=bool(task.plan["quiesce"]))
         with ctx.uow() as uow:
-            storage = ctx.storage(uow, task.region_id)
             fresh = uow.tasks.get(task.id)
             assert fresh is not None
             fresh.result.update(consistency=result.consistency, window_ms=result.window_ms,
                                 method=result.method)
             uow.commit()
         task.result.update(fresh.result)
-        for disk_id, snap_id in items:
-            storage.record_snapshot_map(disk_id, snap_id)
 
     def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
         consistency = Consistency(task.result.get("consistency", Consistency.CRASH))
@@ -171,8 +168,8 @@ class TakeSnapshotsTask(TaskHandler):
                 group.status = SnapshotStatus.FAILED
 
     def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
-        # All disks taken: finishing is safe. Otherwise the VM may have written since the
-        # first disks were taken, so the remaining ones would not be of the same instant.
+        # All disks taken: finishing is safe. Otherwise the VM may have written since some
+        # disks were taken, so the remaining ones would not be of the same instant.
         return all(step in task.done for step in task.plan["steps"])
 
 

@@ -74,13 +74,12 @@ class RevertToSnapshot(Protocol):
         """Make the disk's content that of the snapshot; other snapshots are kept."""
         ...
 
-
-class ChangeTracking(Protocol):
-    def record_snapshot_map(self, disk_id: str, snapshot_id: str) -> None:
-        """Remember the disk's allocation at the instant of the snapshot (call it right after
-        taking the snapshot, before the disk is written again)."""
+    def revert_many(self, items: Sequence[tuple[str, str]]) -> None:
+        """`revert` of every (disk_id, snapshot_id), side by side where the backend can."""
         ...
 
+
+class ChangeTracking(Protocol):
     def bytes_written_since(self, disk_id: str, snapshot_id: str) -> int | None:
         """Guest bytes written on the disk since the snapshot, None when it cannot be told."""
         ...
