@@ -40,7 +40,7 @@ from ecsnap.domain.model import (
 )
 from ecsnap.service.context import ServiceContext, attached_disks, get_region
 from ecsnap.service.snapshots import GroupSpec, journal_snapshots
-from ecsnap.service.tasks import TaskHandler, handler
+from ecsnap.service.tasks import SHORT_TASK_S, TaskHandler, handler
 
 SAFETY_TAG = "ecsnap:safety-for"
 
@@ -212,7 +212,8 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                      "safety_group_id": safety_id, "keep_safety": safety_snapshot,
                      "auto_start": auto_start, "stopped_mode": inst.stopped_mode.value}
         uow.commit()
-    ctx.runner.submit(task.id)
+    # with AutoStartInstance the VM boots: that goes on in the background
+    ctx.runner.submit(task.id, wait_up_to=0.0 if auto_start else SHORT_TASK_S)
     return ResetResult(task.id, preview.instance_id, safety_id if safety_snapshot else None,
                        pairs)
 

@@ -37,7 +37,7 @@ from ecsnap.service.context import (
     get_snapshot,
 )
 from ecsnap.service.listing import Page, paginate
-from ecsnap.service.tasks import TaskHandler, handler, new_task
+from ecsnap.service.tasks import SHORT_TASK_S, TaskHandler, handler, new_task
 
 FS_TAG = "FsConsistent"
 
@@ -193,7 +193,7 @@ def create_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
                                               GroupSpec(name, description, tags=tags),
                                               quiesce=quiesce)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
     assert group_id is not None
     return group_id, task.id
 
@@ -232,7 +232,7 @@ def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name:
             assert snap is not None
             snap.retention_days = retention_days
             uow.commit()
-        ctx.runner.submit(task.id)
+        ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
         return {"SnapshotId": snap_ids[0]}
 
     params = {"disk": disk_id, "name": name, "description": description, "tags": tags,
@@ -297,7 +297,7 @@ def delete_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
             return None
         task = _journal_deletes(uow, account_id, [snap], None)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
     return task.id
 
 
@@ -316,7 +316,7 @@ def delete_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
             return [], ""
         task = _journal_deletes(uow, account_id, snaps, group.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
     return [s.id for s in snaps], task.id
 
 

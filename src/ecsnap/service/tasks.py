@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -27,6 +28,10 @@ from ecsnap.domain.model import Task, TaskStatus, utcnow
 from ecsnap.service.context import ServiceContext
 
 log = logging.getLogger("ecsnap.tasks")
+
+# Snapshot, delete and rollback tasks usually take well under a second: the service waits
+# this long for them before answering (see TaskRunner.submit).
+SHORT_TASK_S = 2.0
 
 
 class TaskHandler:
@@ -178,12 +183,17 @@ class TaskRunner:
         self._futures: dict[str, Future[Task]] = {}
         self._lock = threading.Lock()
 
-    def submit(self, task_id: str) -> None:
+    def submit(self, task_id: str, *, wait_up_to: float = 0.0) -> None:
+        """Run the task; with `wait_up_to`, return once it has ended or after that many
+        seconds, whichever comes first (a short task is then done when the API answers,
+        so its caller sees the result at once; a long one goes on in the background)."""
         if self._pool is None:
             drive(self.ctx, task_id)
             return
         with self._lock:
-            self._futures[task_id] = self._pool.submit(drive, self.ctx, task_id)
+            future = self._futures[task_id] = self._pool.submit(drive, self.ctx, task_id)
+        if wait_up_to > 0:
+            futures.wait([future], timeout=wait_up_to)  # its outcome is the task's to tell
 
     def spawn(self, job: Callable[[], None]) -> None:
         """Run a job that is not a journaled task (a guest command) in the background."""
