@@ -6,8 +6,11 @@ times are context only).
      accomplished) vs bare `qemu-img snapshot -c` on the same three files, per size;
   2. rollback of 3 disks (ResetDisks, safety snapshot on) vs bare `qemu-img snapshot -c`
      + `-a` on the same files, per size;
-  3. the alternatives a user would otherwise use, same disks: `cp --sparse=always` and
-     `qemu-img convert` (btrfs/XFS reflink: see the note in the report);
+  3. the alternatives a user would otherwise use, same disks: `cp --sparse=always`,
+     `qemu-img convert`, a btrfs subvolume snapshot and XFS `cp --reflink` on loop-mounted
+     file systems (bench/alternatives.py); plots of cost vs size (bench/plots.py);
+  4. and 6. in a real guest: the write stall of a live snapshot, and guest write
+     throughput with 0-50 snapshots on the disk (bench/guest.py);
   5. metadata scale: 10,000 snapshot groups (30,000 snapshots) and 1,000 instances; p50/p99
      latency and requests/s of DescribeSnapshotGroups (NextToken walk, pages of 100),
      DescribeInstances and DescribeSnapshots under a bounded loopback load, SQLite and
@@ -30,9 +33,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.alternatives import alternatives_rows, reflink_alternatives
+from bench.guest import run_guest_benchmarks
+from bench.plots import plot_costs
 from bench.scale import bench_scale, scale_section, seed_metadata
 
 ROOT = Path(__file__).parents[1]
@@ -55,6 +62,11 @@ class Series:
 
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
+
+
+def sh_all(*cmds: list[str]) -> None:
+    for cmd in cmds:
+        sh(*cmd)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -156,7 +168,7 @@ class Server:
 
 
 def bench_snapshot_and_rollback(server: Server, gib: float, repeats: int,
-                                work: Path) -> dict[str, Series]:
+                                work: Path) -> dict[str, Series | str]:
     iid, paths = server.instance_with_data(gib)
     files = list(paths.values())
     out = {k: Series(k) for k in ("group", "bare_snapshot", "rollback", "bare_rollback",
@@ -172,8 +184,8 @@ def bench_snapshot_and_rollback(server: Server, gib: float, repeats: int,
         group_id = group()
         out["group"].samples.append(time.perf_counter() - start)
         server.delete_group(group_id)
-        out["bare_snapshot"].samples.append(timed(lambda r=r: [
-            sh("qemu-img", "snapshot", "-c", f"bare-{r}", f) for f in files]))
+        out["bare_snapshot"].samples.append(timed(partial(
+            sh_all, *(["qemu-img", "snapshot", "-c", f"bare-{r}", f] for f in files))))
         for f in files:
             sh("qemu-img", "snapshot", "-d", f"bare-{r}", f)
 
@@ -205,15 +217,18 @@ def bench_snapshot_and_rollback(server: Server, gib: float, repeats: int,
     for r in range(max(1, min(repeats, 3))):
         copies = work / f"copies-{r}"
         copies.mkdir()
-        out["cp"].samples.append(timed(lambda c=copies: [
-            sh("cp", "--sparse=always", f, str(c)) for f in files]))
+        out["cp"].samples.append(timed(partial(
+            sh_all, *(["cp", "--sparse=always", f, str(copies)] for f in files))))
         sh("rm", "-rf", str(copies))
         copies.mkdir()
-        out["convert"].samples.append(timed(lambda c=copies: [
-            sh("qemu-img", "convert", "-O", "qcow2", f, str(c / Path(f).name)) for f in files]))
+        out["convert"].samples.append(timed(partial(sh_all, *(
+            ["qemu-img", "convert", "-O", "qcow2", f, str(copies / Path(f).name)]
+            for f in files))))
         sh("rm", "-rf", str(copies))
     server.delete_group(target)
-    return out
+    results: dict[str, Series | str] = dict(out)
+    results.update(reflink_alternatives(files, work, max(1, min(repeats, 3))))
+    return results
 
 
 def machine() -> str:
@@ -222,12 +237,19 @@ def machine() -> str:
             f"{qemu.splitlines()[0]}, {platform.platform()}")
 
 
+def series(results: dict[str, Series | str], key: str) -> Series:
+    value = results[key]
+    assert not isinstance(value, str), value  # (under -m, Series may be bench.run's twin)
+    return value
+
+
 def row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def disk_sections(sizes: list[float], per_size: dict[float, dict[str, Series]]) -> list[str]:
-    """The report of benchmarks 1-3."""
+def disk_sections(sizes: list[float], per_size: dict[float, dict[str, Series | str]],
+                  out: Path | None) -> list[str]:
+    """The report of benchmarks 1-3, with its plots when written to a file."""
     lines: list[str] = []
     for title, ours, ref, target in (
             ("1. Instance snapshot, stopped instance, 3 disks: API end to end vs bare "
@@ -239,42 +261,38 @@ def disk_sections(sizes: list[float], per_size: dict[float, dict[str, Series]]) 
                       "reference median", "reference spread", "ratio", "target", "met"),
                   row(*["---"] * 8)]
         for size in sizes:
-            s = per_size[size]
-            ratio = s[ours].median / s[ref].median
-            lines.append(row(size, f"{s[ours].median * 1000:.1f} ms", s[ours].spread,
-                             f"{s[ref].median * 1000:.1f} ms", s[ref].spread, f"{ratio:.2f}",
+            a, b = series(per_size[size], ours), series(per_size[size], ref)
+            ratio = a.median / b.median
+            lines.append(row(size, f"{a.median * 1000:.1f} ms", a.spread,
+                             f"{b.median * 1000:.1f} ms", b.spread, f"{ratio:.2f}",
                              f"≤ {target}", "yes" if ratio <= target else "no"))
-        flat = per_size[sizes[-1]][ours].median / per_size[sizes[0]][ours].median
+        flat = series(per_size[sizes[-1]], ours).median / \
+            series(per_size[sizes[0]], ours).median
         lines += ["", f"Flat in size: {sizes[-1]} GiB / {sizes[0]} GiB = {flat:.2f} "
                       f"(target ≤ 1.2: {'met' if flat <= 1.2 else 'not met'}).", ""]
-    lines += ["## 3. The alternatives: full copies of the same 3 disks", "",
-              row("GiB written per disk", "cp --sparse=always", "qemu-img convert",
-                  "ecsnap instance snapshot", "copy / ecsnap"),
-              row(*["---"] * 5)]
-    for size in sizes:
-        s = per_size[size]
-        lines.append(row(size, f"{s['cp'].median * 1000:.0f} ms",
-                         f"{s['convert'].median * 1000:.0f} ms",
-                         f"{s['group'].median * 1000:.1f} ms",
-                         f"{s['cp'].median / s['group'].median:.0f}x"))
-    lines += ["", "btrfs subvolume snapshots and XFS `cp --reflink` were not measured in this "
-              "run: they need `btrfs-progs` / `xfsprogs` and a loop-mounted file system, "
-              "which the benchmark does not set up yet.", ""]
+    lines += alternatives_rows(sizes, per_size)
+    if out is not None:
+        lines += [f"![{p.stem}]({p.name})" for p in plot_costs(sizes, per_size, out.parent)]
+        lines.append("")
     return lines
 
 
-def report(sizes: list[float], per_size: dict[float, dict[str, Series]],
-           scale: dict[str, dict[str, tuple[float, float, float]]], out: Path | None,
-           groups: int, instances: int, clients: int = 4) -> str:
+def report(sizes: list[float], per_size: dict[float, dict[str, Series | str]],
+           guest: list[str], scale: dict[str, dict[str, tuple[float, float, float]]],
+           out: Path | None, groups: int, instances: int, clients: int = 4) -> str:
     lines = ["# ecsnap benchmarks", "",
              f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}.",
              "Every ecsnap figure is measured in the same run as its reference, on the same "
              "files, interleaved; medians over the repeats, spread is min-max.", ""]
 
     if per_size:
-        lines += disk_sections(sizes, per_size)
+        lines += disk_sections(sizes, per_size, out)
+    # in the issue's order: the guest lines hold sections 4 and 6, with 5 between them
+    six = next((n for n, line in enumerate(guest) if line.startswith("## 6.")), len(guest))
+    lines += guest[:six]
     if scale:
         lines += scale_section(scale, groups, instances, clients)
+    lines += guest[six:]
     text = "\n".join(lines)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--only", choices=("disks", "scale"), default=None,
-                        help="run only benchmarks 1-3 (disks) or 5 (scale)")
+    parser.add_argument("--only", choices=("disks", "guest", "scale"), default=None,
+                        help="run only benchmarks 1-3 (disks), 4 and 6 (guest) or 5 (scale)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one repeat: proves the benchmarks still run")
@@ -300,11 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.sizes, args.repeats, args.groups, args.seconds = "0.01,0.02", 1, 30, 0.5
     sizes = [float(s) for s in args.sizes.split(",")]
-    per_size: dict[float, dict[str, Series]] = {}
+    per_size: dict[float, dict[str, Series | str]] = {}
+    guest: list[str] = []
     scale: dict[str, dict[str, tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ecsnap-bench-") as tmp:
         work = Path(tmp)
-        if args.only != "scale":
+        if args.only in (None, "disks"):
             server = Server(work / "data")
             try:
                 for size in sizes:
@@ -313,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                  work)
             finally:
                 server.stop()
-        databases = [("SQLite", "")] if args.only != "disks" else []
+        if args.only in (None, "guest"):
+            print("bench 4 and 6 in a guest", file=sys.stderr)
+            guest = run_guest_benchmarks(work / "guest", repeats=args.repeats,
+                                         smoke=args.smoke)
+        databases = [("SQLite", "")] if args.only in (None, "scale") else []
         pg = None
         if databases and not args.no_postgres:
             sys.path.insert(0, str(ROOT))
@@ -335,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if pg is not None:
                 pg.stop()
-    print(report(sizes, per_size, scale, args.out, args.groups, min(1000, args.groups),
+    print(report(sizes, per_size, guest, scale, args.out, args.groups, min(1000, args.groups),
                  args.clients))
     return 0
 

@@ -2,7 +2,7 @@
 # Install the Debian packages ecsnap needs, when missing. Idempotent; needs root (or sudo).
 set -euo pipefail
 PACKAGES=(qemu-utils qemu-system-x86 postgresql e2fsprogs fakeroot chromium
-          python3-venv ${ECSNAP_EXTRA_PACKAGES:-})
+          python3-venv btrfs-progs xfsprogs gcc libc6-dev ${ECSNAP_EXTRA_PACKAGES:-})
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
