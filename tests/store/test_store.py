@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,7 @@ def uow_factory(request: pytest.FixtureRequest, tmp_path):  # type: ignore[no-un
     sql.migrate(engine)
     sql.migrate(engine)  # idempotent
     factory = sql.session_factory(engine)
-    yield lambda: sql.SqlUnitOfWork(factory)
+    yield lambda readonly=False: sql.SqlUnitOfWork(factory, readonly)
     engine.dispose()
 
 
@@ -143,3 +144,98 @@ def test_nonces_are_remembered_until_they_expire(uow_factory) -> None:  # type: 
         later = now + timedelta(minutes=16)
         assert uow.remember_nonce("k", "n1", later + timedelta(minutes=15), later)
         uow.commit()
+
+
+def test_read_only_units_of_work_read_the_same_objects(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    start = utcnow()
+    with uow_factory() as uow:
+        for n in range(5):
+            uow.instances.add(make_instance(n, tags={"n": str(n)}, created=start,
+                                            status=InstanceStatus.RUNNING))
+        uow.tasks.add(Task(id="t-1", account_id="acc", region_id="r", action="X",
+                           plan={"steps": ["a"]}, done=["a"]))
+        uow.commit()
+    fields = [f for f in vars(make_instance(0)) if not f.startswith("_")]
+    with uow_factory() as uow:
+        expected = [{f: getattr(i, f) for f in fields}
+                    for i in uow.instances.find(Criteria(limit=3, after=(start, "i-0004")))]
+    with uow_factory(readonly=True) as ro:
+        found = ro.instances.find(Criteria(limit=3, after=(start, "i-0004")))
+        assert [{f: getattr(i, f) for f in fields} for i in found] == expected
+        assert [i.id for i in found] == ["i-0003", "i-0002", "i-0001"]
+        assert type(found[0]) is Instance and found[0].status is InstanceStatus.RUNNING
+        assert ro.instances.get("i-0001").tags == {"n": "1"}
+        assert ro.instances.get("nope") is None
+        assert ro.tasks.get("t-1").plan == {"steps": ["a"]}
+        assert ro.instances.count(Criteria(within={"id": ["i-0001", "x"]})) == 1
+        assert ro.instances.find(Criteria(tags={"n": "2"}))[0].id == "i-0002"
+        found[0].name = "changed"  # a detached copy: settable, never saved
+        with pytest.raises(sql.ReadOnlyError):
+            ro.instances.add(make_instance(9))
+        with pytest.raises(sql.ReadOnlyError):
+            ro.try_lock("instance", "i-0001", "t-1")
+    with uow_factory() as uow:
+        assert uow.instances.get("i-0003").name == "web-3"
+        assert uow.instances.count() == 5
+
+
+def test_counts_are_exact_after_every_commit(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    def count(**equals: object) -> int:
+        with uow_factory(readonly=True) as ro:
+            return int(ro.instances.count(Criteria(equals=dict(equals))))
+
+    with uow_factory() as uow:
+        uow.instances.add(make_instance(1))
+        uow.commit()
+    assert count(account_id="acc") == 1 == count(account_id="acc")  # the second is cached
+    with uow_factory(readonly=True) as reader:
+        assert reader.instances.get("i-0001") is not None  # its snapshot: before the commit
+        with uow_factory() as uow:
+            uow.instances.add(make_instance(2))
+            uow.commit()
+        assert count(account_id="acc") == 2
+        reader.instances.count(Criteria(equals={"account_id": "acc"}))  # 1 on SQLite: old
+    assert count(account_id="acc") == 2
+    with uow_factory() as uow:
+        uow.instances.get("i-0001").account_id = "other"
+        uow.commit()
+    assert (count(account_id="acc"), count(account_id="other")) == (1, 1)
+    with uow_factory() as uow:
+        uow.instances.delete(uow.instances.get("i-0002"))
+        uow.commit()
+    assert count(account_id="acc") == 0
+    with uow_factory() as uow:
+        uow.instances.add(make_instance(3))
+        assert uow.instances.count(account_id="acc") == 1  # flushed, never committed
+        uow.rollback()
+    assert count(account_id="acc") == 0
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_migrations_go_down_and_up_again(request: pytest.FixtureRequest, tmp_path: Path,
+                                         database: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    url = request.getfixturevalue("postgres").fresh_database() if database == "postgres" \
+        else f"sqlite:///{tmp_path / 'm.db'}"
+    engine = sql.make_engine(url)
+
+    def owner_index() -> list[str]:
+        with engine.connect() as connection:
+            found = {i["name"]: i["column_names"]
+                     for i in inspect(connection).get_indexes("snapshots")}
+        return list(found["ix_snapshots_owner"])
+
+    sql.migrate(engine)
+    assert owner_index() == ["account_id", "region_id", "created", "id"]
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(sql.__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0001")
+    assert owner_index() == ["account_id", "region_id", "created"]
+    sql.migrate(engine)
+    assert owner_index() == ["account_id", "region_id", "created", "id"]
+    engine.dispose()

@@ -118,7 +118,7 @@ instances = Table(
     Column("created", DateTime, nullable=False),
     Column("started", DateTime, nullable=True),
     Column("host_name", String(128), nullable=False),
-    Index("ix_instances_owner", "account_id", "region_id", "created"),
+    Index("ix_instances_owner", "account_id", "region_id", "created", "id"),
 )
 
 disks = Table(
@@ -146,7 +146,7 @@ disks = Table(
     Column("attached_time", DateTime, nullable=True),
     Column("detached_time", DateTime, nullable=True),
     Column("released_time", DateTime, nullable=True),
-    Index("ix_disks_owner", "account_id", "region_id", "created"),
+    Index("ix_disks_owner", "account_id", "region_id", "created", "id"),
 )
 
 snapshots = Table(
@@ -168,7 +168,7 @@ snapshots = Table(
     Column("tags", JsonDict, nullable=False),
     Column("created", DateTime, nullable=False),
     Column("last_modified", DateTime, nullable=False),
-    Index("ix_snapshots_owner", "account_id", "region_id", "created"),
+    Index("ix_snapshots_owner", "account_id", "region_id", "created", "id"),
 )
 
 snapshot_groups = Table(
@@ -185,7 +185,7 @@ snapshot_groups = Table(
     Column("window_ms", Float, nullable=True),
     Column("tags", JsonDict, nullable=False),
     Column("created", DateTime, nullable=False),
-    Index("ix_snapshot_groups_owner", "account_id", "region_id", "created"),
+    Index("ix_snapshot_groups_owner", "account_id", "region_id", "created", "id"),
 )
 
 tasks = Table(
@@ -203,7 +203,7 @@ tasks = Table(
     Column("error_message", Text, nullable=False),
     Column("created", DateTime, nullable=False),
     Column("finished", DateTime, nullable=True),
-    Index("ix_tasks_owner", "account_id", "region_id", "created"),
+    Index("ix_tasks_owner", "account_id", "region_id", "created", "id"),
 )
 
 idempotency = Table(
@@ -238,7 +238,7 @@ invocations = Table(
     Column("created", DateTime, nullable=False),
     Column("started", DateTime, nullable=True),
     Column("finished", DateTime, nullable=True),
-    Index("ix_invocations_owner", "account_id", "region_id", "created"),
+    Index("ix_invocations_owner", "account_id", "region_id", "created", "id"),
 )
 
 nonces = Table(

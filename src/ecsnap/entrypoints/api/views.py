@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from ecsnap.domain.model import (
@@ -15,10 +16,18 @@ from ecsnap.domain.model import (
     StoppedMode,
     Task,
     Zone,
-    iso,
 )
+from ecsnap.domain.model import iso as model_iso
 from ecsnap.service.listing import Page
 from ecsnap.service.snapshots import GroupView
+
+
+def iso(value: datetime | None) -> str:
+    """model.iso (2026-11-24T10:58:48Z), twice as fast for the naive UTC datetimes the
+    store holds: a page of 100 formats hundreds of them."""
+    if value is not None and value.tzinfo is None and value.year >= 1000:
+        return value.isoformat(timespec="seconds") + "Z"
+    return model_iso(value)
 
 
 def tags(values: dict[str, str]) -> dict[str, Any]:
