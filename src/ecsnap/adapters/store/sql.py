@@ -30,6 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.types import NullType
 
@@ -409,30 +410,37 @@ class SqlUnitOfWork:
         else:
             self.session.rollback()
 
+    def _loaded(self, kind: str, obj_id: str) -> Any:
+        """The instance or disk if this session holds it already (no query)."""
+        cls = model.Instance if kind == "instance" else model.Disk
+        return self.session.identity_map.get(self.session.identity_key(cls, obj_id))
+
     def try_lock(self, kind: str, obj_id: str, task_id: str) -> bool:
+        """One conditional UPDATE; a SELECT only when it changed nothing (held already?).
+        An object this session holds is told the new value, without a reload."""
         table = _LOCKABLE[kind]
         self.session.flush()
         result = self.session.execute(
             update(table).where(table.c.id == obj_id, table.c.lock_task_id.is_(None))
             .values(lock_task_id=task_id).execution_options(synchronize_session=False))
-        taken = bool(getattr(result, "rowcount", 0) == 1)
-        cls: type[model.Instance] | type[model.Disk] = \
-            model.Instance if kind == "instance" else model.Disk
-        obj = self.session.get(cls, obj_id)
+        holder: str | None = task_id
+        if getattr(result, "rowcount", 0) != 1:
+            holder = self.session.execute(
+                select(table.c.lock_task_id).where(table.c.id == obj_id)).scalar()
+        obj = self._loaded(kind, obj_id)
         if obj is not None:
-            self.session.refresh(obj)
-            taken = taken or getattr(obj, "lock_task_id", None) == task_id
-        return taken
+            set_committed_value(obj, "lock_task_id", holder)
+        return holder == task_id
 
     def unlock(self, kind: str, obj_id: str, task_id: str) -> None:
         table = _LOCKABLE[kind]
         self.session.flush()
-        self.session.execute(
+        result = self.session.execute(
             update(table).where(table.c.id == obj_id, table.c.lock_task_id == task_id)
             .values(lock_task_id=None).execution_options(synchronize_session=False))
-        obj = self.session.get(model.Instance if kind == "instance" else model.Disk, obj_id)
-        if obj is not None:
-            self.session.refresh(obj)
+        obj = self._loaded(kind, obj_id)
+        if obj is not None and getattr(result, "rowcount", 0) == 1:
+            set_committed_value(obj, "lock_task_id", None)
 
     def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
         """One statement: insert the nonce, or take over an expired row of it; False when
