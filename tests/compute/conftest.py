@@ -28,14 +28,14 @@ HAVE_QEMU = all(shutil.which(tool) for tool in ("qemu-system-x86_64", "qemu-img"
 @pytest.fixture(scope="session")
 def demo_image(tmp_path_factory: pytest.TempPathFactory) -> DemoImage:
     if not HAVE_QEMU:
-        pytest.skip("QEMU is not installed")
+        pytest.fail("QEMU is not installed: `make test` installs it (scripts/system-deps.sh)")
     return build_demo_image(tmp_path_factory.mktemp("demo-image"), CACHE / "debs")
 
 
 @pytest.fixture(scope="session")
 def run_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if not HAVE_QEMU:
-        pytest.skip("QEMU is not installed")
+        pytest.fail("QEMU is not installed: `make test` installs it (scripts/system-deps.sh)")
     # short: unix socket paths must stay under 108 bytes
     root = tmp_path_factory.mktemp("run")
     try:
