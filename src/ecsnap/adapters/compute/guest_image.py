@@ -65,6 +65,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecsnap.adapters.compute.filelock import flock_until
+
 log = logging.getLogger("ecsnap.compute.image")
 
 KERNEL_META = "linux-image-cloud-amd64"
@@ -502,15 +504,8 @@ def _fingerprint(kernel_pkg: str) -> str:
 def _exclusive(path: Path, timeout: float = 900) -> Iterator[None]:
     """One builder per output directory, across processes."""
     with open(path, "a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ImageBuildError(f"another build holds {path}") from None
-                time.sleep(0.2)
+        if not flock_until(handle, time.monotonic() + timeout, 0.2):
+            raise ImageBuildError(f"another build holds {path}")
         try:
             yield
         finally:

@@ -65,6 +65,7 @@ from ecsnap.adapters.compute.base import (
     VmSpec,
     VmState,
 )
+from ecsnap.adapters.compute.filelock import flock_until
 from ecsnap.adapters.compute.qga import AgentSession, QmpCommandError, QmpSession
 
 OUTPUT_CAP = 1024 * 1024  # bytes of stdout and of stderr kept from guest_exec
@@ -84,6 +85,17 @@ _NODE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,29}$")
 def disk_serial(disk_id: str) -> str:
     """The virtio-blk serial of a disk: its ID without "d-" (at most 20 bytes)."""
     return disk_id.removeprefix("d-")[:20]
+
+
+def _checked(disk: VmDisk) -> tuple[str, str]:
+    """(block node name, absolute file path) of a disk to attach, or ComputeError."""
+    node = disk.disk_id
+    if not _NODE.match(node):
+        raise ComputeError(f"disk id {node!r} cannot name a QEMU block node")
+    path = str(Path(disk.path).resolve())
+    if not Path(path).is_file():
+        raise ComputeError(f"disk {node}: no file at {path}")
+    return node, path
 
 
 def _opt(value: str) -> str:
@@ -193,15 +205,8 @@ class QemuDriver:
             run = self._dir(instance_id)
             run.mkdir(parents=True, exist_ok=True)
             with open(run / "lock", "a") as handle:
-                while True:
-                    try:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise ComputeError(
-                                f"{instance_id} is busy (another process holds it)") from None
-                        time.sleep(0.05)
+                if not flock_until(handle, deadline, 0.05):
+                    raise ComputeError(f"{instance_id} is busy (another process holds it)")
                 try:
                     yield
                 finally:
@@ -338,12 +343,7 @@ class QemuDriver:
     # ------------------------------------------------------------ start
 
     def _disk_args(self, disk: VmDisk, bus: str | None, bootindex: int | None) -> list[str]:
-        node = disk.disk_id
-        if not _NODE.match(node):
-            raise ComputeError(f"disk id {node!r} cannot name a QEMU block node")
-        path = str(Path(disk.path).resolve())
-        if not Path(path).is_file():
-            raise ComputeError(f"disk {node}: no file at {path}")
+        node, path = _checked(disk)
         device: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": node,
                                   "id": f"dev-{node}", "serial": disk_serial(node)}
         if bus:
@@ -688,12 +688,7 @@ class QemuDriver:
         return sorted(free, key=lambda p: (len(p), p))
 
     def attach_disk(self, instance_id: str, disk: VmDisk) -> None:
-        node = disk.disk_id
-        if not _NODE.match(node):
-            raise ComputeError(f"disk id {node!r} cannot name a QEMU block node")
-        path = str(Path(disk.path).resolve())
-        if not Path(path).is_file():
-            raise ComputeError(f"disk {node}: no file at {path}")
+        node, path = _checked(disk)
         with self._exclusive(instance_id), self._qmp(instance_id, timeout=30) as qmp:
             if self._block_node(qmp, node) is not None:
                 self.log.info("VM %s already has disk %s", instance_id, node)

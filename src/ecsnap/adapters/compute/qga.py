@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError
 from qemu.qmp.error import ProtocolError
@@ -81,7 +81,23 @@ class QmpCommandError(ComputeError):
         self.error_class = error_class
 
 
-class QmpSession:
+class _Session:
+    """A connection closed on leaving its `with` block (or by close(), any number of times)."""
+
+    _client: QMPClient
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            run(self._client.disconnect(), 5.0)
+
+
+class QmpSession(_Session):
     """One QMP connection (greeting, qmp_capabilities), for one operation."""
 
     def __init__(self, path: str, name: str, timeout: float = 10.0) -> None:
@@ -97,16 +113,6 @@ class QmpSession:
             self.close()
             raise ComputeError(f"QMP of {name} ({path}): {type(exc).__name__}: {exc} "
                                "(is QEMU running, is another client attached?)") from exc
-
-    def __enter__(self) -> QmpSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            run(self._client.disconnect(), 5.0)
 
     def cmd(self, command: str, arguments: Mapping[str, object] | None = None, *,
             timeout: float | None = None) -> Any:
@@ -169,8 +175,10 @@ class _AgentClient(QMPClient):
         await self._writer.drain()
 
 
-class AgentSession:
+class AgentSession(_Session):
     """One connection to qemu-guest-agent, synchronised before use."""
+
+    _client: _AgentClient
 
     def __init__(self, path: str, name: str, timeout: float = 5.0,
                  sync_attempt: float = 1.0) -> None:
@@ -201,16 +209,6 @@ class AgentSession:
             self.close()
             raise GuestAgentUnavailable(
                 f"the guest agent of {name}: {type(exc).__name__}: {exc}") from exc
-
-    def __enter__(self) -> AgentSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            run(self._client.disconnect(), 5.0)
 
     def call(self, command: str, arguments: Mapping[str, object] | None = None, *,
              timeout: float = 10.0) -> Any:

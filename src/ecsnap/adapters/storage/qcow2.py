@@ -53,9 +53,6 @@ class Qcow2Backend:
     def _info_of(self, path: str) -> dict[str, Any]:
         return dict(json.loads(self._run("info", "-U", "--output=json", path)))
 
-    def _info(self, disk_id: str) -> dict[str, Any]:
-        return self._info_of(self.path(disk_id))
-
     def _header(self, disk_id: str) -> qcow2meta.Header:
         try:
             with open(self.path(disk_id), "rb") as fh:
