@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from ecsnap.domain import ids
 from ecsnap.domain.errors import EcsError, RuleViolations
 from ecsnap.domain.model import (
+    MAX_MANUAL_SNAPSHOTS_PER_DISK,
     Consistency,
     DiskType,
     GroupPurpose,
     Image,
     InstanceStatus,
+    Snapshot,
     SnapshotStatus,
     TaskStatus,
 )
@@ -195,12 +198,39 @@ def test_not_ready_snapshot_and_concurrent_operation(ctx: ServiceContext, image:
         uow.commit()
     assert refused(ctx, [items[1]]) == [("InvalidSnapshotId.NotReady", items[1][0])]
     with ctx.uow() as uow:
-        assert uow.try_lock("instance", instance_id, "t-other")
+        assert uow.try_lock("instance", [instance_id], "t-other") is None
         uow.commit()
     assert ("Operation.Conflict", None) in refused(ctx, [items[0]])
     with pytest.raises(EcsError) as caught:
         instances.start_instance(ctx, ACCOUNT, instance_id)
     assert caught.value.code == "Operation.Conflict"
+
+
+def test_a_disk_at_its_snapshot_quota_refuses_the_group(ctx: ServiceContext,
+                                                         image: Image) -> None:
+    instance_id = make_instance(ctx, image, start=False)
+    first, full = list(disk_paths(ctx, instance_id))[:2]
+    with ctx.uow() as uow:  # rows only: the quota counts what the store holds
+        disk = uow.disks.get(full)
+        assert disk is not None
+        for _ in range(MAX_MANUAL_SNAPSHOTS_PER_DISK - 1):
+            uow.snapshots.add(Snapshot(id=ids.new_id("snapshot"), account_id=ACCOUNT,
+                                       region_id=REGION, source_disk_id=full,
+                                       source_disk_type=disk.type,
+                                       source_disk_size=disk.size_gib,
+                                       instance_id=instance_id))
+        uow.commit()
+    # one below the maximum on one disk: the group is taken (each disk gets its snapshot)
+    snapshot_everything(ctx, instance_id)
+    with pytest.raises(EcsError) as caught:
+        snapshots.create_snapshot_group(ctx, ACCOUNT, REGION, instance_id)
+    assert caught.value.code == "QuotaExceed.Snapshot" and full in caught.value.message
+    # the disks below the maximum are not refused
+    group_id, task_id = snapshots.create_snapshot_group(ctx, ACCOUNT, REGION, instance_id,
+                                                        disk_ids=[first])
+    assert instances.wait_task(ctx, task_id).status == TaskStatus.FINISHED
+    assert [s for _, s in group_items(ctx, group_id)] and \
+        {d for d, _ in group_items(ctx, group_id)} == {first}
 
 
 def test_stop_charging_gives_capacity_away(ctx: ServiceContext, image: Image) -> None:

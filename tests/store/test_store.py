@@ -86,7 +86,7 @@ def test_locks_are_exclusive_even_across_threads(uow_factory) -> None:  # type: 
 
     def grab(task_id: str) -> None:
         with uow_factory() as uow:
-            if uow.try_lock("instance", "i-0001", task_id):
+            if uow.try_lock("instance", ["i-0001"], task_id) is None:
                 winners.append(task_id)
             uow.commit()
 
@@ -97,12 +97,36 @@ def test_locks_are_exclusive_even_across_threads(uow_factory) -> None:  # type: 
         t.join()
     assert len(winners) == 1
     with uow_factory() as uow:
-        uow.unlock("instance", "i-0001", "t-other")  # not the holder: no effect
+        uow.unlock("instance", ["i-0001"], "t-other")  # not the holder: no effect
         assert uow.instances.get("i-0001").lock_task_id == winners[0]
-        uow.unlock("instance", "i-0001", winners[0])
+        uow.unlock("instance", ["i-0001"], winners[0])
         uow.commit()
     with uow_factory() as uow:
         assert uow.instances.get("i-0001").lock_task_id is None
+
+
+def test_several_locks_at_once_name_the_one_refused(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    with uow_factory() as uow:
+        for n in range(1, 4):
+            uow.instances.add(make_instance(n))
+        uow.commit()
+    with uow_factory() as uow:
+        assert uow.try_lock("instance", ["i-0002"], "t-a") is None
+        uow.commit()
+    with uow_factory() as uow:
+        held = uow.instances.get("i-0001")  # held by this session: told without a reload
+        assert uow.try_lock("instance", ["i-0001", "i-0002", "i-0003"], "t-b") == "i-0002"
+        assert held.lock_task_id == "t-b"
+        assert uow.try_lock("instance", ["i-0003", "i-0009"], "t-b") == "i-0009"  # unknown
+    with uow_factory() as uow:  # the refused transaction was not committed: nothing taken
+        assert [uow.instances.get(f"i-000{n}").lock_task_id for n in (1, 2, 3)] == \
+            [None, "t-a", None]
+        assert uow.try_lock("instance", ["i-0001", "i-0003"], "t-b") is None
+        uow.unlock("instance", ["i-0001", "i-0002", "i-0003"], "t-b")  # only its own
+        uow.commit()
+    with uow_factory() as uow:
+        assert [uow.instances.get(f"i-000{n}").lock_task_id for n in (1, 2, 3)] == \
+            [None, "t-a", None]
 
 
 def test_criteria_and_keyset_pages(uow_factory) -> None:  # type: ignore[no-untyped-def]
@@ -173,7 +197,7 @@ def test_read_only_units_of_work_read_the_same_objects(uow_factory) -> None:  # 
         with pytest.raises(sql.ReadOnlyError):
             ro.instances.add(make_instance(9))
         with pytest.raises(sql.ReadOnlyError):
-            ro.try_lock("instance", "i-0001", "t-1")
+            ro.try_lock("instance", ["i-0001"], "t-1")
     with uow_factory() as uow:
         assert uow.instances.get("i-0003").name == "web-3"
         assert uow.instances.count() == 5

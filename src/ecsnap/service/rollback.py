@@ -230,7 +230,7 @@ class ResetDisksTask(TaskHandler):
     action = "ResetDisks"
 
     def _storage(self, ctx: ServiceContext, task: Task) -> StorageBackend:
-        with ctx.uow() as uow:
+        with ctx.uow(readonly=True) as uow:
             return ctx.storage(uow, task.region_id)
 
     def step_safety(self, ctx: ServiceContext, task: Task, _: str) -> None:

@@ -66,12 +66,9 @@ def journal_snapshots(uow: UnitOfWork, account_id: str, instance_id: str, disks:
                           tags=dict(group.tags or {}))
         uow.snapshot_groups.add(g)
         group_id = g.id
+    _check_snapshot_quota(uow, disks)
     snap_ids = []
     for disk in disks:
-        if uow.snapshots.count(source_disk_id=disk.id) >= MAX_MANUAL_SNAPSHOTS_PER_DISK:
-            raise EcsError("QuotaExceed.Snapshot",
-                           f"The disk {disk.id} has {MAX_MANUAL_SNAPSHOTS_PER_DISK} snapshots "
-                           "already; delete some first.", 403)
         snap = Snapshot(id=ids.new_id("snapshot"), account_id=account_id, region_id=region_id,
                         source_disk_id=disk.id, source_disk_type=disk.type,
                         source_disk_size=disk.size_gib, instance_id=disk.instance_id or "",
@@ -92,6 +89,19 @@ def journal_snapshots(uow: UnitOfWork, account_id: str, instance_id: str, disks:
     return task, group_id, snap_ids
 
 
+def _check_snapshot_quota(uow: UnitOfWork, disks: Sequence[Disk]) -> None:
+    """QuotaExceed.Snapshot if a disk has its maximum of snapshots. One count over all the
+    disks answers the usual case (all of them together are below one disk's maximum)."""
+    every = Criteria(within={"source_disk_id": [d.id for d in disks]})
+    if uow.snapshots.count(every) < MAX_MANUAL_SNAPSHOTS_PER_DISK:
+        return
+    for disk in disks:
+        if uow.snapshots.count(source_disk_id=disk.id) >= MAX_MANUAL_SNAPSHOTS_PER_DISK:
+            raise EcsError("QuotaExceed.Snapshot",
+                           f"The disk {disk.id} has {MAX_MANUAL_SNAPSHOTS_PER_DISK} snapshots "
+                           "already; delete some first.", 403)
+
+
 def _vm_running(ctx: ServiceContext, instance_id: str) -> bool:
     return bool(instance_id) and ctx.compute.state(instance_id).running
 
@@ -99,7 +109,7 @@ def _vm_running(ctx: ServiceContext, instance_id: str) -> bool:
 def delete_internal_snapshot(ctx: ServiceContext, region_id: str, disk_id: str,
                              snapshot_id: str) -> None:
     """Remove an internal snapshot wherever the disk is open (idempotent)."""
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         disk = uow.disks.get(disk_id)
         storage = ctx.storage(uow, region_id)
         instance_id = disk.instance_id if disk and disk.instance_id else ""
@@ -115,7 +125,7 @@ class TakeSnapshotsTask(TaskHandler):
 
     def step_snapshot(self, ctx: ServiceContext, task: Task, _: str) -> None:
         """Every disk of a stopped instance (or an unattached disk): all or nothing."""
-        with ctx.uow() as uow:
+        with ctx.uow(readonly=True) as uow:
             storage = ctx.storage(uow, task.region_id)
         if _vm_running(ctx, task.plan["instance_id"]):
             raise EcsError("IncorrectInstanceStatus",
@@ -137,9 +147,10 @@ class TakeSnapshotsTask(TaskHandler):
 
     def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
         consistency = Consistency(task.result.get("consistency", Consistency.CRASH))
-        for _, snap_id in task.plan["items"]:
-            snap = uow.snapshots.get(snap_id)
-            assert snap is not None
+        snap_ids = [s for _, s in task.plan["items"]]
+        snaps = uow.snapshots.find(Criteria(within={"id": snap_ids}))
+        assert len(snaps) == len(snap_ids), "a journaled snapshot row is gone"
+        for snap in snaps:
             snap.status, snap.progress, snap.consistency = SnapshotStatus.ACCOMPLISHED, 100, \
                 consistency
             snap.last_modified = utcnow()
@@ -264,7 +275,7 @@ class DeleteSnapshotsTask(TaskHandler):
     def step_delete(self, ctx: ServiceContext, task: Task, snap_id: str) -> None:
         disk_id = {s: d for d, s in task.plan["items"]}[snap_id]
         delete_internal_snapshot(ctx, task.region_id, disk_id, snap_id)
-        with ctx.uow() as uow:
+        with ctx.uow(readonly=True) as uow:
             disk = uow.disks.get(disk_id)
             others = [s for s in uow.snapshots.find(source_disk_id=disk_id) if s.id != snap_id
                       and [disk_id, s.id] not in task.plan["items"]]

@@ -2,9 +2,10 @@
 
 The row is written, with the locks the operation takes, in the same transaction that
 checks the rules. Its `plan` lists the steps; each step is idempotent and is recorded in
-`done` once it has run. A crash (even kill -9) at any point leaves a Processing task;
-at the next start `recovery.recover()` either drives it forward (re-running the step that
-was interrupted) or undoes it, as its handler decides.
+`done` once it has run (the last one in the transaction that finishes the task, so a crash
+between the two counts as a crash inside that step). A crash (even kill -9) at any point
+leaves a Processing task; at the next start `recovery.recover()` either drives it forward
+(re-running the step that was interrupted) or undoes it, as its handler decides.
 
 Fault injection for crash tests: with ECSNAP_CRASH_AT=`Action:step:before` (or `:after`)
 the process kills itself with SIGKILL at that point. Nothing else uses it.
@@ -16,7 +17,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -89,17 +90,26 @@ def new_task(uow: UnitOfWork, *, account_id: str, region_id: str, action: str,
                 action=action, resource_id=resource_id,
                 plan={"steps": steps, "locks": [list(lock) for lock in locks], **plan})
     uow.tasks.add(task)
-    for kind, obj_id in locks:
-        if not uow.try_lock(kind, obj_id, task.id):
-            holder = getattr(uow.instances.get(obj_id) if kind == "instance"
-                             else uow.disks.get(obj_id), "lock_task_id", None)
-            raise errors.operation_conflict(obj_id, holder)
+    for kind, obj_ids in _by_kind(locks).items():
+        refused = uow.try_lock(kind, obj_ids, task.id)
+        if refused is not None:
+            holder = getattr(uow.instances.get(refused) if kind == "instance"
+                             else uow.disks.get(refused), "lock_task_id", None)
+            raise errors.operation_conflict(refused, holder)
     return task
 
 
+def _by_kind(locks: Iterable[Sequence[str]]) -> dict[str, list[str]]:
+    """The locks of a plan, ("instance", ID) and ("disk", ID) pairs, by kind."""
+    kinds: dict[str, list[str]] = {}
+    for kind, obj_id in locks:
+        kinds.setdefault(kind, []).append(obj_id)
+    return kinds
+
+
 def _release_locks(uow: UnitOfWork, task: Task) -> None:
-    for kind, obj_id in task.plan.get("locks", []):
-        uow.unlock(kind, obj_id, task.id)
+    for kind, obj_ids in _by_kind(task.plan.get("locks", [])).items():
+        uow.unlock(kind, obj_ids, task.id)
 
 
 def _mark_done(ctx: ServiceContext, task_id: str, step: str) -> Task:
@@ -114,7 +124,7 @@ def _mark_done(ctx: ServiceContext, task_id: str, step: str) -> Task:
 
 def drive(ctx: ServiceContext, task_id: str) -> Task:
     """Run the remaining steps of a task, then finish it; on error compensate and fail it."""
-    with ctx.uow() as uow:
+    with ctx.uow(readonly=True) as uow:
         task = uow.tasks.get(task_id)
         if task is None:
             raise errors.not_found("task", task_id)
@@ -122,18 +132,19 @@ def drive(ctx: ServiceContext, task_id: str) -> Task:
         return task
     h = handler_for(task.action)
     try:
-        for step in task.plan["steps"]:
-            if step in task.done:
-                continue
+        todo = [step for step in task.plan["steps"] if step not in task.done]
+        for n, step in enumerate(todo):
             crash_point(ctx, f"{task.action}:{step}:before")
             log.info("task %s %s: step %s", task.id, task.action, step)
             h.run_step(ctx, task, step)
             crash_point(ctx, f"{task.action}:{step}:after")
-            task = _mark_done(ctx, task.id, step)
+            if n < len(todo) - 1:  # the last one is marked done in the finishing transaction
+                task = _mark_done(ctx, task.id, step)
         crash_point(ctx, f"{task.action}:finish:before")
         with ctx.uow() as uow:
             fresh = uow.tasks.get(task.id)
             assert fresh is not None
+            fresh.done = fresh.done + todo[-1:]
             h.finish(ctx, uow, fresh)
             fresh.status = TaskStatus.FINISHED
             fresh.finished = utcnow()

@@ -90,13 +90,14 @@ class UnitOfWork(Protocol):
 
     def rollback(self) -> None: ...
 
-    def try_lock(self, kind: str, obj_id: str, task_id: str) -> bool:
-        """Set `lock_task_id` of an instance or disk if it is free (atomic). `kind` is
-        "instance" or "disk". True if this task holds the lock now."""
+    def try_lock(self, kind: str, obj_ids: Sequence[str], task_id: str) -> str | None:
+        """Set `lock_task_id` of these instances or disks to `task_id` where it is free
+        (atomic). `kind` is "instance" or "disk". None if this task holds them all now,
+        else the ID of one it does not hold (held by another task, or unknown)."""
         ...
 
-    def unlock(self, kind: str, obj_id: str, task_id: str) -> None:
-        """Clear the lock if `task_id` holds it."""
+    def unlock(self, kind: str, obj_ids: Sequence[str], task_id: str) -> None:
+        """Clear the locks that `task_id` holds among these."""
         ...
 
     def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar, cast
@@ -415,32 +415,37 @@ class SqlUnitOfWork:
         cls = model.Instance if kind == "instance" else model.Disk
         return self.session.identity_map.get(self.session.identity_key(cls, obj_id))
 
-    def try_lock(self, kind: str, obj_id: str, task_id: str) -> bool:
-        """One conditional UPDATE; a SELECT only when it changed nothing (held already?).
-        An object this session holds is told the new value, without a reload."""
-        table = _LOCKABLE[kind]
+    def try_lock(self, kind: str, obj_ids: Sequence[str], task_id: str) -> str | None:
+        """One conditional UPDATE for all of `obj_ids`; a SELECT only when it did not take
+        them all. Objects this session holds are told the new value, without a reload."""
+        assert not isinstance(obj_ids, str), "a sequence of IDs"
+        table, wanted = _LOCKABLE[kind], list(dict.fromkeys(obj_ids))
         self.session.flush()
         result = self.session.execute(
-            update(table).where(table.c.id == obj_id, table.c.lock_task_id.is_(None))
+            update(table).where(table.c.id.in_(wanted), table.c.lock_task_id.is_(None))
             .values(lock_task_id=task_id).execution_options(synchronize_session=False))
-        holder: str | None = task_id
-        if getattr(result, "rowcount", 0) != 1:
-            holder = self.session.execute(
-                select(table.c.lock_task_id).where(table.c.id == obj_id)).scalar()
-        obj = self._loaded(kind, obj_id)
-        if obj is not None:
-            set_committed_value(obj, "lock_task_id", holder)
-        return holder == task_id
+        holders: dict[str, str | None] = dict.fromkeys(wanted, task_id)
+        if getattr(result, "rowcount", 0) != len(wanted):
+            holders = dict.fromkeys(wanted, None) | dict(self.session.execute(
+                select(table.c.id, table.c.lock_task_id).where(table.c.id.in_(wanted)))
+                .tuples().all())
+        for obj_id, holder in holders.items():
+            obj = self._loaded(kind, obj_id)
+            if obj is not None:
+                set_committed_value(obj, "lock_task_id", holder)
+        return next((obj_id for obj_id, holder in holders.items() if holder != task_id), None)
 
-    def unlock(self, kind: str, obj_id: str, task_id: str) -> None:
+    def unlock(self, kind: str, obj_ids: Sequence[str], task_id: str) -> None:
+        assert not isinstance(obj_ids, str), "a sequence of IDs"
         table = _LOCKABLE[kind]
         self.session.flush()
-        result = self.session.execute(
-            update(table).where(table.c.id == obj_id, table.c.lock_task_id == task_id)
+        self.session.execute(
+            update(table).where(table.c.id.in_(obj_ids), table.c.lock_task_id == task_id)
             .values(lock_task_id=None).execution_options(synchronize_session=False))
-        obj = self._loaded(kind, obj_id)
-        if obj is not None and getattr(result, "rowcount", 0) == 1:
-            set_committed_value(obj, "lock_task_id", None)
+        for obj_id in obj_ids:
+            obj = self._loaded(kind, obj_id)
+            if obj is not None and obj.lock_task_id == task_id:
+                set_committed_value(obj, "lock_task_id", None)
 
     def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
         """One statement: insert the nonce, or take over an expired row of it; False when
