@@ -18,6 +18,8 @@ times are context only).
 
 Usage: python -m bench.run [--sizes 0.1,1,4,8] [--repeats 5] [--out docs/benchmarks.md]
        python -m bench.run --smoke   (tiny sizes, what `make test` runs so nothing rots)
+       (--out rewrites the figures and keeps the file's hand-written section "What was
+       slow, what was fixed, and what remains")
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from bench.scale import bench_scale, scale_section, seed_metadata
 
 ROOT = Path(__file__).parents[1]
 GIB = 1024**3
+# the hand-written analysis at the end of the report: a rerun keeps it (and its author
+# updates it to the new figures)
+FINDINGS = "## What was slow, what was fixed, and what remains"
 
 
 @dataclass
@@ -299,6 +304,8 @@ def report(sizes: list[float], per_size: dict[float, dict[str, Series | str]],
         lines += scale_section(scale, groups, instances, clients)
     lines += guest[six:]
     text = "\n".join(lines)
+    if out and out.exists() and FINDINGS in (before := out.read_text()):
+        text = text.rstrip("\n") + "\n\n" + before[before.index(FINDINGS):]
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

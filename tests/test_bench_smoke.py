@@ -12,13 +12,17 @@ ROOT = Path(__file__).parents[1]
 
 def test_benchmarks_run_on_tiny_sizes(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
+    findings = "## What was slow, what was fixed, and what remains\n\nWritten by hand.\n"
+    out.write_text("# an earlier run\n\n## 1. stale figures\n\n" + findings)
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     sections = [line for line in report.splitlines() if line.startswith("## ")]
     assert [s.split(".")[0] for s in sections] == ["## 1", "## 2", "## 3", "## 4", "## 5",
-                                                   "## 6"], sections
+                                                   "## 6", "## What was slow, what was "
+                                                   "fixed, and what remains"], sections
+    assert report.endswith(findings) and "stale" not in report  # the analysis is kept
     assert "| SQLite |" in report and "| PostgreSQL |" in report
     for png in ("bench-snapshot.png", "bench-rollback.png", "bench-alternatives.png"):
         assert f"]({png})" in report
