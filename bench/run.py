@@ -18,8 +18,9 @@ times are context only).
 
 Usage: python -m bench.run [--sizes 0.1,1,4,8] [--repeats 5] [--out docs/benchmarks.md]
        python -m bench.run --smoke   (tiny sizes, what `make test` runs so nothing rots)
-       (--out rewrites the figures and keeps the file's hand-written section "What was
-       slow, what was fixed, and what remains")
+       (--out rewrites the figures it measured and keeps the rest of the file: the
+       hand-written section "What was slow, what was fixed, and what remains", and with
+       --only the sections not measured again, each marked with the run it comes from)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ GIB = 1024**3
 # the hand-written analysis at the end of the report: a rerun keeps it (and its author
 # updates it to the new figures)
 FINDINGS = "## What was slow, what was fixed, and what remains"
+KEPT = "From the run of"  # marks a section kept from an earlier report (a run with --only)
 
 
 @dataclass
@@ -331,12 +333,43 @@ def report(sizes: list[float], per_size: dict[float, dict[str, Series | str]],
         lines += scale_section(scale, groups, instances, clients)
     lines += guest[six:]
     text = "\n".join(lines)
-    if out and out.exists() and FINDINGS in (before := out.read_text()):
-        text = text.rstrip("\n") + "\n\n" + before[before.index(FINDINGS):]
+    if out and out.exists():
+        text = keep_from_earlier(text, out.read_text())
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     return text
+
+
+def _sections(text: str) -> tuple[str, dict[str, str]]:
+    """The text before the first "## " heading, and each section by its number ("1".."6")
+    or, for the hand-written one, FINDINGS."""
+    head, *parts = ("\n" + text).split("\n## ")
+    sections: dict[str, str] = {}
+    for part in parts:
+        key = FINDINGS if ("## " + part).startswith(FINDINGS) else part.split(".", 1)[0]
+        sections[key] = "## " + part.rstrip("\n") + "\n"
+    return head.lstrip("\n"), sections
+
+
+def keep_from_earlier(text: str, earlier: str) -> str:
+    """A new report `text`, with what it does not hold taken from the `earlier` report in
+    its place: the hand-written findings, and the sections a run with --only did not
+    measure again (each marked with the run it comes from)."""
+    head, new = _sections(text)
+    old_head, old = _sections(earlier)
+    when = next((line.removeprefix("Run on ").split(",", 1)[0]
+                 for line in old_head.splitlines() if line.startswith("Run on ")), "unknown")
+    merged = dict(new)
+    for key, section in old.items():
+        if key in merged:
+            continue
+        if key != FINDINGS and KEPT not in section:
+            heading, rest = section.split("\n", 1)
+            section = f"{heading}\n\n{KEPT} {when}, not measured again in this one.\n{rest}"
+        merged[key] = section
+    order = sorted(merged, key=lambda k: (k == FINDINGS, k))
+    return head.rstrip("\n") + "\n\n" + "\n".join(merged[k] for k in order)
 
 
 def main(argv: list[str] | None = None) -> int:

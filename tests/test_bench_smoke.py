@@ -27,3 +27,22 @@ def test_benchmarks_run_on_tiny_sizes(tmp_path: Path) -> None:
     for png in ("bench-snapshot.png", "bench-rollback.png", "bench-alternatives.png"):
         assert f"]({png})" in report
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a run of one benchmark only rewrites its own section and keeps the others, marked
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--only", "scale",
+                           "--no-postgres", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = out.read_text()
+    assert [line for line in again.splitlines() if line.startswith("## ")] == sections
+    five = section(again, "5")
+    assert "| SQLite |" in five and "| PostgreSQL |" not in five and "From the run" not in five
+    for n in "12346":
+        kept = section(again, n).splitlines()
+        assert kept[2].startswith("From the run of 20"), kept[:3]
+        assert kept[:2] + kept[4:] == section(report, n).splitlines()
+    assert again.endswith(findings)
+
+
+def section(report: str, number: str) -> str:
+    return report.split(f"\n## {number}.")[1].split("\n## ")[0]
