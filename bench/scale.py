@@ -16,13 +16,15 @@ import http.client
 import json
 import multiprocessing
 import os
+import queue
 import re
 import resource
 import statistics
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from bench.run import Server
@@ -33,6 +35,7 @@ REQUESTS = {
     "DescribeInstances (page of 100)": "instances",
     "DescribeSnapshots (page of 100)": "snapshots",
 }
+BARE = "bare SQL: "  # results[BARE + key]: the reference of results[key]
 CPU_KEY = "load generator CPU"  # results[f"{CPU_KEY} @{n}"] = (client, server ms/request, -)
 _NEXT_TOKEN = re.compile(rb'"NextToken":"([A-Za-z0-9_=-]*)"')
 
@@ -149,12 +152,52 @@ def _request(kind: str) -> Callable[[LeanClient], None]:
     return {"groups": groups, "instances": instances, "snapshots": snapshots}[kind]
 
 
-def _worker(creds: dict[str, str], kind: str, seconds: float, ready: Any, go: Any,
+class BareSql:
+    """The reference: the same answers straight from the database, the statements ecsnap's
+    store runs for them (the page, its total count; for the groups, each page's members),
+    as text SQL on one connection, rows fetched; no HTTP, no signature, no objects, no
+    rendering."""
+
+    def __init__(self, target: dict[str, str]) -> None:
+        from sqlalchemy import bindparam, create_engine, text
+
+        self.conn = create_engine(target["url"]).connect()
+        self.owner = {"account": target["account"], "region": target["region"]}
+        where = "WHERE account_id = :account AND region_id = :region"
+        order = "ORDER BY created DESC, id DESC"
+        self.page = {t: text(f"SELECT * FROM {t} {where} {order} LIMIT 100")
+                     for t in ("instances", "snapshots")}
+        self.count = {t: text(f"SELECT count(*) FROM {t} {where}")
+                      for t in ("instances", "snapshots")}
+        self.first = text(f"SELECT * FROM snapshot_groups {where} {order} LIMIT 101")
+        self.after = text(f"SELECT * FROM snapshot_groups {where} AND (created < :created OR "
+                          f"(created = :created AND id < :id)) {order} LIMIT 101")
+        self.members = text("SELECT * FROM snapshots WHERE group_id IN :ids "
+                            "ORDER BY created, id").bindparams(bindparam("ids", expanding=True))
+
+    def call(self, kind: str) -> None:
+        with self.conn.begin():  # one read transaction per request, as ecsnap's
+            if kind in self.page:
+                self.conn.execute(self.page[kind], self.owner).all()
+                self.conn.execute(self.count[kind], self.owner).scalar()
+                return
+            last = None
+            for _ in range(PAGES):  # a walk that runs out starts over, as the API's does
+                rows = self.conn.execute(self.first if last is None else self.after,
+                                         {**self.owner, **(last or {})}).all()
+                self.conn.execute(self.members, {"ids": [r.id for r in rows[:100]]}).all()
+                last = {"created": rows[99].created, "id": rows[99].id} \
+                    if len(rows) > 100 else None
+
+
+def _worker(target: dict[str, str], kind: str, seconds: float, ready: Any, go: Any,
             out: Any) -> None:
-    api = LeanClient(creds)
-    request = _request(kind)
+    """Issues `kind` back to back: to ecsnap's API (`target`: credentials and endpoint) or,
+    for the reference, to the database (`target`: its URL and the owner of the rows)."""
+    call: Callable[[], None] = partial(BareSql(target).call, kind) if "url" in target else \
+        partial(_request(kind), LeanClient(target))
     for _ in range(3):  # warm: connection up, server caches filled
-        request(api)
+        call()
     ready.release()
     go.wait()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -162,7 +205,7 @@ def _worker(creds: dict[str, str], kind: str, seconds: float, ready: Any, go: An
     stop_at = time.monotonic() + seconds
     while time.monotonic() < stop_at:
         start = time.perf_counter()
-        request(api)
+        call()
         latencies.append(time.perf_counter() - start)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     out.put((latencies, cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime))
@@ -175,26 +218,37 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(server: Server, kind: str, seconds: float,
-         clients: int) -> tuple[list[float], float, float, float]:
+def load(server: Server, kind: str, seconds: float, clients: int,
+         bare: bool = False) -> tuple[list[float], float, float, float]:
     """(latencies per request, requests/s, load generator CPU s, server CPU s) of `clients`
-    worker processes issuing `kind` back to back for `seconds`."""
+    worker processes issuing `kind` back to back for `seconds`; with `bare`, the reference
+    (BareSql) instead of ecsnap's API."""
     mp = multiprocessing.get_context("spawn")  # nothing of this process (engine, pool)
-    creds = json.loads((server.data_dir / "credentials.json").read_text())
+    target = json.loads((server.data_dir / "credentials.json").read_text())
+    if bare:
+        engine = server.ctx.extras["engine"]
+        target = {"url": engine.url.render_as_string(hide_password=False),
+                 "account": server.account_id, "region": "local-1"}
     ready, go, out = mp.Semaphore(0), mp.Event(), mp.Queue()
-    workers = [mp.Process(target=_worker, args=(creds, kind, seconds, ready, go, out))
+    workers = [mp.Process(target=_worker, args=(target, kind, seconds, ready, go, out))
                for _ in range(clients)]
     for w in workers:
         w.start()
+    deadline = time.monotonic() + 120
     for _ in workers:
-        ready.acquire()
+        while not ready.acquire(timeout=0.5):
+            if time.monotonic() > deadline or any(w.exitcode is not None for w in workers):
+                _failed(workers)
     server_cpu = _process_cpu(server.proc.pid)
     began = time.monotonic()
     go.set()
     latencies: list[float] = []
     client_cpu = 0.0
     for _ in workers:
-        mine, cpu = out.get()
+        try:
+            mine, cpu = out.get(timeout=seconds + 60)
+        except queue.Empty:
+            _failed(workers)
         latencies += mine
         client_cpu += cpu
     elapsed = time.monotonic() - began
@@ -204,6 +258,14 @@ def load(server: Server, kind: str, seconds: float,
     if kind == "groups":
         latencies = [x / PAGES for x in latencies for _ in range(PAGES)]
     return latencies, len(latencies) / elapsed, client_cpu, server_cpu
+
+
+def _failed(workers: list[Any]) -> NoReturn:
+    """A worker that died (its traceback is on stderr) would leave the run waiting."""
+    codes = [w.exitcode for w in workers]
+    for w in workers:
+        w.kill()
+    raise RuntimeError(f"a load generator process failed or hung (exit codes {codes})")
 
 
 def bench_scale(server: Server, seconds: float, clients: int) -> dict[str, tuple[float, float,
@@ -219,12 +281,18 @@ def bench_scale(server: Server, seconds: float, clients: int) -> dict[str, tuple
             client_cpu += client
             server_cpu += served
             count += len(latencies)
-            q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else \
-                latencies * 99
-            results[f"{name} @{n}"] = (q[49] * 1000, q[98] * 1000, rps)
+            results[f"{name} @{n}"] = _percentiles(latencies, rps)
+            latencies, rps, _, _ = load(server, kind, seconds, n, bare=True)
+            results[f"{BARE}{name} @{n}"] = _percentiles(latencies, rps)
         results[f"{CPU_KEY} @{n}"] = (client_cpu / count * 1000, server_cpu / count * 1000,
                                       0.0)
     return results
+
+
+def _percentiles(latencies: list[float], rps: float) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, requests/s)"""
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return q[49] * 1000, q[98] * 1000, rps
 
 
 def scale_section(scale: dict[str, dict[str, tuple[float, float, float]]], groups: int,
@@ -235,11 +303,14 @@ def scale_section(scale: dict[str, dict[str, tuple[float, float, float]]], group
     lines += [f"## 5. Metadata scale: {groups:,} snapshot groups ({groups * 3:,} "
               f"snapshots), {instances:,} instances; 1 and {clients} concurrent clients", "",
               row("request", "database", "clients", "p50", "p99", "requests/s",
-                  "p99 ≤ 20 ms"),
-              row(*["---"] * 7)]
+                  "bare SQL p50", "bare SQL p99", "bare SQL requests/s",
+                  "ratio of p50s", "p99 ≤ 20 ms"),
+              row(*["---"] * 11)]
     method = []
     for db, results in scale.items():
         for key, (p50, p99, rps) in results.items():
+            if key.startswith(BARE):
+                continue
             name, _, n = key.rpartition(" @")
             if name == CPU_KEY:
                 total = p50 + p99
@@ -248,16 +319,24 @@ def scale_section(scale: dict[str, dict[str, tuple[float, float, float]]], group
                               f"(the load generator's share of the CPU: "
                               f"{100 * p50 / total if total else 0:.0f}%)")
                 continue
+            b50, b99, brps = results[BARE + key]
             lines.append(row(name, db, n, f"{p50:.1f} ms", f"{p99:.1f} ms", f"{rps:.0f}",
-                             "yes" if p99 <= 20 else "no"))
+                             f"{b50:.1f} ms", f"{b99:.1f} ms", f"{brps:.0f}",
+                             f"{p50 / b50:.1f}", "yes" if p99 <= 20 else "no"))
     lines += ["", "Method: the load generator runs on the same machine, over loopback: one "
               "process per client, each with one keep-alive connection, each request signed "
               "(RPC v1, fresh nonce) and answered before the next; a page of "
               "DescribeSnapshotGroups counts as one request (the walk's time / 5). 1 client "
               "is the service latency; with more clients the requests queue in the one "
-              "server process. The rows are seeded straight into the store; PostgreSQL then "
-              "gets the VACUUM ANALYZE autovacuum would run within a minute. CPU per "
-              "request (user + system, from the processes' own counters):", ""]
+              "server process. The reference, measured right after each ecsnap row with the "
+              "same clients and time: the bare SQL of the same answer (the page and its "
+              "total count; for the groups each page's member snapshots too) as text "
+              "statements on one database connection per client, rows fetched, without "
+              "HTTP, signature, objects or rendering; SQLite's clients read the file "
+              "side by side, in their own processes. The rows are seeded straight into the "
+              "store; PostgreSQL then gets the VACUUM ANALYZE autovacuum would run within a "
+              "minute. CPU per ecsnap request (user + system, from the processes' own "
+              "counters):", ""]
     lines += [f"- {m}" for m in method]
     lines.append("")
     return lines
