@@ -2,7 +2,8 @@
 1,000 instances in the store; p50/p99 latency and requests/s of DescribeSnapshotGroups
 (NextToken walk, pages of 100), DescribeInstances and DescribeSnapshots under a bounded
 loopback load, SQLite and PostgreSQL side by side; at 1 client (the service latency) and
-at N concurrent clients (contended).
+at N concurrent clients (contended); each beside its reference, the bare SQL of the same
+answer straight from the database (BareSql), by the same clients for the same time.
 
 The load generator is a set of worker processes (not threads: the GIL would make the
 clients queue behind each other and be measured as server latency), each with one
