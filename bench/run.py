@@ -14,7 +14,7 @@ times are context only).
   5. metadata scale: 10,000 snapshot groups (30,000 snapshots) and 1,000 instances; p50/p99
      latency and requests/s of DescribeSnapshotGroups (NextToken walk, pages of 100),
      DescribeInstances and DescribeSnapshots under a bounded loopback load, SQLite and
-     PostgreSQL side by side.
+     PostgreSQL side by side, each against the bare SQL of the same answer (bench/scale.py).
 
 Usage: python -m bench.run [--sizes 0.1,1,4,8] [--repeats 5] [--out docs/benchmarks.md]
        python -m bench.run --smoke   (tiny sizes, what `make test` runs so nothing rots)
