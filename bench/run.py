@@ -190,22 +190,36 @@ def bench_snapshot_and_rollback(server: Server, gib: float, repeats: int,
     files = list(paths.values())
     out = {k: Series(k) for k in ("group", "bare_snapshot", "rollback", "bare_rollback",
                                   "cp", "convert")}
-    def ecsnap_snapshot(r: int) -> float:
-        start = time.perf_counter()
-        body = server.call("CreateSnapshotGroup", {"InstanceId": iid})
-        server.wait_task(body["TaskId"])
-        took = time.perf_counter() - start
-        server.delete_group(body["SnapshotGroupId"])
-        return took
 
-    def bare_snapshot(r: int) -> float:
-        took = timed(partial(sh_all, *(["qemu-img", "snapshot", "-c", f"bare-{r}", f]
-                                       for f in files)))
-        for f in files:
-            sh("qemu-img", "snapshot", "-d", f"bare-{r}", f)
-        return took
+    def ecsnap(action: str, params: dict[str, str], made: str) -> Callable[[int], float]:
+        """One API request timed until its task has ended; the group it `made` then goes."""
+        def run(r: int) -> float:
+            start = time.perf_counter()
+            body = server.call(action, params)
+            server.wait_task(body["TaskId"])
+            took = time.perf_counter() - start
+            server.delete_group(body[made])
+            return took
+        return run
 
-    alternate(repeats, out["group"], ecsnap_snapshot, out["bare_snapshot"], bare_snapshot)
+    def bare(revert_to: dict[str, str] | None = None) -> Callable[[int], float]:
+        """Bare `qemu-img snapshot -c` on each file in turn (a script's way), then `-a` of
+        the file's snapshot in `revert_to` if given, timed; the new snapshot then goes."""
+        def run(r: int) -> float:
+            calls = []
+            for f in files:
+                calls.append(["qemu-img", "snapshot", "-c", f"bare-{r}", f])
+                if revert_to:
+                    calls.append(["qemu-img", "snapshot", "-a", revert_to[f], f])
+            took = timed(partial(sh_all, *calls))
+            for f in files:
+                sh("qemu-img", "snapshot", "-d", f"bare-{r}", f)
+            return took
+        return run
+
+    alternate(repeats, out["group"], ecsnap("CreateSnapshotGroup", {"InstanceId": iid},
+                                            "SnapshotGroupId"),
+              out["bare_snapshot"], bare())
 
     body = server.call("CreateSnapshotGroup", {"InstanceId": iid})
     server.wait_task(body["TaskId"])
@@ -216,28 +230,9 @@ def bench_snapshot_and_rollback(server: Server, gib: float, repeats: int,
     for n, s in enumerate(members, 1):
         params[f"Disk.{n}.DiskId"], params[f"Disk.{n}.SnapshotId"] = s["SourceDiskId"], \
             s["SnapshotId"]
-    by_disk = {s["SourceDiskId"]: s["SnapshotId"] for s in members}
-
-    def ecsnap_rollback(r: int) -> float:
-        start = time.perf_counter()
-        reset = server.call("ResetDisks", params)
-        server.wait_task(reset["TaskId"])
-        took = time.perf_counter() - start
-        server.delete_group(reset["SafetySnapshotGroupId"])
-        return took
-
-    def bare_rollback(r: int) -> float:
-        def bare() -> None:
-            for disk_id, f in paths.items():
-                sh("qemu-img", "snapshot", "-c", f"safe-{r}", f)
-                sh("qemu-img", "snapshot", "-a", by_disk[disk_id], f)
-
-        took = timed(bare)
-        for f in files:
-            sh("qemu-img", "snapshot", "-d", f"safe-{r}", f)
-        return took
-
-    alternate(repeats, out["rollback"], ecsnap_rollback, out["bare_rollback"], bare_rollback)
+    of_file = {paths[s["SourceDiskId"]]: s["SnapshotId"] for s in members}
+    alternate(repeats, out["rollback"], ecsnap("ResetDisks", params, "SafetySnapshotGroupId"),
+              out["bare_rollback"], bare(revert_to=of_file))
     for r in range(max(1, min(repeats, 3))):
         copies = work / f"copies-{r}"
         copies.mkdir()
