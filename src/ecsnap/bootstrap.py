@@ -11,6 +11,8 @@ from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store import sql
 from ecsnap.config import Settings
 from ecsnap.service.context import ServiceContext
+from ecsnap.service.recovery import recover as run_recovery
+from ecsnap.service.registry import OPERATIONS
 from ecsnap.service.tasks import TaskRunner
 
 log = logging.getLogger("ecsnap")
@@ -46,11 +48,9 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                          image_builder=_build_demo_image,
                          image_import=Qcow2Backend(str(settings.images_dir)))
     ctx.extras["engine"] = engine
-    ctx.runner = TaskRunner(ctx, background=settings.background_tasks
+    ctx.runner = TaskRunner(ctx, OPERATIONS, background=settings.background_tasks
                             if background is None else background)
     if recover:
-        from ecsnap.service.recovery import recover as run_recovery
-
         report = run_recovery(ctx)
         if report.forward or report.undone or report.stopped:
             log.warning("recovery: forward %s, undone %s, stopped %s", report.forward,

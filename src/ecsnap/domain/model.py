@@ -9,7 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that the entity's life cycle does not allow: a bug, never user input
+    (the services check the rules and answer with an ECS code before changing anything)."""
+
+
+def _move(entity: object, status: StrEnum, allowed: dict[StrEnum, tuple[StrEnum, ...]],
+          to: StrEnum) -> None:
+    if status != to and status not in allowed.get(to, ()):
+        raise IllegalTransition(f"{type(entity).__name__} {getattr(entity, 'id', '')}: "
+                                f"{status.value} -> {to.value}")
 
 
 def utcnow() -> datetime:
@@ -71,6 +83,7 @@ class GroupPurpose(StrEnum):
     SAFETY = "safety"
 
 
+FS_TAG = "FsConsistent"  # ECS's tag on file-system-consistent snapshots and groups
 DISK_CATEGORIES = ("cloud", "cloud_efficiency", "cloud_ssd", "cloud_essd")
 MAX_DATA_DISKS = 16
 MAX_GROUP_DISKS = 16
@@ -194,6 +207,48 @@ class Instance:
             return self.stopped_mode == StoppedMode.KEEP_CHARGING
         return True
 
+    # The life cycle. Each transition names the states it may come from; anything else
+    # raises IllegalTransition. Recovery uses mark_running/mark_stopped from any state,
+    # because the VM's real state is then the truth (`reconcile`).
+    _FROM: ClassVar[dict[StrEnum, tuple[StrEnum, ...]]] = {
+        InstanceStatus.STARTING: (InstanceStatus.PENDING, InstanceStatus.STOPPED,
+                                  InstanceStatus.RUNNING),  # RUNNING: a reboot
+        InstanceStatus.RUNNING: (InstanceStatus.STARTING, InstanceStatus.PENDING),
+        InstanceStatus.STOPPING: (InstanceStatus.RUNNING,),
+        InstanceStatus.STOPPED: (InstanceStatus.PENDING, InstanceStatus.STARTING,
+                                 InstanceStatus.STOPPING),
+    }
+
+    def mark_starting(self) -> None:
+        _move(self, self.status, self._FROM, InstanceStatus.STARTING)
+        self.status = InstanceStatus.STARTING
+
+    def mark_running(self, now: datetime | None = None) -> None:
+        _move(self, self.status, self._FROM, InstanceStatus.RUNNING)
+        self.status, self.started = InstanceStatus.RUNNING, now or utcnow()
+
+    def mark_stopping(self) -> None:
+        _move(self, self.status, self._FROM, InstanceStatus.STOPPING)
+        self.status = InstanceStatus.STOPPING
+
+    def mark_stopped(self, mode: StoppedMode | None = None) -> None:
+        """Stopped; `mode` None keeps the current one (a start that failed)."""
+        _move(self, self.status, self._FROM, InstanceStatus.STOPPED)
+        self.status = InstanceStatus.STOPPED
+        if mode is not None:
+            self.stopped_mode = mode
+
+    def reconcile(self, vm_running: bool) -> bool:
+        """After a restart, make the status what the hypervisor says; True if it changed.
+        A VM that died is Stopped in KeepCharging (its reservation is kept for it)."""
+        if vm_running and self.status != InstanceStatus.RUNNING:
+            self.status = InstanceStatus.RUNNING
+            return True
+        if not vm_running and self.status != InstanceStatus.STOPPED:
+            self.status, self.stopped_mode = InstanceStatus.STOPPED, StoppedMode.KEEP_CHARGING
+            return True
+        return False
+
 
 @dataclass(eq=False)
 class Disk:
@@ -225,6 +280,59 @@ class Disk:
     def serial_number(self) -> str:
         return self.id.removeprefix("d-")
 
+    _FROM: ClassVar[dict[StrEnum, tuple[StrEnum, ...]]] = {
+        DiskStatus.AVAILABLE: (DiskStatus.CREATING, DiskStatus.ATTACHING, DiskStatus.DETACHING,
+                               DiskStatus.IN_USE),  # IN_USE: its instance was deleted
+        DiskStatus.IN_USE: (DiskStatus.CREATING, DiskStatus.ATTACHING, DiskStatus.DETACHING,
+                            DiskStatus.REINITING),
+        DiskStatus.ATTACHING: (DiskStatus.AVAILABLE,),
+        DiskStatus.DETACHING: (DiskStatus.IN_USE,),
+        DiskStatus.REINITING: (DiskStatus.IN_USE,),
+    }
+
+    def _to(self, status: DiskStatus) -> None:
+        _move(self, self.status, self._FROM, status)
+        self.status = status
+
+    def mark_available(self) -> None:
+        """A new disk is made, or an attach was undone."""
+        self._to(DiskStatus.AVAILABLE)
+
+    def mark_in_use(self) -> None:
+        """An attached disk is usable again (made, re-initialised, or a detach undone)."""
+        self._to(DiskStatus.IN_USE)
+
+    def mark_attaching(self) -> None:
+        self._to(DiskStatus.ATTACHING)
+
+    def mark_detaching(self) -> None:
+        self._to(DiskStatus.DETACHING)
+
+    def mark_reiniting(self) -> None:
+        self._to(DiskStatus.REINITING)
+
+    def attach(self, instance_id: str, device: str, *, delete_with_instance: bool | None = None,
+               now: datetime | None = None) -> None:
+        again = self.status == DiskStatus.IN_USE and self.instance_id == instance_id
+        self._to(DiskStatus.IN_USE)
+        self.instance_id, self.device = instance_id, device
+        if not (again and self.attached_time):
+            self.attached_time = now or utcnow()
+        if delete_with_instance is not None:
+            self.delete_with_instance = delete_with_instance
+
+    def detach(self, now: datetime | None = None) -> None:
+        self._to(DiskStatus.AVAILABLE)
+        self.instance_id, self.device = None, ""
+        self.detached_time, self.delete_with_instance = now or utcnow(), False
+
+    def release(self, now: datetime | None = None) -> None:
+        """Released (deleted for the user); the row stays while snapshots refer to it."""
+        if self.status != DiskStatus.AVAILABLE:
+            self._to(DiskStatus.AVAILABLE)
+        self.instance_id, self.device = None, ""
+        self.released, self.released_time = True, now or utcnow()
+
 
 @dataclass(eq=False)
 class Snapshot:
@@ -246,6 +354,25 @@ class Snapshot:
     created: datetime = field(default_factory=utcnow)
     last_modified: datetime = field(default_factory=utcnow)
 
+    def complete(self, consistency: Consistency = Consistency.CRASH,
+                 now: datetime | None = None) -> None:
+        """Taken: accomplished, at 100 %; file-system-consistent ones carry ECS's tag."""
+        if self.status == SnapshotStatus.FAILED:
+            raise IllegalTransition(f"Snapshot {self.id}: failed -> accomplished")
+        self.status, self.progress, self.consistency = SnapshotStatus.ACCOMPLISHED, 100, \
+            consistency
+        self.last_modified = now or utcnow()
+        if consistency == Consistency.FILE_SYSTEM:
+            self.tags = {**self.tags, FS_TAG: "True"}
+
+    def rename(self, name: str | None, description: str | None,
+               now: datetime | None = None) -> None:
+        if name is not None:
+            self.name = name
+        if description is not None:
+            self.description = description
+        self.last_modified = now or utcnow()
+
 
 @dataclass(eq=False)
 class SnapshotGroup:
@@ -261,6 +388,18 @@ class SnapshotGroup:
     window_ms: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
     created: datetime = field(default_factory=utcnow)
+
+    def complete(self, consistency: Consistency = Consistency.CRASH,
+                 window_ms: float | None = None) -> None:
+        if self.status == SnapshotStatus.FAILED:
+            raise IllegalTransition(f"SnapshotGroup {self.id}: failed -> accomplished")
+        self.status, self.consistency, self.window_ms = SnapshotStatus.ACCOMPLISHED, \
+            consistency, window_ms
+        if consistency == Consistency.FILE_SYSTEM:
+            self.tags = {**self.tags, FS_TAG: "True"}
+
+    def mark_failed(self) -> None:
+        self.status = SnapshotStatus.FAILED
 
 
 @dataclass(eq=False)
@@ -288,6 +427,36 @@ class Task:
             return 100
         return int(100 * len(self.done) / len(steps)) if steps else 0
 
+    def step_done(self, step: str) -> None:
+        if self.status != TaskStatus.PROCESSING:
+            raise IllegalTransition(f"Task {self.id} is {self.status.value}: no step {step}")
+        if step not in self.done:
+            self.done = [*self.done, step]
+
+    def finish(self, now: datetime | None = None) -> None:
+        if self.status != TaskStatus.PROCESSING:
+            raise IllegalTransition(f"Task {self.id}: {self.status.value} -> Finished")
+        self.status, self.finished = TaskStatus.FINISHED, now or utcnow()
+
+    def fail(self, code: str, message: str, now: datetime | None = None) -> None:
+        if self.status != TaskStatus.PROCESSING:
+            raise IllegalTransition(f"Task {self.id}: {self.status.value} -> Failed")
+        self.status, self.finished = TaskStatus.FAILED, now or utcnow()
+        self.error_code, self.error_message = code, message
+
+    def note(self, **values: Any) -> None:
+        """Record an outcome of a step in the task's result."""
+        self.result = {**self.result, **values}
+
+
+class IdempotencyKey(NamedTuple):
+    """What identifies a ClientToken request: the same token of another account or action
+    is another request."""
+
+    account_id: str
+    action: str
+    token: str
+
 
 @dataclass(eq=False)
 class IdempotencyRecord:
@@ -299,6 +468,10 @@ class IdempotencyRecord:
     params_digest: str
     response: dict[str, Any] = field(default_factory=dict)
     created: datetime = field(default_factory=utcnow)
+
+    @property
+    def key(self) -> IdempotencyKey:
+        return IdempotencyKey(self.account_id, self.action, self.token)
 
 
 class InvocationStatus(StrEnum):

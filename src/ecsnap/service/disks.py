@@ -1,14 +1,15 @@
 """Disks: create, attach, detach, delete, resize, re-initialise, replace the system disk.
 
-Every new disk gets an internal snapshot named `INITIAL` at birth: ReInitDisk reverts to
-it in O(1) and the disk's own snapshots survive (they live inside the disk's file).
-A released disk keeps its file while any of its snapshots exist, as ECS keeps snapshots
-(with their SourceDiskId) after the disk is gone.
+Disk files and their INITIAL snapshot are made and released by `disk_files` (a building
+block shared with the instance use cases).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from ecsnap.adapters.compute.base import VmDisk
 from ecsnap.adapters.store.base import Criteria, UnitOfWork
@@ -20,9 +21,8 @@ from ecsnap.domain.model import (
     DiskStatus,
     DiskType,
     InstanceStatus,
-    Task,
-    utcnow,
 )
+from ecsnap.service import idempotency
 from ecsnap.service.context import (
     ServiceContext,
     attached_disks,
@@ -31,41 +31,29 @@ from ecsnap.service.context import (
     get_instance,
     get_region,
 )
+from ecsnap.service.disk_files import INITIAL, make_disk_file, mark_released, release_disk_file
 from ecsnap.service.listing import Page, paginate
-from ecsnap.service.tasks import TaskHandler, handler, new_task
+from ecsnap.service.operation import Lock, Operation, Plan, Step
+from ecsnap.service.vms import boot
 
-INITIAL = "ecsnap-initial"
-
-
-def make_disk_file(ctx: ServiceContext, disk: Disk, template: str | None) -> None:
-    """Create (or re-create, after a crash) a new disk's file with its INITIAL snapshot."""
-    with ctx.uow() as uow:
-        storage = ctx.storage(uow, disk.region_id)
-    storage.delete(disk.id)
-    if template:
-        storage.create_from_image(disk.id, template, disk.size_gib * GIB)
-    else:
-        storage.create_blank(disk.id, disk.size_gib * GIB)
-    storage.create_snapshots([(disk.id, INITIAL)])
+__all__ = ["INITIAL"]  # ReInitDisk's snapshot, named here for the tests of this module
 
 
-def release_disk_file(ctx: ServiceContext, disk_id: str) -> None:
-    """Delete a released disk's file, unless snapshots of it still live inside it."""
-    with ctx.uow() as uow:
-        disk = uow.disks.get(disk_id)
-        if disk is None:
-            return
-        storage = ctx.storage(uow, disk.region_id)
-        keep = uow.snapshots.count(source_disk_id=disk_id) > 0
-    if not keep:
-        storage.delete(disk_id)
+@dataclass(frozen=True)
+class DiskPlan(Plan):
+    """The plan of an operation on one disk."""
+
+    disk_id: str
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "disk_id": resource_id}
 
 
-def mark_released(uow: UnitOfWork, disk: Disk) -> None:
-    disk.released, disk.released_time = True, utcnow()
-    disk.status, disk.instance_id, disk.device = DiskStatus.AVAILABLE, None, ""
-    if uow.snapshots.count(source_disk_id=disk.id) == 0:
-        uow.disks.delete(disk)
+class _OnDisk(Operation[Any]):
+    @classmethod
+    def locks(cls, plan: DiskPlan) -> list[Lock]:
+        return [("disk", plan.disk_id)]
 
 
 def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gib: int | None,
@@ -73,8 +61,6 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
                 description: str = "", tags: dict[str, str] | None = None,
                 snapshot_id: str | None = None, client_token: str | None = None) -> str:
     """CreateDisk: a blank pay-as-you-go data disk, Available."""
-    from ecsnap.service import idempotency
-
     if snapshot_id:
         raise EcsError("UnsupportedParameter",
                        "ecsnap cannot create a disk from a snapshot yet (SnapshotId).", 400)
@@ -97,9 +83,9 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
                         description=description, tags=dict(tags or {}),
                         delete_with_instance=False)
             uow.disks.add(disk)
-            task = new_task(uow, account_id=account_id, region_id=region_id,
-                            action="CreateDisk", resource_id=disk.id, steps=["create"],
-                            locks=[("disk", disk.id)])
+            task = ctx.runner.journal(uow, CreateDisk, DiskPlan(disk.id),
+                                      account_id=account_id, region_id=region_id,
+                                      resource_id=disk.id)
             uow.commit()
         ctx.runner.submit(task.id)
         return {"DiskId": disk.id}
@@ -109,28 +95,69 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
     return idempotency.once(ctx, account_id, "CreateDisk", client_token, params, run)["DiskId"]
 
 
-@handler
-class CreateDiskTask(TaskHandler):
+class CreateDisk(_OnDisk):
     action = "CreateDisk"
+    plan_type = DiskPlan
 
-    def step_create(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        with ctx.uow() as uow:
-            disk = uow.disks.get(task.resource_id)
-            assert disk is not None
-        make_disk_file(ctx, disk, None)
+    def steps(self) -> list[Step]:
+        return [Step("create", self.create)]
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status = DiskStatus.AVAILABLE
+    def create(self) -> None:
+        with self.ctx.uow(readonly=True) as uow:
+            disk = uow.disks.load(self.plan.disk_id)
+        make_disk_file(self.ctx, disk, None)
 
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        release_disk_file(ctx, task.resource_id)
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_available()
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
+    def compensate(self, error: BaseException) -> None:
+        release_disk_file(self.ctx, self.plan.disk_id)
+
+    def failed(self, uow: UnitOfWork) -> None:
+        disk = uow.disks.get(self.plan.disk_id)
         if disk is not None:
             uow.disks.delete(disk)
+
+
+@dataclass(frozen=True)
+class AttachDiskPlan(DiskPlan):
+    instance_id: str = ""
+    device: str = ""
+    delete_with_instance: bool = False
+    live: bool = False  # the instance runs: hot plug
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "disk_id": resource_id, "live": bool(data.get("steps"))}
+
+
+class AttachDisk(Operation[AttachDiskPlan]):
+    action = "AttachDisk"
+    plan_type = AttachDiskPlan
+
+    @classmethod
+    def locks(cls, plan: AttachDiskPlan) -> list[Lock]:
+        return [("instance", plan.instance_id), ("disk", plan.disk_id)]
+
+    def accept(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_attaching()
+
+    def steps(self) -> list[Step]:
+        return [Step("hotplug", self.hotplug)] if self.plan.live else []
+
+    def hotplug(self) -> None:
+        with self.ctx.uow(readonly=True) as uow:
+            storage = self.ctx.storage(uow, self.task.region_id)
+        self.ctx.compute.attach_disk(self.plan.instance_id, VmDisk(
+            self.plan.disk_id, storage.path(self.plan.disk_id), False))
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).attach(
+            self.plan.instance_id, self.plan.device,
+            delete_with_instance=self.plan.delete_with_instance)
+
+    def failed(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_available()
 
 
 def attach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id: str, *,
@@ -154,41 +181,47 @@ def attach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id:
         rules.check_not_locked(inst, disk)
         attached = attached_disks(uow, inst.id)
         rules.check_data_disk_count(len([d for d in attached if d.type == DiskType.DATA]) + 1)
-        device = rules.next_device(d.device for d in attached)
-        live = inst.status == InstanceStatus.RUNNING
-        task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                        action="AttachDisk", resource_id=disk.id,
-                        steps=["hotplug"] if live else [],
-                        locks=[("instance", inst.id), ("disk", disk.id)],
-                        instance_id=inst.id, device=device,
-                        delete_with_instance=delete_with_instance)
-        disk.status = DiskStatus.ATTACHING
+        plan = AttachDiskPlan(disk.id, inst.id, rules.next_device(d.device for d in attached),
+                              delete_with_instance, inst.status == InstanceStatus.RUNNING)
+        task = ctx.runner.journal(uow, AttachDisk, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=disk.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
 
 
-@handler
-class AttachDiskTask(TaskHandler):
-    action = "AttachDisk"
+@dataclass(frozen=True)
+class DetachDiskPlan(DiskPlan):
+    instance_id: str = ""
+    live: bool = False  # the instance runs: hot unplug
 
-    def step_hotplug(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        with ctx.uow() as uow:
-            storage = ctx.storage(uow, task.region_id)
-        ctx.compute.attach_disk(task.plan["instance_id"],
-                                VmDisk(task.resource_id, storage.path(task.resource_id), False))
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "disk_id": resource_id, "live": bool(data.get("steps"))}
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status, disk.instance_id = DiskStatus.IN_USE, task.plan["instance_id"]
-        disk.device, disk.attached_time = task.plan["device"], utcnow()
-        disk.delete_with_instance = bool(task.plan["delete_with_instance"])
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status = DiskStatus.AVAILABLE
+class DetachDisk(Operation[DetachDiskPlan]):
+    action = "DetachDisk"
+    plan_type = DetachDiskPlan
+
+    @classmethod
+    def locks(cls, plan: DetachDiskPlan) -> list[Lock]:
+        return [("instance", plan.instance_id), ("disk", plan.disk_id)]
+
+    def accept(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_detaching()
+
+    def steps(self) -> list[Step]:
+        return [Step("unplug", self.unplug)] if self.plan.live else []
+
+    def unplug(self) -> None:
+        self.ctx.compute.detach_disk(self.plan.instance_id, self.plan.disk_id)
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).detach()
+
+    def failed(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_in_use()
 
 
 def detach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id: str) -> str:
@@ -206,34 +239,28 @@ def detach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id:
             raise EcsError("DiskTypeViolation", "The system disk cannot be detached.", 403)
         rules.require_instance_status(inst, InstanceStatus.RUNNING, InstanceStatus.STOPPED)
         rules.check_not_locked(inst, disk)
-        live = inst.status == InstanceStatus.RUNNING
-        task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                        action="DetachDisk", resource_id=disk.id,
-                        steps=["unplug"] if live else [],
-                        locks=[("instance", inst.id), ("disk", disk.id)], instance_id=inst.id)
-        disk.status = DiskStatus.DETACHING
+        plan = DetachDiskPlan(disk.id, inst.id, inst.status == InstanceStatus.RUNNING)
+        task = ctx.runner.journal(uow, DetachDisk, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=disk.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
 
 
-@handler
-class DetachDiskTask(TaskHandler):
-    action = "DetachDisk"
+class DeleteDisk(_OnDisk):
+    """DeleteDisk: release an Available disk. Its snapshots stay (and so does its file)."""
 
-    def step_unplug(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        ctx.compute.detach_disk(task.plan["instance_id"], task.resource_id)
+    action = "DeleteDisk"
+    plan_type = DiskPlan
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status, disk.instance_id, disk.device = DiskStatus.AVAILABLE, None, ""
-        disk.detached_time, disk.delete_with_instance = utcnow(), False
+    def steps(self) -> list[Step]:
+        return [Step(f"release_disk:{self.plan.disk_id}",
+                     functools.partial(release_disk_file, self.ctx, self.plan.disk_id))]
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status = DiskStatus.IN_USE
+    def finish(self, uow: UnitOfWork) -> None:
+        disk = uow.disks.get(self.plan.disk_id)
+        if disk is not None:
+            mark_released(uow, disk)
 
 
 def delete_disk(ctx: ServiceContext, account_id: str, disk_id: str) -> None:
@@ -247,24 +274,33 @@ def delete_disk(ctx: ServiceContext, account_id: str, disk_id: str) -> None:
                            f"The disk {disk.id} is {disk.status.value}; only an Available "
                            "disk can be released.", 403)
         rules.check_not_locked(disk)
-        task = new_task(uow, account_id=account_id, region_id=disk.region_id,
-                        action="DeleteDisk", resource_id=disk.id,
-                        steps=[f"release_disk:{disk.id}"], locks=[("disk", disk.id)])
+        task = ctx.runner.journal(uow, DeleteDisk, DiskPlan(disk.id), account_id=account_id,
+                                  region_id=disk.region_id, resource_id=disk.id)
         uow.commit()
     ctx.runner.submit(task.id)
 
 
-@handler
-class DeleteDiskTask(TaskHandler):
-    action = "DeleteDisk"
+@dataclass(frozen=True)
+class ResizeDiskPlan(DiskPlan):
+    size_gib: int = 0
 
-    def step_release_disk(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        release_disk_file(ctx, disk_id)
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        if disk is not None:
-            mark_released(uow, disk)
+class ResizeDisk(_OnDisk):
+    action = "ResizeDisk"
+    plan_type = ResizeDiskPlan
+
+    def steps(self) -> list[Step]:
+        return [Step("resize", self.resize)]
+
+    def resize(self) -> None:
+        with self.ctx.uow(readonly=True) as uow:
+            storage = self.ctx.storage(uow, self.task.region_id)
+        wanted = self.plan.size_gib * GIB
+        if storage.virtual_size(self.plan.disk_id) < wanted:
+            storage.resize(self.plan.disk_id, wanted)
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).size_gib = self.plan.size_gib
 
 
 def resize_disk(ctx: ServiceContext, account_id: str, disk_id: str, new_size_gib: int, *,
@@ -281,35 +317,74 @@ def resize_disk(ctx: ServiceContext, account_id: str, disk_id: str, new_size_gib
         rules.check_disk_size(new_size_gib, category=disk.category,
                               system=disk.type == DiskType.SYSTEM)
         if disk.instance_id:
-            inst = uow.instances.get(disk.instance_id)
-            assert inst is not None
+            inst = uow.instances.load(disk.instance_id)
             rules.check_not_locked(inst)
             if inst.status != InstanceStatus.STOPPED:
                 raise EcsError("IncorrectInstanceStatus",
                                f"The instance {inst.id} is {inst.status.value}; ecsnap grows "
                                "disks of Stopped instances only.", 403)
-        task = new_task(uow, account_id=account_id, region_id=disk.region_id,
-                        action="ResizeDisk", resource_id=disk.id, steps=["resize"],
-                        locks=[("disk", disk.id)], size_gib=new_size_gib)
+        task = ctx.runner.journal(uow, ResizeDisk, ResizeDiskPlan(disk.id, new_size_gib),
+                                  account_id=account_id, region_id=disk.region_id,
+                                  resource_id=disk.id)
         uow.commit()
     ctx.runner.submit(task.id)
 
 
-@handler
-class ResizeDiskTask(TaskHandler):
-    action = "ResizeDisk"
+@dataclass(frozen=True)
+class ReInitDiskPlan(DiskPlan):
+    instance_id: str = ""
+    auto_start: bool = False
 
-    def step_resize(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        with ctx.uow() as uow:
-            storage = ctx.storage(uow, task.region_id)
-        wanted = int(task.plan["size_gib"]) * GIB
-        if storage.virtual_size(task.resource_id) < wanted:
-            storage.resize(task.resource_id, wanted)
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "disk_id": resource_id, "auto_start": "start" in data.get("steps", ())}
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.size_gib = int(task.plan["size_gib"])
+
+class ReInitDisk(Operation[ReInitDiskPlan]):
+    """ReInitDisk: back to the disk's content at creation, an O(1) revert to INITIAL."""
+
+    action = "ReInitDisk"
+    plan_type = ReInitDiskPlan
+
+    @classmethod
+    def locks(cls, plan: ReInitDiskPlan) -> list[Lock]:
+        return [("instance", plan.instance_id), ("disk", plan.disk_id)]
+
+    def accept(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_reiniting()
+
+    def steps(self) -> list[Step]:
+        steps = [Step("reinit", self.reinit)]
+        return steps + ([Step("start", self.start)] if self.plan.auto_start else [])
+
+    def reinit(self) -> None:
+        with self.ctx.uow(readonly=True) as uow:
+            storage = self.ctx.storage(uow, self.task.region_id)
+        storage.revert(self.plan.disk_id, INITIAL)
+
+    def start(self) -> None:
+        with self.ctx.uow() as uow:
+            uow.disks.load(self.plan.disk_id).mark_in_use()
+            uow.instances.load(self.plan.instance_id).mark_starting()
+            uow.commit()
+        boot(self.ctx, self.plan.instance_id)
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.disks.load(self.plan.disk_id).mark_in_use()
+        if self.plan.auto_start:
+            uow.instances.load(self.plan.instance_id).mark_running()
+
+    def compensate(self, error: BaseException) -> None:
+        if self.done("start"):
+            self.ctx.compute.stop(self.plan.instance_id, force=True)
+
+    def failed(self, uow: UnitOfWork) -> None:
+        disk = uow.disks.load(self.plan.disk_id)
+        if disk.status != DiskStatus.IN_USE:
+            disk.mark_in_use()
+        inst = uow.instances.load(self.plan.instance_id)
+        if inst.status == InstanceStatus.STARTING:
+            inst.mark_stopped()
 
 
 def reinit_disk(ctx: ServiceContext, account_id: str, disk_id: str, *,
@@ -326,43 +401,68 @@ def reinit_disk(ctx: ServiceContext, account_id: str, disk_id: str, *,
         if disk.image_id and uow.images.get(disk.image_id) is None:
             raise EcsError("InvalidImageId.NotFound",
                            f"The source image {disk.image_id} of the disk is gone.", 404)
-        task = new_task(uow, account_id=account_id, region_id=disk.region_id,
-                        action="ReInitDisk", resource_id=disk.id,
-                        steps=["reinit", *(["start"] if auto_start else [])],
-                        locks=[("instance", inst.id), ("disk", disk.id)], instance_id=inst.id)
-        disk.status = DiskStatus.REINITING
+        task = ctx.runner.journal(uow, ReInitDisk, ReInitDiskPlan(disk.id, inst.id, auto_start),
+                                  account_id=account_id, region_id=disk.region_id,
+                                  resource_id=disk.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
 
 
-@handler
-class ReInitDiskTask(TaskHandler):
-    action = "ReInitDisk"
+@dataclass(frozen=True)
+class ReplaceSystemDiskPlan(Plan):
+    instance_id: str
+    new_disk: str
+    old_disk: str
+    template: str
+    image_id: str
 
-    def step_reinit(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        with ctx.uow() as uow:
-            storage = ctx.storage(uow, task.region_id)
-        storage.revert(task.resource_id, INITIAL)
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "instance_id": resource_id}
 
-    def step_start(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        from ecsnap.service.instances import boot
 
-        boot(ctx, task.plan["instance_id"])
+class ReplaceSystemDisk(Operation[ReplaceSystemDiskPlan]):
+    """ReplaceSystemDisk: a new system disk (new ID) from an image; the old one released.
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status = DiskStatus.IN_USE
-        if "start" in task.plan["steps"]:
-            inst = uow.instances.get(task.plan["instance_id"])
-            assert inst is not None
-            inst.status, inst.started = InstanceStatus.RUNNING, utcnow()
+    Once the old disk's file is released only forward is possible: the steps make the new
+    one first, so an undo before that point only has the new file to remove."""
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        disk = uow.disks.get(task.resource_id)
-        assert disk is not None
-        disk.status = DiskStatus.IN_USE
+    action = "ReplaceSystemDisk"
+    plan_type = ReplaceSystemDiskPlan
+
+    @classmethod
+    def locks(cls, plan: ReplaceSystemDiskPlan) -> list[Lock]:
+        return [("instance", plan.instance_id), ("disk", plan.old_disk),
+                ("disk", plan.new_disk)]
+
+    def steps(self) -> list[Step]:
+        return [Step(f"create_disk:{self.plan.new_disk}", self.create_disk),
+                Step(f"release_disk:{self.plan.old_disk}",
+                     functools.partial(release_disk_file, self.ctx, self.plan.old_disk))]
+
+    def create_disk(self) -> None:
+        with self.ctx.uow(readonly=True) as uow:
+            disk = uow.disks.load(self.plan.new_disk)
+        make_disk_file(self.ctx, disk, self.plan.template)
+
+    def finish(self, uow: UnitOfWork) -> None:
+        inst = uow.instances.load(self.plan.instance_id)
+        mark_released(uow, uow.disks.load(self.plan.old_disk))
+        uow.disks.load(self.plan.new_disk).attach(inst.id, "/dev/xvda")
+        inst.image_id = self.plan.image_id
+
+    def compensate(self, error: BaseException) -> None:
+        if self.done(f"release_disk:{self.plan.old_disk}"):
+            return  # the old disk is gone; only forward is possible (never reached: see drive)
+        with self.ctx.uow(readonly=True) as uow:
+            storage = self.ctx.storage(uow, self.task.region_id)
+        storage.delete(self.plan.new_disk)
+
+    def failed(self, uow: UnitOfWork) -> None:
+        new = uow.disks.get(self.plan.new_disk)
+        if new is not None:
+            uow.disks.delete(new)
 
 
 def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, image_id: str,
@@ -370,7 +470,6 @@ def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, 
     """ReplaceSystemDisk: a new system disk (new DiskId) from an image; the old one is released.
 
     Snapshots of the old disk stay, but can no longer roll the instance's system disk back."""
-    from ecsnap.service import idempotency
 
     def run() -> dict[str, str]:
         with ctx.uow() as uow:
@@ -394,12 +493,9 @@ def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, 
                        category=old.category, image_id=image.id, instance_id=None,
                        device="")
             uow.disks.add(new)
-            task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                            action="ReplaceSystemDisk", resource_id=inst.id,
-                            steps=[f"create_disk:{new.id}", f"release_disk:{old.id}"],
-                            locks=[("instance", inst.id), ("disk", old.id), ("disk", new.id)],
-                            new_disk=new.id, old_disk=old.id, template=image.template_path,
-                            image_id=image.id)
+            plan = ReplaceSystemDiskPlan(inst.id, new.id, old.id, image.template_path, image.id)
+            task = ctx.runner.journal(uow, ReplaceSystemDisk, plan, account_id=account_id,
+                                      region_id=inst.region_id, resource_id=inst.id)
             uow.commit()
         ctx.runner.submit(task.id)
         return {"DiskId": new.id, "TaskId": task.id}
@@ -407,45 +503,6 @@ def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, 
     params = {"instance": instance_id, "image": image_id, "size": size_gib}
     return idempotency.once(ctx, account_id, "ReplaceSystemDisk", client_token, params,
                             run)["DiskId"]
-
-
-@handler
-class ReplaceSystemDiskTask(TaskHandler):
-    action = "ReplaceSystemDisk"
-
-    def step_create_disk(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        with ctx.uow() as uow:
-            disk = uow.disks.get(disk_id)
-            assert disk is not None
-        make_disk_file(ctx, disk, task.plan["template"])
-
-    def step_release_disk(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        release_disk_file(ctx, disk_id)
-
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        new = uow.disks.get(task.plan["new_disk"])
-        old = uow.disks.get(task.plan["old_disk"])
-        assert inst is not None and new is not None and old is not None
-        mark_released(uow, old)
-        new.status, new.instance_id, new.device = DiskStatus.IN_USE, inst.id, "/dev/xvda"
-        new.attached_time = utcnow()
-        inst.image_id = task.plan["image_id"]
-
-    def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
-        return True
-
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        if f"release_disk:{task.plan['old_disk']}" in task.done:
-            return  # the old disk is gone; only forward is possible (never reached: see drive)
-        with ctx.uow() as uow:
-            storage = ctx.storage(uow, task.region_id)
-        storage.delete(task.plan["new_disk"])
-
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        new = uow.disks.get(task.plan["new_disk"])
-        if new is not None:
-            uow.disks.delete(new)
 
 
 def describe_disks(ctx: ServiceContext, account_id: str, region_id: str, *,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import IdempotencyRecord
+from ecsnap.domain.model import IdempotencyKey, IdempotencyRecord
 from ecsnap.service.context import ServiceContext
 
 _PROCESSING = "__processing__"
@@ -27,8 +27,9 @@ def once(ctx: ServiceContext, account_id: str, action: str, token: str | None,
         raise EcsError("InvalidClientToken.ValueNotSupported",
                        "The ClientToken must be ASCII and at most 64 characters.", 400)
     digest = _digest(params)
+    key = IdempotencyKey(account_id, action, token)
     with ctx.uow() as uow:
-        record = uow.idempotency.get((account_id, action, token))  # type: ignore[arg-type]
+        record = uow.idempotency.get(key)
         if record is None:
             uow.idempotency.add(IdempotencyRecord(account_id, action, token, digest,
                                                   response={_PROCESSING: True}))
@@ -46,13 +47,13 @@ def once(ctx: ServiceContext, account_id: str, action: str, token: str | None,
         response = run()
     except BaseException:
         with ctx.uow() as uow:
-            record = uow.idempotency.get((account_id, action, token))  # type: ignore[arg-type]
+            record = uow.idempotency.get(key)
             if record is not None:
                 uow.idempotency.delete(record)
             uow.commit()
         raise
     with ctx.uow() as uow:
-        record = uow.idempotency.get((account_id, action, token))  # type: ignore[arg-type]
+        record = uow.idempotency.get(key)
         if record is not None:
             record.response = dict(response)
         uow.commit()

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ecsnap.adapters.compute.base import VmDisk, VmSpec
 from ecsnap.adapters.store.base import Criteria, UnitOfWork
 from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import (
     Disk,
-    DiskStatus,
     DiskType,
     Instance,
     InstanceStatus,
     StoppedMode,
     Task,
-    utcnow,
 )
 from ecsnap.service import idempotency
 from ecsnap.service.context import (
@@ -28,8 +26,10 @@ from ecsnap.service.context import (
     get_instance,
     get_region,
 )
+from ecsnap.service.disk_files import make_disk_file, mark_released, release_disk_file
 from ecsnap.service.listing import Page, paginate
-from ecsnap.service.tasks import TaskHandler, handler, new_task
+from ecsnap.service.operation import Lock, Operation, Plan, Resume, Step
+from ecsnap.service.vms import boot, check_room_to_start, others_in_region, vm_running
 
 
 @dataclass
@@ -70,10 +70,6 @@ def _check_request(req: InstanceRequest) -> None:
         rules.check_disk_size(spec.size_gib, category=spec.category, system=False)
         rules.check_name(spec.name, code="InvalidDiskName.Malformed", field="DiskName")
         rules.check_description(spec.description)
-
-
-def _holding(uow: UnitOfWork, region_id: str, exclude: str | None = None) -> list[Instance]:
-    return [i for i in uow.instances.find(region_id=region_id) if i.id != exclude]
 
 
 def run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: InstanceRequest, *,
@@ -124,7 +120,7 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
             raise EcsError("InvalidSystemDiskSize.LessThanImageSize",
                            f"The system disk ({sys_size} GiB) is smaller than the image "
                            f"({image.size_gib} GiB).", 404)
-        others = _holding(uow, region_id)
+        others = others_in_region(uow, region_id)
         fit = amount
         while fit > 0:
             try:
@@ -161,11 +157,10 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
                                   tags=dict(req.tags)))
             for disk in disks:
                 uow.disks.add(disk)
-            steps = [f"create_disk:{d.id}" for d in disks] + (["boot"] if start else [])
-            task = new_task(uow, account_id=account_id, region_id=region_id,
-                            action="RunInstance", resource_id=inst.id, steps=steps,
-                            locks=[("instance", inst.id)], start=start,
-                            template=image.template_path)
+            plan = RunInstancePlan(inst.id, tuple(d.id for d in disks), start,
+                                   image.template_path)
+            task = ctx.runner.journal(uow, RunInstance, plan, account_id=account_id,
+                                      region_id=region_id, resource_id=inst.id)
             created.append(inst.id)
             task_ids.append(task.id)
         uow.commit()
@@ -174,76 +169,68 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
     return created
 
 
-def vm_spec(uow: UnitOfWork, ctx: ServiceContext, inst: Instance) -> VmSpec:
-    image = uow.images.get(inst.image_id)
-    storage = ctx.storage(uow, inst.region_id)
-    disks = [VmDisk(d.id, storage.path(d.id), d.type == DiskType.SYSTEM)
-             for d in attached_disks(uow, inst.id) if d.status == DiskStatus.IN_USE]
-    boot = dict(boot_mode=image.boot_mode, kernel_path=image.kernel_path,
-                initrd_path=image.initrd_path, kernel_args=image.kernel_args) if image else {}
-    return VmSpec(instance_id=inst.id, vcpus=inst.vcpus, memory_mib=inst.memory_mib,
-                  disks=disks, **boot)
+@dataclass(frozen=True)
+class RunInstancePlan(Plan):
+    instance_id: str
+    disk_ids: tuple[str, ...]  # the system disk first
+    start: bool
+    template: str  # the image's template the system disk is an overlay on
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "instance_id": resource_id, "disk_ids": [
+            s.partition(":")[2] for s in data.get("steps", ()) if s.startswith("create_disk:")]}
 
 
-def boot(ctx: ServiceContext, instance_id: str) -> None:
-    """Start the instance's VM unless it already runs (idempotent)."""
-    if ctx.compute.state(instance_id).running:
-        return
-    with ctx.uow() as uow:
-        inst = uow.instances.get(instance_id)
-        assert inst is not None
-        spec = vm_spec(uow, ctx, inst)
-    ctx.compute.start(spec)
+class RunInstance(Operation[RunInstancePlan]):
+    """RunInstances / CreateInstance, one task per instance: its disk files, then its VM."""
 
-
-@handler
-class RunInstanceTask(TaskHandler):
     action = "RunInstance"
+    plan_type = RunInstancePlan
 
-    def step_create_disk(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        from ecsnap.service.disks import make_disk_file
+    @classmethod
+    def locks(cls, plan: RunInstancePlan) -> list[Lock]:
+        return [("instance", plan.instance_id)]
 
-        with ctx.uow() as uow:
-            disk = uow.disks.get(disk_id)
-            assert disk is not None
+    def steps(self) -> list[Step]:
+        steps = [Step(f"create_disk:{d}", functools.partial(self.create_disk, d))
+                 for d in self.plan.disk_ids]
+        return steps + ([Step("boot", self.boot)] if self.plan.start else [])
+
+    def create_disk(self, disk_id: str) -> None:
+        with self.ctx.uow(readonly=True) as uow:
+            disk = uow.disks.load(disk_id)
         # the disk is new: whatever a crash left of it is discarded and made again
-        make_disk_file(ctx, disk, task.plan["template"] if disk.type == DiskType.SYSTEM
+        make_disk_file(self.ctx, disk, self.plan.template if disk.type == DiskType.SYSTEM
                        else None)
 
-    def step_boot(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        with ctx.uow() as uow:
-            inst = uow.instances.get(task.resource_id)
-            assert inst is not None
+    def boot(self) -> None:
+        with self.ctx.uow() as uow:
+            inst = uow.instances.load(self.plan.instance_id)
             for disk in attached_disks(uow, inst.id):
-                disk.status = DiskStatus.IN_USE
-                disk.attached_time = disk.attached_time or utcnow()
-            inst.status = InstanceStatus.STARTING
+                disk.attach(inst.id, disk.device)
+            inst.mark_starting()
             uow.commit()
-        boot(ctx, task.resource_id)
+        boot(self.ctx, self.plan.instance_id)
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
+    def finish(self, uow: UnitOfWork) -> None:
+        inst = uow.instances.load(self.plan.instance_id)
         for disk in attached_disks(uow, inst.id):
-            disk.status = DiskStatus.IN_USE
-            disk.attached_time = disk.attached_time or utcnow()
-        if task.plan["start"]:
-            inst.status, inst.started = InstanceStatus.RUNNING, utcnow()
+            disk.attach(inst.id, disk.device)
+        if self.plan.start:
+            inst.mark_running()
         else:
-            inst.status = InstanceStatus.STOPPED
+            inst.mark_stopped()
 
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        ctx.compute.stop(task.resource_id, force=True)
-        with ctx.uow() as uow:
-            inst = uow.instances.get(task.resource_id)
-            if inst is None:
-                return
-            storage = ctx.storage(uow, inst.region_id)
-            for disk in attached_disks(uow, inst.id):
-                storage.delete(disk.id)
+    def compensate(self, error: BaseException) -> None:
+        self.ctx.compute.stop(self.plan.instance_id, force=True)
+        with self.ctx.uow(readonly=True) as uow:
+            storage = self.ctx.storage(uow, self.task.region_id)
+        for disk_id in self.plan.disk_ids:
+            storage.delete(disk_id)
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
+    def failed(self, uow: UnitOfWork) -> None:
+        inst = uow.instances.get(self.plan.instance_id)
         if inst is None:
             return
         for disk in attached_disks(uow, inst.id):
@@ -251,11 +238,57 @@ class RunInstanceTask(TaskHandler):
         uow.instances.delete(inst)
 
 
-def _instance_for_action(uow: UnitOfWork, account_id: str, instance_id: str | None,
-                         region_id: str | None) -> Instance:
-    inst = get_instance(uow, account_id, instance_id, region_id)
-    rules.check_not_locked(inst)
-    return inst
+@dataclass(frozen=True)
+class InstancePlan(Plan):
+    """The plan of an operation on one instance's VM."""
+
+    instance_id: str
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "instance_id": resource_id}
+
+
+class _OnInstance(Operation[Any]):
+    @classmethod
+    def locks(cls, plan: InstancePlan) -> list[Lock]:
+        return [("instance", plan.instance_id)]
+
+
+@dataclass(frozen=True)
+class StartInstancePlan(InstancePlan):
+    previous_mode: str = StoppedMode.KEEP_CHARGING.value
+
+
+class StartInstance(_OnInstance):
+    action = "StartInstance"
+    plan_type = StartInstancePlan
+
+    @classmethod
+    def check(cls, uow: UnitOfWork, inst: Instance) -> StartInstancePlan:
+        rules.check_not_locked(inst)
+        rules.require_instance_status(inst, InstanceStatus.STOPPED)
+        check_room_to_start(uow, inst)
+        return StartInstancePlan(inst.id, inst.stopped_mode.value)
+
+    def accept(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_starting()
+
+    def steps(self) -> list[Step]:
+        return [Step("boot", lambda: boot(self.ctx, self.plan.instance_id))]
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_running()
+
+    def compensate(self, error: BaseException) -> None:
+        self.ctx.compute.stop(self.plan.instance_id, force=True)
+
+    def failed(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_stopped(
+            StoppedMode(self.plan.previous_mode))
+
+    def resume(self) -> Resume:
+        return Resume.FORWARD if vm_running(self.ctx, self.plan.instance_id) else Resume.UNDO
 
 
 def start_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
@@ -265,47 +298,55 @@ def start_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
     An instance stopped in StopCharging mode gave its compute back: the start fails with
     OperationDenied.NoStock when the region has no room for it now."""
     with ctx.uow() as uow:
-        inst = _instance_for_action(uow, account_id, instance_id, region_id)
-        rules.require_instance_status(inst, InstanceStatus.STOPPED)
-        if not inst.holds_reservation():
-            region = get_region(uow, inst.region_id)
-            itype = region.instance_type(inst.instance_type)
-            rules.check_capacity(region, _holding(uow, inst.region_id, inst.id),
-                                 [itype] if itype else [])
+        inst = get_instance(uow, account_id, instance_id, region_id)
+        plan = StartInstance.check(uow, inst)
         if dry_run:
             raise errors.dry_run_passed()
-        task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                        action="StartInstance", resource_id=inst.id, steps=["boot"],
-                        locks=[("instance", inst.id)], previous_mode=inst.stopped_mode.value)
-        inst.status = InstanceStatus.STARTING
+        task = ctx.runner.journal(uow, StartInstance, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
 
 
-@handler
-class StartInstanceTask(TaskHandler):
-    action = "StartInstance"
+@dataclass(frozen=True)
+class StopInstancePlan(InstancePlan):
+    force: bool = False
+    mode: str = StoppedMode.KEEP_CHARGING.value
 
-    def step_boot(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        boot(ctx, task.resource_id)
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
-        inst.status, inst.started = InstanceStatus.RUNNING, utcnow()
+class StopInstance(_OnInstance):
+    """StopInstance: Running -> Stopping -> Stopped, in KeepCharging or StopCharging mode."""
 
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        ctx.compute.stop(task.resource_id, force=True)
+    action = "StopInstance"
+    plan_type = StopInstancePlan
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
-        inst.status = InstanceStatus.STOPPED
-        inst.stopped_mode = StoppedMode(task.plan.get("previous_mode", "KeepCharging"))
+    @classmethod
+    def check(cls, inst: Instance, *, force: bool, mode: StoppedMode) -> StopInstancePlan:
+        rules.check_not_locked(inst)
+        rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        return StopInstancePlan(inst.id, force, mode.value)
 
-    def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
-        return ctx.compute.state(task.resource_id).running
+    def accept(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_stopping()
+
+    def steps(self) -> list[Step]:
+        return [Step("shutdown", self.shutdown)]
+
+    def shutdown(self) -> None:
+        self.ctx.compute.stop(self.plan.instance_id, force=self.plan.force,
+                              timeout=self.ctx.settings.stop_timeout_s)
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_stopped(StoppedMode(self.plan.mode))
+
+    def failed(self, uow: UnitOfWork) -> None:
+        after_failed_stop_or_reboot(self.ctx, uow, self.plan.instance_id)
+
+
+def after_failed_stop_or_reboot(ctx: ServiceContext, uow: UnitOfWork, instance_id: str) -> None:
+    """The instance is what its VM is: Running if it runs, else Stopped."""
+    uow.instances.load(instance_id).reconcile(vm_running(ctx, instance_id))
 
 
 def stop_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
@@ -317,73 +358,115 @@ def stop_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
     if mode == StoppedMode.NOT_APPLICABLE:
         raise errors.invalid_parameter("StoppedMode", "Use KeepCharging or StopCharging.")
     with ctx.uow() as uow:
-        inst = _instance_for_action(uow, account_id, instance_id, region_id)
-        rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        inst = get_instance(uow, account_id, instance_id, region_id)
+        plan = StopInstance.check(inst, force=force, mode=mode)
         if dry_run:
             raise errors.dry_run_passed()
-        task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                        action="StopInstance", resource_id=inst.id, steps=["shutdown"],
-                        locks=[("instance", inst.id)], force=force, mode=mode.value)
-        inst.status = InstanceStatus.STOPPING
+        task = ctx.runner.journal(uow, StopInstance, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
 
 
-@handler
-class StopInstanceTask(TaskHandler):
-    action = "StopInstance"
+@dataclass(frozen=True)
+class RebootInstancePlan(InstancePlan):
+    force: bool = False
 
-    def step_shutdown(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        ctx.compute.stop(task.resource_id, force=bool(task.plan["force"]),
-                         timeout=ctx.settings.stop_timeout_s)
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
-        inst.status = InstanceStatus.STOPPED
-        inst.stopped_mode = StoppedMode(task.plan["mode"])
+class RebootInstance(_OnInstance):
+    action = "RebootInstance"
+    plan_type = RebootInstancePlan
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
-        running = ctx.compute.state(inst.id).running
-        inst.status = InstanceStatus.RUNNING if running else InstanceStatus.STOPPED
+    @classmethod
+    def check(cls, inst: Instance, *, force: bool) -> RebootInstancePlan:
+        rules.check_not_locked(inst)
+        rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        return RebootInstancePlan(inst.id, force)
+
+    def accept(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_starting()
+
+    def steps(self) -> list[Step]:
+        return [Step("reboot", self.reboot)]
+
+    def reboot(self) -> None:
+        if vm_running(self.ctx, self.plan.instance_id):
+            self.ctx.compute.reboot(self.plan.instance_id, force=self.plan.force)
+        else:
+            boot(self.ctx, self.plan.instance_id)
+
+    def finish(self, uow: UnitOfWork) -> None:
+        uow.instances.load(self.plan.instance_id).mark_running()
+
+    def failed(self, uow: UnitOfWork) -> None:
+        after_failed_stop_or_reboot(self.ctx, uow, self.plan.instance_id)
 
 
 def reboot_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
                     region_id: str | None = None, force: bool = False,
                     dry_run: bool = False) -> str:
     with ctx.uow() as uow:
-        inst = _instance_for_action(uow, account_id, instance_id, region_id)
-        rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        inst = get_instance(uow, account_id, instance_id, region_id)
+        plan = RebootInstance.check(inst, force=force)
         if dry_run:
             raise errors.dry_run_passed()
-        task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                        action="RebootInstance", resource_id=inst.id, steps=["reboot"],
-                        locks=[("instance", inst.id)], force=force)
-        inst.status = InstanceStatus.STARTING
+        task = ctx.runner.journal(uow, RebootInstance, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
 
 
-@handler
-class RebootInstanceTask(TaskHandler):
-    action = "RebootInstance"
+@dataclass(frozen=True)
+class DeleteInstancePlan(InstancePlan):
+    disk_ids: tuple[str, ...] = ()  # every attached disk (locked)
+    release_disk_ids: tuple[str, ...] = ()  # those deleted with the instance
 
-    def step_reboot(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        if ctx.compute.state(task.resource_id).running:
-            ctx.compute.reboot(task.resource_id, force=bool(task.plan["force"]))
-        else:
-            boot(ctx, task.resource_id)
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "instance_id": resource_id,
+                "disk_ids": [i for kind, i in data.get("locks", ()) if kind == "disk"],
+                "release_disk_ids": [s.partition(":")[2] for s in data.get("steps", ())
+                                     if s.startswith("release_disk:")]}
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
-        inst.status, inst.started = InstanceStatus.RUNNING, utcnow()
 
-    failed = StopInstanceTask.failed
+class DeleteInstance(Operation[DeleteInstancePlan]):
+    """DeleteInstance: power off, release the DeleteWithInstance disks, detach the others."""
+
+    action = "DeleteInstance"
+    plan_type = DeleteInstancePlan
+
+    @classmethod
+    def check(cls, uow: UnitOfWork, inst: Instance, *, force: bool) -> DeleteInstancePlan:
+        rules.check_not_locked(inst)
+        if not force:
+            rules.require_instance_status(inst, InstanceStatus.STOPPED)
+        elif inst.status not in (InstanceStatus.STOPPED, InstanceStatus.RUNNING):
+            rules.require_instance_status(inst, InstanceStatus.STOPPED, InstanceStatus.RUNNING)
+        disks = attached_disks(uow, inst.id)
+        rules.check_not_locked(*disks)
+        return DeleteInstancePlan(inst.id, tuple(d.id for d in disks),
+                                  tuple(d.id for d in disks if d.delete_with_instance))
+
+    @classmethod
+    def locks(cls, plan: DeleteInstancePlan) -> list[Lock]:
+        return [("instance", plan.instance_id), *(("disk", d) for d in plan.disk_ids)]
+
+    def steps(self) -> list[Step]:
+        return [Step("poweroff", lambda: self.ctx.compute.stop(self.plan.instance_id,
+                                                                 force=True)),
+                *(Step(f"release_disk:{d}", functools.partial(release_disk_file, self.ctx, d))
+                  for d in self.plan.release_disk_ids)]
+
+    def finish(self, uow: UnitOfWork) -> None:
+        inst = uow.instances.load(self.plan.instance_id)
+        for disk in attached_disks(uow, inst.id):
+            if disk.id in self.plan.release_disk_ids:
+                mark_released(uow, disk)
+            else:
+                disk.detach()
+        uow.instances.delete(inst)
 
 
 def delete_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
@@ -391,49 +474,15 @@ def delete_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
                     dry_run: bool = False) -> str:
     """DeleteInstance: release the instance and its DeleteWithInstance disks. Snapshots stay."""
     with ctx.uow() as uow:
-        inst = _instance_for_action(uow, account_id, instance_id, region_id)
-        if not force:
-            rules.require_instance_status(inst, InstanceStatus.STOPPED)
-        elif inst.status not in (InstanceStatus.STOPPED, InstanceStatus.RUNNING):
-            rules.require_instance_status(inst, InstanceStatus.STOPPED, InstanceStatus.RUNNING)
-        disks = attached_disks(uow, inst.id)
-        rules.check_not_locked(*disks)
+        inst = get_instance(uow, account_id, instance_id, region_id)
+        plan = DeleteInstance.check(uow, inst, force=force)
         if dry_run:
             raise errors.dry_run_passed()
-        task = new_task(uow, account_id=account_id, region_id=inst.region_id,
-                        action="DeleteInstance", resource_id=inst.id,
-                        steps=["poweroff", *[f"release_disk:{d.id}" for d in disks
-                                             if d.delete_with_instance]],
-                        locks=[("instance", inst.id), *[("disk", d.id) for d in disks]])
+        task = ctx.runner.journal(uow, DeleteInstance, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
     ctx.runner.submit(task.id)
     return task.id
-
-
-@handler
-class DeleteInstanceTask(TaskHandler):
-    action = "DeleteInstance"
-
-    def step_poweroff(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        ctx.compute.stop(task.resource_id, force=True)
-
-    def step_release_disk(self, ctx: ServiceContext, task: Task, disk_id: str) -> None:
-        from ecsnap.service.disks import release_disk_file
-
-        release_disk_file(ctx, disk_id)
-
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        from ecsnap.service.disks import mark_released
-
-        inst = uow.instances.get(task.resource_id)
-        assert inst is not None
-        for disk in attached_disks(uow, inst.id):
-            if f"release_disk:{disk.id}" in task.plan["steps"]:
-                mark_released(uow, disk)
-            else:
-                disk.status, disk.instance_id, disk.device = DiskStatus.AVAILABLE, None, ""
-                disk.detached_time = utcnow()
-        uow.instances.delete(inst)
 
 
 def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,

@@ -1,10 +1,13 @@
 """Crash recovery, run at every start-up before anything else.
 
-1. Instances: a VM that is running is reattached (nothing to do: VMs outlive ecsnap); an
+1. Tasks: every task still Processing was cut off by a crash. Its operation first puts
+   back what the crash may have left (`before_resume`: a guest frozen by a live
+   snapshot), then says whether to drive it forward (its done steps are skipped, the
+   interrupted one re-runs: steps are idempotent) or to undo it (compensate, then mark it
+   Failed). Recovery knows no operation's steps.
+2. Cloud Assistant commands that were running are reported interrupted.
+3. Instances: a VM that is running is reattached (nothing to do: VMs outlive ecsnap); an
    instance recorded as Running (or on its way) whose VM died is marked Stopped.
-2. Tasks: every task still Processing was cut off by a crash. Its handler says whether to
-   drive it forward (its done steps are skipped, the interrupted one re-runs: steps are
-   idempotent) or to undo it (compensate, then mark it Failed).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import dataclass, field
 
 from ecsnap.adapters.store.base import Criteria
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import InstanceStatus, StoppedMode, TaskStatus
+from ecsnap.domain.model import InstanceStatus, TaskStatus
+from ecsnap.service.commands import interrupt_running
 from ecsnap.service.context import ServiceContext
-from ecsnap.service.tasks import drive, fail, handler_for
+from ecsnap.service.operation import Resume
 
 log = logging.getLogger("ecsnap.recovery")
 
@@ -30,42 +34,35 @@ class RecoveryReport:
 
 def recover(ctx: ServiceContext) -> RecoveryReport:
     report = RecoveryReport()
-    with ctx.uow() as uow:
+    runner = ctx.runner
+    with ctx.uow(readonly=True) as uow:
         pending = [t.id for t in uow.tasks.find(Criteria(newest_first=False),
                                                 status=TaskStatus.PROCESSING)]
     for task_id in pending:
-        with ctx.uow() as uow:
-            task = uow.tasks.get(task_id)
-            assert task is not None
-        h = handler_for(task.action)
-        if "transaction" in task.plan.get("steps", []):  # a live snapshot was cut short
-            ctx.compute.resume_guest(task.plan["instance_id"])
-        if h.recover_forward(ctx, task):
+        with ctx.uow(readonly=True) as uow:
+            task = uow.tasks.load(task_id)
+        op = runner.operation(task)
+        op.before_resume()
+        if op.resume() == Resume.FORWARD:
             log.warning("recovery: driving task %s (%s) forward from %s", task.id, task.action,
                         task.done)
-            drive(ctx, task.id)
+            runner.drive(task.id)
             report.forward.append(task.id)
         else:
             log.warning("recovery: undoing task %s (%s) after %s", task.id, task.action,
                         task.done)
-            fail(ctx, task.id, EcsError("Task.Interrupted",
-                                        "ecsnap stopped while the task ran; it was undone.", 500))
+            runner.fail(task.id, EcsError(
+                "Task.Interrupted", "ecsnap stopped while the task ran; it was undone.", 500))
             report.undone.append(task.id)
-    from ecsnap.service.commands import interrupt_running
-
     interrupt_running(ctx)
     running = set(ctx.compute.running())
     with ctx.uow() as uow:
         for inst in uow.instances.find():
             if inst.status == InstanceStatus.STOPPED or inst.lock_task_id:
                 continue
-            if inst.id not in running:
+            if inst.reconcile(inst.id in running) and inst.status == InstanceStatus.STOPPED:
                 log.warning("recovery: the VM of %s is gone; marking it Stopped", inst.id)
-                inst.status = InstanceStatus.STOPPED
-                inst.stopped_mode = StoppedMode.KEEP_CHARGING
                 report.stopped.append(inst.id)
-            elif inst.status != InstanceStatus.RUNNING:
-                inst.status = InstanceStatus.RUNNING
         uow.commit()
     if running:
         log.info("recovery: %d VM(s) running and reattached: %s", len(running),

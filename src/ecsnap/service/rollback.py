@@ -26,21 +26,22 @@ from dataclasses import dataclass, field
 
 from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store.base import UnitOfWork
-from ecsnap.domain import errors, rules
+from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import CheckFailure, EcsError
 from ecsnap.domain.model import (
     DiskType,
     GroupPurpose,
     InstanceStatus,
-    SnapshotStatus,
     StoppedMode,
-    Task,
     iso,
     utcnow,
 )
-from ecsnap.service.context import ServiceContext, attached_disks, get_region
-from ecsnap.service.snapshots import GroupSpec, journal_snapshots
-from ecsnap.service.tasks import SHORT_TASK_S, TaskHandler, handler
+from ecsnap.service import snapshot_records
+from ecsnap.service.context import ServiceContext, attached_disks, get_group, get_region
+from ecsnap.service.operation import Lock, Operation, Pair, Plan, Resume, Step
+from ecsnap.service.snapshot_records import GroupSpec
+from ecsnap.service.tasks import SHORT_TASK_S
+from ecsnap.service.vms import boot, check_room_to_start, vm_running
 
 SAFETY_TAG = "ecsnap:safety-for"
 
@@ -169,12 +170,148 @@ def preview_reset_disks(ctx: ServiceContext, account_id: str, region_id: str | N
 def preview_group_rollback(ctx: ServiceContext, account_id: str, group_id: str,
                            disk_ids: Sequence[str] | None = None) -> ResetPreview:
     """The preview of rolling back (some of) the disks of an instance snapshot."""
-    from ecsnap.service.snapshots import get_snapshot_group
-
-    view = get_snapshot_group(ctx, account_id, group_id)
-    items = [(s.source_disk_id, s.id) for s in view.snapshots
+    with ctx.uow(readonly=True) as uow:
+        group = get_group(uow, account_id, group_id)
+        snaps = sorted(uow.snapshots.find(group_id=group.id),
+                       key=lambda s: (s.source_disk_type.value != "system", s.created, s.id))
+    items = [(s.source_disk_id, s.id) for s in snaps
              if disk_ids is None or s.source_disk_id in disk_ids]
     return preview_reset_disks(ctx, account_id, None, items)
+
+
+@dataclass(frozen=True)
+class ResetDisksPlan(Plan):
+    instance_id: str
+    pairs: tuple[Pair, ...]  # (disk, the snapshot to roll it back to)
+    items: tuple[Pair, ...]  # (disk, its safety snapshot, taken first)
+    safety_group_id: str
+    keep_safety: bool
+    auto_start: bool
+
+
+class ResetDisks(Operation[ResetDisksPlan]):
+    """ResetDisks / ResetDisk (module docstring: the steps and why they are safe)."""
+
+    action = "ResetDisks"
+    plan_type = ResetDisksPlan
+
+    @classmethod
+    def check(cls, uow: UnitOfWork, account_id: str, region_id: str | None,
+              items: Sequence[tuple[str, str]], *, keep_safety: bool,
+              auto_start: bool) -> ResetDisksPlan:
+        preview, targets = _check(uow, account_id, region_id, items)
+        rules.require(preview.failures)
+        disks = [t.disk for t in targets if t.disk is not None]
+        snapshot_records.check_snapshot_quota(uow, disks)
+        return ResetDisksPlan(
+            instance_id=preview.instance_id,
+            pairs=tuple((t.disk_id, t.snapshot_id) for t in targets),
+            items=snapshot_records.new_items(disks), safety_group_id=ids.new_id(
+                "snapshot_group"), keep_safety=keep_safety, auto_start=auto_start)
+
+    @classmethod
+    def locks(cls, plan: ResetDisksPlan) -> list[Lock]:
+        return [("instance", plan.instance_id), *(("disk", d) for d, _ in plan.items)]
+
+    def steps(self) -> list[Step]:
+        steps = [Step("safety", self.safety), Step("revert", self.revert)]
+        if not self.plan.keep_safety:
+            steps.append(Step("drop_safety", self.drop_safety))
+        if self.plan.auto_start:
+            steps += [Step("start", self.start), Step("health_gate", self.health_gate)]
+        return steps
+
+    def _storage(self) -> StorageBackend:
+        with self.ctx.uow(readonly=True) as uow:
+            return self.ctx.storage(uow, self.task.region_id)
+
+    def safety(self) -> None:
+        if vm_running(self.ctx, self.plan.instance_id):
+            raise errors.incorrect_instance_status(self.plan.instance_id, "Running", "Stopped")
+        self._storage().create_snapshots(list(self.plan.items))
+        with self.ctx.uow() as uow:
+            snapshot_records.complete(uow, self.plan.items, self.plan.safety_group_id)
+            uow.commit()
+
+    def revert(self) -> None:
+        self._storage().revert_many(list(self.plan.pairs))
+
+    def drop_safety(self) -> None:
+        storage = self._storage()
+        for disk_id, snap_id in self.plan.items:
+            storage.delete_snapshot(disk_id, snap_id)
+
+    def start(self) -> None:
+        refused: EcsError | None = None
+        with self.ctx.uow() as uow:
+            inst = uow.instances.load(self.plan.instance_id)
+            try:
+                check_room_to_start(uow, inst)
+            except EcsError as exc:
+                refused = exc
+            if refused is None:
+                inst.mark_starting()
+                uow.commit()
+        if refused is not None:
+            self.note(start_error={"Code": refused.code, "Message": refused.message})
+            return
+        boot(self.ctx, self.plan.instance_id)
+
+    def health_gate(self) -> None:
+        instance_id = self.plan.instance_id
+        if self.task.result.get("start_error") or not vm_running(self.ctx, instance_id):
+            return
+        timeout = self.ctx.settings.health_gate_timeout_s
+        started = time.monotonic()
+        deadline = started + timeout
+        healthy = False
+        while time.monotonic() < deadline and not healthy:
+            left = deadline - time.monotonic()
+            healthy = self.ctx.compute.guest_ping(instance_id, timeout=min(5.0, max(0.5, left)))
+        elapsed = round(time.monotonic() - started, 1)
+        if healthy:
+            self.note(health={"GuestAgent": "Ok", "Seconds": elapsed})
+            return
+        undo = self.plan.safety_group_id if self.plan.keep_safety else None
+        self.note(health={
+            "GuestAgent": "NoResponse", "Seconds": elapsed,
+            "Message": f"The guest agent did not answer within {timeout:.0f} s after the "
+                       "rollback." + (f" Roll back to the safety snapshot group {undo} to "
+                                      "undo the rollback." if undo else "")})
+
+    def finish(self, uow: UnitOfWork) -> None:
+        if not self.plan.keep_safety:
+            snapshot_records.drop(uow, self.plan.items, self.plan.safety_group_id,
+                                  group_too=True)
+        if self.plan.auto_start and not self.task.result.get("start_error"):
+            uow.instances.load(self.plan.instance_id).mark_running()
+        self.task.note(SafetySnapshotGroupId=self.plan.safety_group_id
+                       if self.plan.keep_safety else "")
+
+    def compensate(self, error: BaseException) -> None:
+        storage = self._storage()
+        if self.done("safety"):
+            if self.done("start") or vm_running(self.ctx, self.plan.instance_id):
+                self.ctx.compute.stop(self.plan.instance_id, force=True)
+            # back to the state before the rollback
+            storage.revert_many(list(self.plan.items))
+        if not self.done("safety") or not self.plan.keep_safety:
+            for disk_id, snap_id in self.plan.items:
+                storage.delete_snapshot(disk_id, snap_id)
+
+    def failed(self, uow: UnitOfWork) -> None:
+        inst = uow.instances.get(self.plan.instance_id)
+        if inst is not None and inst.status == InstanceStatus.STARTING:
+            inst.mark_stopped()
+        if not (self.done("safety") and self.plan.keep_safety):
+            snapshot_records.drop(uow, self.plan.items, self.plan.safety_group_id,
+                                  group_too=False)
+
+    def resume(self) -> Resume:
+        # No disk is reverted before the journal says every safety snapshot exists: before
+        # that, undoing is safe (and drops the partial safety snapshots); after it, only
+        # going forward restores "all disks at the snapshot" for the whole request.
+        return Resume.FORWARD if self.done("safety") else Resume.UNDO
 
 
 def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
@@ -182,15 +319,14 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                 safety_snapshot: bool = True, dry_run: bool = False) -> ResetResult:
     """ResetDisks: roll the disks back to their snapshots, all or none."""
     with ctx.uow() as uow:
-        preview, targets = _check(uow, account_id, region_id, items)
-        rules.require(preview.failures)
+        plan = ResetDisks.check(uow, account_id, region_id, items, keep_safety=safety_snapshot,
+                                auto_start=auto_start)
         if dry_run:
             raise errors.dry_run_passed()
-        inst = uow.instances.get(preview.instance_id)
-        assert inst is not None
-        disks = [t.disk for t in targets if t.disk is not None]
-        source_group = next((t.snapshot.group_id for t in targets
-                             if t.snapshot and t.snapshot.group_id), None)
+        inst = uow.instances.load(plan.instance_id)
+        disks = [uow.disks.load(d) for d, _ in plan.items]
+        sources = [uow.snapshots.load(s) for _, s in plan.pairs]
+        source_group = next((s.group_id for s in sources if s.group_id), None)
         stamp = utcnow().strftime("%Y%m%d%H%M%S")
         spec = GroupSpec(
             name=f"ecsnap-safety-{stamp}",
@@ -198,24 +334,16 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                         f"from {source_group or 'its snapshots'} at {iso(utcnow())}. "
                         "Roll back to this group to undo that rollback.",
             purpose=GroupPurpose.SAFETY,
-            tags={SAFETY_TAG: source_group or ",".join(t.snapshot_id for t in targets)})
-        task, safety_id, _ = journal_snapshots(uow, account_id, inst.id, disks, spec)
-        # the safety snapshots become the first step of the rollback task
-        pairs = [(t.disk_id, t.snapshot_id) for t in targets]
-        steps = ["safety", "revert"]
-        if not safety_snapshot:
-            steps.append("drop_safety")
-        if auto_start:
-            steps += ["start", "health_gate"]
-        task.action, task.resource_id = "ResetDisks", inst.id
-        task.plan = {**task.plan, "steps": steps, "pairs": [list(p) for p in pairs],
-                     "safety_group_id": safety_id, "keep_safety": safety_snapshot,
-                     "auto_start": auto_start, "stopped_mode": inst.stopped_mode.value}
+            tags={SAFETY_TAG: source_group or ",".join(s for _, s in plan.pairs)})
+        snapshot_records.add_rows(uow, account_id, inst.id, disks, plan.items, group=spec,
+                                  group_id=plan.safety_group_id)
+        task = ctx.runner.journal(uow, ResetDisks, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
     # with AutoStartInstance the VM boots: that goes on in the background
     ctx.runner.submit(task.id, wait_up_to=0.0 if auto_start else SHORT_TASK_S)
-    return ResetResult(task.id, preview.instance_id, safety_id if safety_snapshot else None,
-                       pairs)
+    return ResetResult(task.id, plan.instance_id,
+                       plan.safety_group_id if safety_snapshot else None, list(plan.pairs))
 
 
 def reset_disk(ctx: ServiceContext, account_id: str, disk_id: str, snapshot_id: str, *,
@@ -223,134 +351,3 @@ def reset_disk(ctx: ServiceContext, account_id: str, disk_id: str, snapshot_id: 
     """ResetDisk: one disk back to one of its own snapshots."""
     return reset_disks(ctx, account_id, None, [(disk_id, snapshot_id)], auto_start=auto_start,
                        safety_snapshot=safety_snapshot)
-
-
-@handler
-class ResetDisksTask(TaskHandler):
-    action = "ResetDisks"
-
-    def _storage(self, ctx: ServiceContext, task: Task) -> StorageBackend:
-        with ctx.uow(readonly=True) as uow:
-            return ctx.storage(uow, task.region_id)
-
-    def step_safety(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        if ctx.compute.state(task.resource_id).running:
-            raise errors.incorrect_instance_status(task.resource_id, "Running", "Stopped")
-        self._storage(ctx, task).create_snapshots([(d, s) for d, s in task.plan["items"]])
-        with ctx.uow() as uow:
-            group = uow.snapshot_groups.get(task.plan["safety_group_id"])
-            assert group is not None
-            group.status = SnapshotStatus.ACCOMPLISHED
-            for _, snap_id in task.plan["items"]:
-                snap = uow.snapshots.get(snap_id)
-                assert snap is not None
-                snap.status, snap.progress = SnapshotStatus.ACCOMPLISHED, 100
-            uow.commit()
-
-    def step_revert(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        self._storage(ctx, task).revert_many([(d, s) for d, s in task.plan["pairs"]])
-
-    def step_drop_safety(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        storage = self._storage(ctx, task)
-        for disk_id, snap_id in task.plan["items"]:
-            storage.delete_snapshot(disk_id, snap_id)
-
-    def step_start(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        from ecsnap.service.instances import boot
-
-        refused: EcsError | None = None
-        with ctx.uow() as uow:
-            inst = uow.instances.get(task.resource_id)
-            assert inst is not None
-            if not inst.holds_reservation():
-                region = get_region(uow, inst.region_id)
-                others = [i for i in uow.instances.find(region_id=inst.region_id)
-                          if i.id != inst.id]
-                itype = region.instance_type(inst.instance_type)
-                try:
-                    rules.check_capacity(region, others, [itype] if itype else [])
-                except EcsError as exc:
-                    refused = exc
-            if refused is None:
-                inst.status = InstanceStatus.STARTING
-                uow.commit()
-        if refused is not None:
-            self._note(ctx, task, start_error={"Code": refused.code, "Message": refused.message})
-            return
-        boot(ctx, task.resource_id)
-
-    def step_health_gate(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        if task.result.get("start_error") or not ctx.compute.state(task.resource_id).running:
-            return
-        timeout = ctx.settings.health_gate_timeout_s
-        deadline = time.monotonic() + timeout
-        started = time.monotonic()
-        healthy = False
-        while time.monotonic() < deadline and not healthy:
-            left = deadline - time.monotonic()
-            healthy = ctx.compute.guest_ping(task.resource_id, timeout=min(5.0, max(0.5, left)))
-        elapsed = round(time.monotonic() - started, 1)
-        if healthy:
-            self._note(ctx, task, health={"GuestAgent": "Ok", "Seconds": elapsed})
-        else:
-            undo = task.plan["safety_group_id"] if task.plan["keep_safety"] else None
-            self._note(ctx, task, health={
-                "GuestAgent": "NoResponse", "Seconds": elapsed,
-                "Message": f"The guest agent did not answer within {timeout:.0f} s after the "
-                           "rollback." + (f" Roll back to the safety snapshot group {undo} to "
-                                          "undo the rollback." if undo else "")})
-
-    def _note(self, ctx: ServiceContext, task: Task, **values: object) -> None:
-        with ctx.uow() as uow:
-            fresh = uow.tasks.get(task.id)
-            assert fresh is not None
-            fresh.result.update(values)
-            uow.commit()
-        task.result.update(values)
-
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        if not task.plan["keep_safety"]:
-            for _, snap_id in task.plan["items"]:
-                snap = uow.snapshots.get(snap_id)
-                if snap is not None:
-                    uow.snapshots.delete(snap)
-            group = uow.snapshot_groups.get(task.plan["safety_group_id"])
-            if group is not None:
-                uow.snapshot_groups.delete(group)
-        if task.plan["auto_start"] and not task.result.get("start_error"):
-            inst = uow.instances.get(task.resource_id)
-            assert inst is not None
-            inst.status, inst.started = InstanceStatus.RUNNING, utcnow()
-        task.result["SafetySnapshotGroupId"] = task.plan["safety_group_id"] \
-            if task.plan["keep_safety"] else ""
-
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        storage = self._storage(ctx, task)
-        if "safety" in task.done:
-            if any(s.startswith("start") for s in task.done) or \
-                    ctx.compute.state(task.resource_id).running:
-                ctx.compute.stop(task.resource_id, force=True)
-            # back to the state before the rollback
-            storage.revert_many([(d, s) for d, s in task.plan["items"]])
-        if "safety" not in task.done or not task.plan["keep_safety"]:
-            for disk_id, snap_id in task.plan["items"]:
-                storage.delete_snapshot(disk_id, snap_id)
-
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        inst = uow.instances.get(task.resource_id)
-        if inst is not None and inst.status == InstanceStatus.STARTING:
-            inst.status = InstanceStatus.STOPPED
-        keep = "safety" in task.done and task.plan["keep_safety"]
-        for _, snap_id in task.plan["items"]:
-            snap = uow.snapshots.get(snap_id)
-            if snap is not None and not keep:
-                uow.snapshots.delete(snap)
-        group = uow.snapshot_groups.get(task.plan["safety_group_id"])
-        if group is not None and not keep:
-            group.status = SnapshotStatus.FAILED
-
-    def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
-        # No disk is reverted before the journal says every safety snapshot exists: before
-        # that, undoing is safe (and drops the partial safety snapshots); after it, only
-        # going forward restores "all disks at the snapshot" for the whole request.
-        return "safety" in task.done

@@ -8,25 +8,26 @@ side by side, undone as a whole if one fails.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ecsnap.adapters.store.base import Criteria, UnitOfWork
 from ecsnap.domain import ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import (
-    MAX_MANUAL_SNAPSHOTS_PER_DISK,
     Consistency,
     Disk,
     DiskStatus,
-    GroupPurpose,
+    Instance,
     InstanceStatus,
     Snapshot,
     SnapshotGroup,
     SnapshotStatus,
     Task,
-    utcnow,
 )
+from ecsnap.service import idempotency, snapshot_records
 from ecsnap.service.context import (
     ServiceContext,
     attached_disks,
@@ -36,152 +37,93 @@ from ecsnap.service.context import (
     get_region,
     get_snapshot,
 )
+from ecsnap.service.disk_files import delete_internal_snapshot
 from ecsnap.service.listing import Page, paginate
-from ecsnap.service.tasks import SHORT_TASK_S, TaskHandler, handler, new_task
-
-FS_TAG = "FsConsistent"
-
-
-@dataclass
-class GroupSpec:
-    name: str = ""
-    description: str = ""
-    purpose: GroupPurpose = GroupPurpose.USER
-    tags: dict[str, str] | None = None
+from ecsnap.service.operation import Lock, Operation, Pair, Plan, Resume, Step
+from ecsnap.service.snapshot_records import GroupSpec, SnapshotSpec, check_snapshot_quota, new_items
+from ecsnap.service.tasks import SHORT_TASK_S
+from ecsnap.service.vms import vm_running
 
 
-def journal_snapshots(uow: UnitOfWork, account_id: str, instance_id: str, disks: Sequence[Disk],
-                      group: GroupSpec | None, *, quiesce: bool = True,
-                      snapshot_name: str = "", description: str = "",
-                      tags: dict[str, str] | None = None) -> tuple[Task, str | None, list[str]]:
-    """Write the rows (progressing) and the task that takes snapshots of `disks` together."""
-    inst = uow.instances.get(instance_id) if instance_id else None
-    region_id = disks[0].region_id
-    group_id = None
-    if group is not None:
-        assert inst is not None
-        g = SnapshotGroup(id=ids.new_id("snapshot_group"), account_id=account_id,
-                          region_id=region_id, instance_id=inst.id, name=group.name,
-                          description=group.description, purpose=group.purpose,
-                          tags=dict(group.tags or {}))
-        uow.snapshot_groups.add(g)
-        group_id = g.id
-    _check_snapshot_quota(uow, disks)
-    snap_ids = []
-    for disk in disks:
-        snap = Snapshot(id=ids.new_id("snapshot"), account_id=account_id, region_id=region_id,
-                        source_disk_id=disk.id, source_disk_type=disk.type,
-                        source_disk_size=disk.size_gib, instance_id=disk.instance_id or "",
-                        name=snapshot_name, description=description, group_id=group_id,
-                        tags=dict(tags or {}))
-        uow.snapshots.add(snap)
-        snap_ids.append(snap.id)
-    live = inst is not None and inst.status == InstanceStatus.RUNNING
-    items = [[d.id, s] for d, s in zip(disks, snap_ids, strict=True)]
-    steps = ["transaction" if live else "snapshot"]
-    locks = [("disk", d.id) for d in disks]
-    if inst is not None:
-        locks.insert(0, ("instance", inst.id))
-    task = new_task(uow, account_id=account_id, region_id=region_id,
-                    action="TakeSnapshots", resource_id=group_id or snap_ids[0], steps=steps,
-                    locks=locks, instance_id=inst.id if inst else "", group_id=group_id,
-                    items=items, quiesce=quiesce)
-    return task, group_id, snap_ids
+@dataclass(frozen=True)
+class TakeSnapshotsPlan(Plan):
+    instance_id: str  # "" for a disk that no instance has
+    group_id: str | None
+    items: tuple[Pair, ...]  # (disk, new snapshot)
+    quiesce: bool
+    live: bool  # the instance was Running: the hypervisor takes them in one transaction
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "live": "transaction" in data.get("steps", ())}
 
 
-def _check_snapshot_quota(uow: UnitOfWork, disks: Sequence[Disk]) -> None:
-    """QuotaExceed.Snapshot if a disk has its maximum of snapshots. One count over all the
-    disks answers the usual case (all of them together are below one disk's maximum)."""
-    every = Criteria(within={"source_disk_id": [d.id for d in disks]})
-    if uow.snapshots.count(every) < MAX_MANUAL_SNAPSHOTS_PER_DISK:
-        return
-    for disk in disks:
-        if uow.snapshots.count(source_disk_id=disk.id) >= MAX_MANUAL_SNAPSHOTS_PER_DISK:
-            raise EcsError("QuotaExceed.Snapshot",
-                           f"The disk {disk.id} has {MAX_MANUAL_SNAPSHOTS_PER_DISK} snapshots "
-                           "already; delete some first.", 403)
+class TakeSnapshots(Operation[TakeSnapshotsPlan]):
+    """Snapshots of disks taken together: a snapshot group, or one CreateSnapshot.
 
+    Running instance: one step, a QMP transaction of all disks (guest frozen or paused).
+    Otherwise one step through the storage backend, all disks side by side, all or none."""
 
-def _vm_running(ctx: ServiceContext, instance_id: str) -> bool:
-    return bool(instance_id) and ctx.compute.state(instance_id).running
-
-
-def delete_internal_snapshot(ctx: ServiceContext, region_id: str, disk_id: str,
-                             snapshot_id: str) -> None:
-    """Remove an internal snapshot wherever the disk is open (idempotent)."""
-    with ctx.uow(readonly=True) as uow:
-        disk = uow.disks.get(disk_id)
-        storage = ctx.storage(uow, region_id)
-        instance_id = disk.instance_id if disk and disk.instance_id else ""
-    if _vm_running(ctx, instance_id):
-        ctx.compute.delete_disk_snapshot(instance_id, disk_id, snapshot_id)
-    else:
-        storage.delete_snapshot(disk_id, snapshot_id)
-
-
-@handler
-class TakeSnapshotsTask(TaskHandler):
     action = "TakeSnapshots"
+    plan_type = TakeSnapshotsPlan
 
-    def step_snapshot(self, ctx: ServiceContext, task: Task, _: str) -> None:
+    @classmethod
+    def check(cls, uow: UnitOfWork, inst: Instance | None, disks: Sequence[Disk], *,
+              group: bool, quiesce: bool = True) -> TakeSnapshotsPlan:
+        check_snapshot_quota(uow, disks)
+        return TakeSnapshotsPlan(
+            instance_id=inst.id if inst else "",
+            group_id=ids.new_id("snapshot_group") if group else None,
+            items=new_items(disks), quiesce=quiesce,
+            live=inst is not None and inst.status == InstanceStatus.RUNNING)
+
+    @classmethod
+    def locks(cls, plan: TakeSnapshotsPlan) -> list[Lock]:
+        disks = [("disk", d) for d, _ in plan.items]
+        return [("instance", plan.instance_id), *disks] if plan.instance_id else disks
+
+    def steps(self) -> list[Step]:
+        if self.plan.live:
+            return [Step("transaction", self.transaction)]
+        return [Step("snapshot", self.snapshot)]
+
+    def snapshot(self) -> None:
         """Every disk of a stopped instance (or an unattached disk): all or nothing."""
-        with ctx.uow(readonly=True) as uow:
-            storage = ctx.storage(uow, task.region_id)
-        if _vm_running(ctx, task.plan["instance_id"]):
+        with self.ctx.uow(readonly=True) as uow:
+            storage = self.ctx.storage(uow, self.task.region_id)
+        if vm_running(self.ctx, self.plan.instance_id):
             raise EcsError("IncorrectInstanceStatus",
                            "The instance was started while its disks were being snapshotted.",
                            403)
-        storage.create_snapshots([(d, s) for d, s in task.plan["items"]])
+        storage.create_snapshots(list(self.plan.items))
 
-    def step_transaction(self, ctx: ServiceContext, task: Task, _: str) -> None:
-        items = [(d, s) for d, s in task.plan["items"]]
-        result = ctx.compute.snapshot_disks(task.plan["instance_id"], items,
-                                            quiesce=bool(task.plan["quiesce"]))
-        with ctx.uow() as uow:
-            fresh = uow.tasks.get(task.id)
-            assert fresh is not None
-            fresh.result.update(consistency=result.consistency, window_ms=result.window_ms,
-                                method=result.method)
-            uow.commit()
-        task.result.update(fresh.result)
+    def transaction(self) -> None:
+        result = self.ctx.compute.snapshot_disks(self.plan.instance_id, list(self.plan.items),
+                                                 quiesce=self.plan.quiesce)
+        self.note(consistency=result.consistency, window_ms=result.window_ms,
+                  method=result.method)
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        consistency = Consistency(task.result.get("consistency", Consistency.CRASH))
-        snap_ids = [s for _, s in task.plan["items"]]
-        snaps = uow.snapshots.find(Criteria(within={"id": snap_ids}))
-        assert len(snaps) == len(snap_ids), "a journaled snapshot row is gone"
-        for snap in snaps:
-            snap.status, snap.progress, snap.consistency = SnapshotStatus.ACCOMPLISHED, 100, \
-                consistency
-            snap.last_modified = utcnow()
-            if consistency == Consistency.FILE_SYSTEM:
-                snap.tags = {**snap.tags, FS_TAG: "True"}
-        if task.plan["group_id"]:
-            group = uow.snapshot_groups.get(task.plan["group_id"])
-            assert group is not None
-            group.status, group.consistency = SnapshotStatus.ACCOMPLISHED, consistency
-            group.window_ms = task.result.get("window_ms")
-            if consistency == Consistency.FILE_SYSTEM:
-                group.tags = {**group.tags, FS_TAG: "True"}
+    def finish(self, uow: UnitOfWork) -> None:
+        snapshot_records.complete(
+            uow, self.plan.items, self.plan.group_id,
+            Consistency(self.task.result.get("consistency", Consistency.CRASH)),
+            self.task.result.get("window_ms"))
 
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        for disk_id, snap_id in task.plan["items"]:
-            delete_internal_snapshot(ctx, task.region_id, disk_id, snap_id)
+    def compensate(self, error: BaseException) -> None:
+        for disk_id, snap_id in self.plan.items:
+            delete_internal_snapshot(self.ctx, self.task.region_id, disk_id, snap_id)
 
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        for _, snap_id in task.plan["items"]:
-            snap = uow.snapshots.get(snap_id)
-            if snap is not None:
-                uow.snapshots.delete(snap)
-        if task.plan["group_id"]:
-            group = uow.snapshot_groups.get(task.plan["group_id"])
-            if group is not None:
-                group.status = SnapshotStatus.FAILED
+    def failed(self, uow: UnitOfWork) -> None:
+        snapshot_records.drop(uow, self.plan.items, self.plan.group_id, group_too=False)
 
-    def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
+    def before_resume(self) -> None:
+        if self.plan.live:  # a crash inside the transaction may have left the guest frozen
+            self.ctx.compute.resume_guest(self.plan.instance_id)
+
+    def resume(self) -> Resume:
         # All disks taken: finishing is safe. Otherwise the VM may have written since some
         # disks were taken, so the remaining ones would not be of the same instant.
-        return all(step in task.done for step in task.plan["steps"])
+        return Resume.FORWARD if all(self.done(s.name) for s in self.steps()) else Resume.UNDO
 
 
 def create_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
@@ -200,13 +142,16 @@ def create_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
         inst = get_instance(uow, account_id, instance_id, region_id)
         disks = rules.select_group_disks(inst, attached_disks(uow, inst.id), disk_ids=disk_ids,
                                          exclude_disk_ids=exclude_disk_ids)
-        task, group_id, _ = journal_snapshots(uow, account_id, inst.id, disks,
-                                              GroupSpec(name, description, tags=tags),
-                                              quiesce=quiesce)
+        plan = TakeSnapshots.check(uow, inst, disks, group=True, quiesce=quiesce)
+        assert plan.group_id is not None
+        snapshot_records.add_rows(uow, account_id, inst.id, disks, plan.items,
+                                  group=GroupSpec(name, description, tags=dict(tags or {})),
+                                  group_id=plan.group_id)
+        task = ctx.runner.journal(uow, TakeSnapshots, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=plan.group_id)
         uow.commit()
     ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
-    assert group_id is not None
-    return group_id, task.id
+    return plan.group_id, task.id
 
 
 def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name: str = "",
@@ -214,8 +159,6 @@ def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name:
                     retention_days: int | None = None, client_token: str | None = None,
                     ) -> str:
     """CreateSnapshot: one disk, In_use (Running or Stopped instance) or Available."""
-    from ecsnap.service import idempotency
-
     rules.check_name(name, code="InvalidSnapshotName.Malformed", field="SnapshotName",
                      allow_dot=False, reserved_prefix="auto")
     rules.check_description(description)
@@ -230,21 +173,21 @@ def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name:
                 raise EcsError("IncorrectDiskStatus",
                                f"The disk {disk.id} is {disk.status.value}.", 403)
             rules.check_not_locked(disk)
-            if disk.instance_id:
-                inst = uow.instances.get(disk.instance_id)
-                assert inst is not None
+            inst = uow.instances.load(disk.instance_id) if disk.instance_id else None
+            if inst is not None:
                 rules.require_instance_status(inst, InstanceStatus.RUNNING,
                                               InstanceStatus.STOPPED, http_status=400)
                 rules.check_not_locked(inst)
-            task, _, snap_ids = journal_snapshots(
-                uow, account_id, disk.instance_id or "", [disk], None, snapshot_name=name,
-                description=description, tags=tags)
-            snap = uow.snapshots.get(snap_ids[0])
-            assert snap is not None
-            snap.retention_days = retention_days
+            plan = TakeSnapshots.check(uow, inst, [disk], group=False)
+            snapshot_records.add_rows(uow, account_id, disk.instance_id or "", [disk],
+                                      plan.items, snapshot=SnapshotSpec(
+                                          name, description, dict(tags or {}), retention_days))
+            [(_, snap_id)] = plan.items
+            task = ctx.runner.journal(uow, TakeSnapshots, plan, account_id=account_id,
+                                      region_id=disk.region_id, resource_id=snap_id)
             uow.commit()
         ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
-        return {"SnapshotId": snap_ids[0]}
+        return {"SnapshotId": snap_id}
 
     params = {"disk": disk_id, "name": name, "description": description, "tags": tags,
               "retention": retention_days}
@@ -252,39 +195,58 @@ def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name:
                             run)["SnapshotId"]
 
 
-def _journal_deletes(uow: UnitOfWork, account_id: str, snaps: Sequence[Snapshot],
-                     group_id: str | None) -> Task:
-    locks: list[tuple[str, str]] = []
-    for snap in snaps:
-        if snap.status == SnapshotStatus.PROGRESSING:
-            raise EcsError("IncorrectSnapshotStatus" if group_id else "Operation.Conflict",
-                           f"The snapshot {snap.id} is still being taken.", 403)
-        disk = uow.disks.get(snap.source_disk_id)
-        if disk is not None and not disk.released and ("disk", disk.id) not in locks:
-            locks.append(("disk", disk.id))
-    return new_task(uow, account_id=account_id, region_id=snaps[0].region_id if snaps else "",
-                    action="DeleteSnapshots", resource_id=group_id or snaps[0].id,
-                    steps=[f"delete:{s.id}" for s in snaps], locks=locks, group_id=group_id,
-                    items=[[s.source_disk_id, s.id] for s in snaps])
+@dataclass(frozen=True)
+class DeleteSnapshotsPlan(Plan):
+    group_id: str | None
+    items: tuple[Pair, ...]  # (source disk, snapshot)
+    disk_locks: tuple[str, ...] = ()
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
+        return {**data, "disk_locks": [i for kind, i in data.get("locks", ())
+                                       if kind == "disk"]}
 
 
-@handler
-class DeleteSnapshotsTask(TaskHandler):
+class DeleteSnapshots(Operation[DeleteSnapshotsPlan]):
+    """DeleteSnapshot and DeleteSnapshotGroup: one step per snapshot."""
+
     action = "DeleteSnapshots"
+    plan_type = DeleteSnapshotsPlan
 
-    def step_delete(self, ctx: ServiceContext, task: Task, snap_id: str) -> None:
-        disk_id = {s: d for d, s in task.plan["items"]}[snap_id]
-        delete_internal_snapshot(ctx, task.region_id, disk_id, snap_id)
-        with ctx.uow(readonly=True) as uow:
+    @classmethod
+    def check(cls, uow: UnitOfWork, snaps: Sequence[Snapshot],
+              group_id: str | None) -> DeleteSnapshotsPlan:
+        disks: list[str] = []
+        for snap in snaps:
+            if snap.status == SnapshotStatus.PROGRESSING:
+                raise EcsError("IncorrectSnapshotStatus" if group_id else "Operation.Conflict",
+                               f"The snapshot {snap.id} is still being taken.", 403)
+            disk = uow.disks.get(snap.source_disk_id)
+            if disk is not None and not disk.released and disk.id not in disks:
+                disks.append(disk.id)
+        return DeleteSnapshotsPlan(group_id, tuple((s.source_disk_id, s.id) for s in snaps),
+                                   tuple(disks))
+
+    @classmethod
+    def locks(cls, plan: DeleteSnapshotsPlan) -> list[Lock]:
+        return [("disk", d) for d in plan.disk_locks]
+
+    def steps(self) -> list[Step]:
+        return [Step(f"delete:{snap_id}", functools.partial(self.delete, disk_id, snap_id))
+                for disk_id, snap_id in self.plan.items]
+
+    def delete(self, disk_id: str, snap_id: str) -> None:
+        delete_internal_snapshot(self.ctx, self.task.region_id, disk_id, snap_id)
+        with self.ctx.uow(readonly=True) as uow:
             disk = uow.disks.get(disk_id)
             others = [s for s in uow.snapshots.find(source_disk_id=disk_id) if s.id != snap_id
-                      and [disk_id, s.id] not in task.plan["items"]]
-            storage = ctx.storage(uow, task.region_id)
+                      and (disk_id, s.id) not in self.plan.items]
+            storage = self.ctx.storage(uow, self.task.region_id)
         if (disk is None or disk.released) and not others:
             storage.delete(disk_id)  # the last snapshot of a released disk held its file
 
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        for disk_id, snap_id in task.plan["items"]:
+    def finish(self, uow: UnitOfWork) -> None:
+        for disk_id, snap_id in self.plan.items:
             snap = uow.snapshots.get(snap_id)
             if snap is not None:
                 uow.snapshots.delete(snap)
@@ -292,11 +254,18 @@ class DeleteSnapshotsTask(TaskHandler):
             if disk is not None and disk.released and \
                     uow.snapshots.count(source_disk_id=disk_id) <= 1:
                 uow.disks.delete(disk)
-        if task.plan["group_id"]:
-            group = uow.snapshot_groups.get(task.plan["group_id"])
+        if self.plan.group_id:
+            group = uow.snapshot_groups.get(self.plan.group_id)
             if group is not None:
                 uow.snapshot_groups.delete(group)
-        task.result["deleted"] = [s for _, s in task.plan["items"]]
+        self.task.note(deleted=[s for _, s in self.plan.items])
+
+
+def _journal_deletes(ctx: ServiceContext, uow: UnitOfWork, account_id: str,
+                     snaps: Sequence[Snapshot], group_id: str | None) -> Task:
+    plan = DeleteSnapshots.check(uow, snaps, group_id)
+    return ctx.runner.journal(uow, DeleteSnapshots, plan, account_id=account_id,
+                              region_id=snaps[0].region_id, resource_id=group_id or snaps[0].id)
 
 
 def delete_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
@@ -306,7 +275,7 @@ def delete_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
         snap = uow.snapshots.get(snapshot_id)
         if snap is None or snap.account_id != account_id:
             return None
-        task = _journal_deletes(uow, account_id, [snap], None)
+        task = _journal_deletes(ctx, uow, account_id, [snap], None)
         uow.commit()
     ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
     return task.id
@@ -325,7 +294,7 @@ def delete_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
             uow.snapshot_groups.delete(group)
             uow.commit()
             return [], ""
-        task = _journal_deletes(uow, account_id, snaps, group.id)
+        task = _journal_deletes(ctx, uow, account_id, snaps, group.id)
         uow.commit()
     ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
     return [s.id for s in snaps], task.id
@@ -339,12 +308,7 @@ def modify_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
                      allow_dot=False, reserved_prefix="auto")
     rules.check_description(description)
     with ctx.uow() as uow:
-        snap = get_snapshot(uow, account_id, snapshot_id)
-        if name is not None:
-            snap.name = name
-        if description is not None:
-            snap.description = description
-        snap.last_modified = utcnow()
+        get_snapshot(uow, account_id, snapshot_id).rename(name, description)
         uow.commit()
 
 

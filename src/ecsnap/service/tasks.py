@@ -1,14 +1,17 @@
-"""Tasks and their journal: every multi-step operation is a `Task` row.
+"""The task runner: journals operations, runs their steps, finishes or fails them.
 
-The row is written, with the locks the operation takes, in the same transaction that
-checks the rules. Its `plan` lists the steps; each step is idempotent and is recorded in
-`done` once it has run (the last one in the transaction that finishes the task, so a crash
-between the two counts as a crash inside that step). A crash (even kill -9) at any point
-leaves a Processing task; at the next start `recovery.recover()` either drives it forward
-(re-running the step that was interrupted) or undoes it, as its handler decides.
+A task is an `Operation` (service/operation.py) with its `Task` row: the row is written,
+with the operation's locks, in the transaction that checked the rules (`journal`). Each
+step is recorded in `done` once it has run, the last one in the transaction that finishes
+the task, so a crash between the two counts as a crash inside that step. A crash (even
+kill -9) at any point leaves a Processing task; at the next start `recovery.recover()`
+asks its operation whether to drive it forward or undo it.
 
-Fault injection for crash tests: with ECSNAP_CRASH_AT=`Action:step:before` (or `:after`)
-the process kills itself with SIGKILL at that point. Nothing else uses it.
+The runner knows operations only through the registry it is given (`service/registry.py`,
+handed over by bootstrap): nothing registers itself by being imported.
+
+Fault injection for crash tests: with ECSNAP_CRASH_AT=`Action:step:before` (or `:after`,
+or `Action:finish:before`) the process kills itself with SIGKILL at that point.
 """
 
 from __future__ import annotations
@@ -20,83 +23,20 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import errors, ids
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import Task, TaskStatus, utcnow
+from ecsnap.domain.model import Task, TaskStatus
 from ecsnap.service.context import ServiceContext
+from ecsnap.service.operation import Lock, Operation, P
 
 log = logging.getLogger("ecsnap.tasks")
 
 # Snapshot, delete and rollback tasks usually take well under a second: the service waits
 # this long for them before answering (see TaskRunner.submit).
 SHORT_TASK_S = 2.0
-
-
-class TaskHandler:
-    """How one kind of task runs its steps, finishes, fails and recovers."""
-
-    action: ClassVar[str] = ""
-
-    def run_step(self, ctx: ServiceContext, task: Task, step: str) -> None:
-        name, _, arg = step.partition(":")
-        getattr(self, f"step_{name}")(ctx, task, arg)
-
-    def finish(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        """Final bookkeeping, in the transaction that marks the task Finished."""
-
-    def compensate(self, ctx: ServiceContext, task: Task, error: BaseException) -> None:
-        """Undo what the done steps did (idempotent); called before the task is marked Failed."""
-
-    def failed(self, ctx: ServiceContext, uow: UnitOfWork, task: Task) -> None:
-        """Bookkeeping in the transaction that marks the task Failed."""
-
-    def recover_forward(self, ctx: ServiceContext, task: Task) -> bool:
-        """After a crash: True to drive the task forward, False to undo it."""
-        return True
-
-
-HANDLERS: dict[str, TaskHandler] = {}
-
-
-def handler(cls: type[TaskHandler]) -> type[TaskHandler]:
-    HANDLERS[cls.action] = cls()
-    return cls
-
-
-def handler_for(action: str) -> TaskHandler:
-    """The handler of a journaled action (its module registers it when imported)."""
-    if action not in HANDLERS:
-        from ecsnap.service import disks, instances, rollback, snapshots  # noqa: F401
-
-    return HANDLERS[action]
-
-
-def crash_point(ctx: ServiceContext, name: str) -> None:
-    if ctx.settings.crash_at and ctx.settings.crash_at == name:
-        log.warning("fault injection: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def new_task(uow: UnitOfWork, *, account_id: str, region_id: str, action: str,
-             resource_id: str, steps: list[str], locks: list[tuple[str, str]],
-             **plan: Any) -> Task:
-    """Journal a task and take its locks, in the caller's transaction (not committed here).
-
-    Raises Operation.Conflict if any lock is held by another task."""
-    task = Task(id=ids.new_id("task"), account_id=account_id, region_id=region_id,
-                action=action, resource_id=resource_id,
-                plan={"steps": steps, "locks": [list(lock) for lock in locks], **plan})
-    uow.tasks.add(task)
-    for kind, obj_ids in _by_kind(locks).items():
-        refused = uow.try_lock(kind, obj_ids, task.id)
-        if refused is not None:
-            holder = getattr(uow.instances.get(refused) if kind == "instance"
-                             else uow.disks.get(refused), "lock_task_id", None)
-            raise errors.operation_conflict(refused, holder)
-    return task
 
 
 def _by_kind(locks: Iterable[Sequence[str]]) -> dict[str, list[str]]:
@@ -107,104 +47,145 @@ def _by_kind(locks: Iterable[Sequence[str]]) -> dict[str, list[str]]:
     return kinds
 
 
-def _release_locks(uow: UnitOfWork, task: Task) -> None:
-    for kind, obj_ids in _by_kind(task.plan.get("locks", [])).items():
-        uow.unlock(kind, obj_ids, task.id)
-
-
-def _mark_done(ctx: ServiceContext, task_id: str, step: str) -> Task:
-    with ctx.uow() as uow:
-        task = uow.tasks.get(task_id)
-        assert task is not None
-        if step not in task.done:
-            task.done.append(step)
-        uow.commit()
-        return task
-
-
-def drive(ctx: ServiceContext, task_id: str) -> Task:
-    """Run the remaining steps of a task, then finish it; on error compensate and fail it."""
-    with ctx.uow(readonly=True) as uow:
-        task = uow.tasks.get(task_id)
-        if task is None:
-            raise errors.not_found("task", task_id)
-    if task.status != TaskStatus.PROCESSING:
-        return task
-    h = handler_for(task.action)
-    try:
-        todo = [step for step in task.plan["steps"] if step not in task.done]
-        for n, step in enumerate(todo):
-            crash_point(ctx, f"{task.action}:{step}:before")
-            log.info("task %s %s: step %s", task.id, task.action, step)
-            h.run_step(ctx, task, step)
-            crash_point(ctx, f"{task.action}:{step}:after")
-            if n < len(todo) - 1:  # the last one is marked done in the finishing transaction
-                task = _mark_done(ctx, task.id, step)
-        crash_point(ctx, f"{task.action}:finish:before")
-        with ctx.uow() as uow:
-            fresh = uow.tasks.get(task.id)
-            assert fresh is not None
-            fresh.done = fresh.done + todo[-1:]
-            h.finish(ctx, uow, fresh)
-            fresh.status = TaskStatus.FINISHED
-            fresh.finished = utcnow()
-            _release_locks(uow, fresh)
-            uow.commit()
-            task = fresh
-        log.info("task %s %s finished", task.id, task.action)
-        return task
-    except Exception as exc:  # every failure ends the task; nothing is left half done
-        return fail(ctx, task.id, exc)
-
-
-def fail(ctx: ServiceContext, task_id: str, exc: BaseException) -> Task:
-    code, message = ("InternalError", f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, EcsError):
-        code, message = exc.code, exc.message
-    log.warning("task %s failed: %s: %s", task_id, code, message)
-    with ctx.uow() as uow:
-        task = uow.tasks.get(task_id)
-        assert task is not None
-    h = handler_for(task.action)
-    try:
-        h.compensate(ctx, task, exc)
-    except Exception:
-        log.exception("task %s: compensation failed; recovery will retry it", task_id)
-        raise
-    with ctx.uow() as uow:
-        task = uow.tasks.get(task_id)
-        assert task is not None
-        h.failed(ctx, uow, task)
-        task.status = TaskStatus.FAILED
-        task.error_code, task.error_message = code, message
-        task.finished = utcnow()
-        _release_locks(uow, task)
-        uow.commit()
-        return task
-
-
 class TaskRunner:
-    """Executes journaled tasks: in background threads (the server) or inline."""
+    """Journals and executes operations: in background threads (the server) or inline."""
 
-    def __init__(self, ctx: ServiceContext, *, background: bool, workers: int = 4) -> None:
+    def __init__(self, ctx: ServiceContext, operations: Iterable[type[Operation[Any]]], *,
+                 background: bool, workers: int = 4) -> None:
         self.ctx = ctx
+        self.operations: dict[str, type[Operation[Any]]] = {}
+        for op in operations:
+            if op.action in self.operations:
+                raise ValueError(f"two operations for the action {op.action}")
+            self.operations[op.action] = op
         self.background = background
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="task") \
             if background else None
         self._futures: dict[str, Future[Task]] = {}
         self._lock = threading.Lock()
 
+    # -- journal
+    def journal(self, uow: UnitOfWork, op_type: type[Operation[P]], plan: P, *,
+                account_id: str, region_id: str, resource_id: str) -> Task:
+        """Write the task of `plan`, take its locks and let the operation record what users
+        see at once, in the caller's transaction (not committed here).
+
+        Raises Operation.Conflict if any lock is held by another task."""
+        if self.operations.get(op_type.action) is not op_type:
+            raise ValueError(f"{op_type.__name__} is not in the runner's registry")
+        locks = list(op_type.locks(plan))
+        task = Task(id=ids.new_id("task"), account_id=account_id, region_id=region_id,
+                    action=op_type.action, resource_id=resource_id)
+        op = op_type(self.ctx, task, plan)
+        task.plan = {**plan.to_journal(), "steps": [s.name for s in op.steps()],
+                     "locks": [list(lock) for lock in locks]}
+        uow.tasks.add(task)
+        for kind, obj_ids in _by_kind(locks).items():
+            refused = uow.try_lock(kind, obj_ids, task.id)
+            if refused is not None:
+                holder = uow.instances.get(refused) if kind == "instance" \
+                    else uow.disks.get(refused)
+                raise errors.operation_conflict(refused, getattr(holder, "lock_task_id", None))
+        op.accept(uow)
+        return task
+
+    def operation(self, task: Task) -> Operation[Any]:
+        """The operation of a journaled task, its plan read back from the journal."""
+        op_type = self.operations[task.action]
+        plan = op_type.plan_type.from_journal(task.plan, task.resource_id)
+        return op_type(self.ctx, task, plan)
+
+    # -- execution
+    def drive(self, task_id: str) -> Task:
+        """Run the remaining steps of a task, then finish it; on error compensate, fail it."""
+        ctx = self.ctx
+        with ctx.uow(readonly=True) as uow:
+            task = uow.tasks.get(task_id)
+            if task is None:
+                raise errors.not_found("task", task_id)
+        if task.status != TaskStatus.PROCESSING:
+            return task
+        try:
+            op = self.operation(task)
+            todo = [step for step in op.steps() if step.name not in task.done]
+            for n, step in enumerate(todo):
+                self._crash_point(f"{task.action}:{step.name}:before")
+                log.info("task %s %s: step %s", task.id, task.action, step.name)
+                step.run()
+                self._crash_point(f"{task.action}:{step.name}:after")
+                if n < len(todo) - 1:  # the last one is marked done in the finishing commit
+                    self._mark_done(task, step.name)
+            self._crash_point(f"{task.action}:finish:before")
+            with ctx.uow() as uow:
+                fresh = uow.tasks.load(task.id)
+                for step in todo[-1:]:
+                    fresh.step_done(step.name)
+                op.task = fresh
+                op.finish(uow)
+                fresh.finish()
+                self._release_locks(uow, fresh)
+                uow.commit()
+            log.info("task %s %s finished", task.id, task.action)
+            return fresh
+        except Exception as exc:  # every failure ends the task; nothing is left half done
+            return self.fail(task.id, exc)
+
+    def fail(self, task_id: str, exc: BaseException) -> Task:
+        code, message = ("InternalError", f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, EcsError):
+            code, message = exc.code, exc.message
+        log.warning("task %s failed: %s: %s", task_id, code, message)
+        with self.ctx.uow(readonly=True) as uow:
+            task = uow.tasks.load(task_id)
+        op = self.operation(task)
+        try:
+            op.compensate(exc)
+        except Exception:
+            log.exception("task %s: compensation failed; recovery will retry it", task_id)
+            raise
+        with self.ctx.uow() as uow:
+            fresh = uow.tasks.load(task_id)
+            op.task = fresh
+            op.failed(uow)
+            fresh.fail(code, message)
+            self._release_locks(uow, fresh)
+            uow.commit()
+            return fresh
+
+    def _mark_done(self, task: Task, step: str) -> None:
+        with self.ctx.uow() as uow:
+            uow.tasks.load(task.id).step_done(step)
+            uow.commit()
+        task.step_done(step)
+
+    @staticmethod
+    def _release_locks(uow: UnitOfWork, task: Task) -> None:
+        for kind, obj_ids in _by_kind(task.plan.get("locks", [])).items():
+            uow.unlock(kind, obj_ids, task.id)
+
+    def _crash_point(self, name: str) -> None:
+        if self.ctx.settings.crash_at and self.ctx.settings.crash_at == name:
+            log.warning("fault injection: SIGKILL at %s", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- scheduling
     def submit(self, task_id: str, *, wait_up_to: float = 0.0) -> None:
         """Run the task; with `wait_up_to`, return once it has ended or after that many
         seconds, whichever comes first (a short task is then done when the API answers,
         so its caller sees the result at once; a long one goes on in the background)."""
         if self._pool is None:
-            drive(self.ctx, task_id)
+            self.drive(task_id)
             return
+        future = self._pool.submit(self.drive, task_id)
         with self._lock:
-            future = self._futures[task_id] = self._pool.submit(drive, self.ctx, task_id)
+            self._futures[task_id] = future
+        future.add_done_callback(lambda _: self._forget(task_id))
         if wait_up_to > 0:
             futures.wait([future], timeout=wait_up_to)  # its outcome is the task's to tell
+
+    def _forget(self, task_id: str) -> None:
+        with self._lock:
+            self._futures.pop(task_id, None)
 
     def spawn(self, job: Callable[[], None]) -> None:
         """Run a job that is not a journaled task (a guest command) in the background."""
@@ -227,3 +208,6 @@ class TaskRunner:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+__all__ = ["SHORT_TASK_S", "Lock", "TaskRunner"]

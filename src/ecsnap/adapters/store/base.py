@@ -10,9 +10,34 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
+
+if TYPE_CHECKING:
+    from ecsnap.domain.model import (
+        AccessKey,
+        Account,
+        Disk,
+        IdempotencyKey,
+        IdempotencyRecord,
+        Image,
+        Instance,
+        Invocation,
+        Region,
+        Snapshot,
+        SnapshotGroup,
+        Task,
+        Zone,
+    )
 
 T = TypeVar("T")
+K = TypeVar("K", contravariant=True)
+
+
+class MissingRow(LookupError):
+    """`Repository.load` found no row: a journal or a caller named an ID the store lacks.
+
+    Not an ECS error (a user's unknown ID is checked before, with its NotFound code): it
+    means the store and the journal disagree, a bug or a hand-edited database."""
 
 
 @dataclass
@@ -32,10 +57,26 @@ class Criteria:
     after: tuple[datetime, str] | None = None  # keyset page: (created, id) of the last row seen
 
 
+class KeyedRepository(Protocol[T, K]):
+    def add(self, obj: T) -> None: ...
+
+    def get(self, key: K) -> T | None: ...
+
+    def load(self, key: K) -> T:
+        """Like `get`, for a row that must exist: MissingRow if it does not."""
+        ...
+
+    def delete(self, obj: T) -> None: ...
+
+
 class Repository(Protocol[T]):
     def add(self, obj: T) -> None: ...
 
     def get(self, obj_id: str) -> T | None: ...
+
+    def load(self, obj_id: str) -> T:
+        """Like `get`, for a row that must exist: MissingRow if it does not."""
+        ...
 
     def delete(self, obj: T) -> None: ...
 
@@ -46,41 +87,40 @@ class Repository(Protocol[T]):
 
 class UnitOfWork(Protocol):
     @property
-    def accounts(self) -> Repository[Any]: ...
+    def accounts(self) -> Repository[Account]: ...
 
     @property
-    def access_keys(self) -> Repository[Any]: ...
+    def access_keys(self) -> Repository[AccessKey]: ...
 
     @property
-    def regions(self) -> Repository[Any]: ...
+    def regions(self) -> Repository[Region]: ...
 
     @property
-    def zones(self) -> Repository[Any]: ...
+    def zones(self) -> Repository[Zone]: ...
 
     @property
-    def images(self) -> Repository[Any]: ...
+    def images(self) -> Repository[Image]: ...
 
     @property
-    def instances(self) -> Repository[Any]: ...
+    def instances(self) -> Repository[Instance]: ...
 
     @property
-    def disks(self) -> Repository[Any]: ...
+    def disks(self) -> Repository[Disk]: ...
 
     @property
-    def snapshots(self) -> Repository[Any]: ...
+    def snapshots(self) -> Repository[Snapshot]: ...
 
     @property
-    def snapshot_groups(self) -> Repository[Any]: ...
+    def snapshot_groups(self) -> Repository[SnapshotGroup]: ...
 
     @property
-    def tasks(self) -> Repository[Any]: ...
+    def tasks(self) -> Repository[Task]: ...
 
     @property
-    def idempotency(self) -> Repository[Any]: ...
+    def idempotency(self) -> KeyedRepository[IdempotencyRecord, IdempotencyKey]: ...
 
     @property
-    def invocations(self) -> Repository[Any]: ...
-
+    def invocations(self) -> Repository[Invocation]: ...
 
     def __enter__(self) -> Self: ...
 

@@ -35,7 +35,7 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.types import NullType
 
 from ecsnap.adapters.store import orm
-from ecsnap.adapters.store.base import Criteria
+from ecsnap.adapters.store.base import Criteria, MissingRow
 from ecsnap.domain import model
 
 T = TypeVar("T")
@@ -190,12 +190,18 @@ class SqlRepository(Generic[T]):
     def add(self, obj: T) -> None:
         self.session.add(obj)
 
-    def get(self, obj_id: str) -> T | None:
+    def get(self, obj_id: Any) -> T | None:
         if self.connection is None or self.loader is None or not self.loader.single_key:
             return self.session.get(self.cls, obj_id)
         found = self.loader(self.connection.execute(self.loader.by_key, {"key": obj_id}),
                             self.json_text)
         return found[0] if found else None
+
+    def load(self, obj_id: Any) -> T:
+        found = self.get(obj_id)
+        if found is None:
+            raise MissingRow(f"{self.table.name}: no row {obj_id!r}")
+        return found
 
     def delete(self, obj: T) -> None:
         self.session.delete(obj)
