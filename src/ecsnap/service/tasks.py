@@ -11,7 +11,8 @@ The runner knows operations only through the registry it is given (`service/regi
 handed over by bootstrap): nothing registers itself by being imported.
 
 Fault injection for crash tests: with ECSNAP_CRASH_AT=`Action:step:before` (or `:after`,
-or `Action:finish:before`) the process kills itself with SIGKILL at that point.
+or `Action:finish:before`) the process kills itself with SIGKILL at that point; a step
+may also be named by its place, `Action:kind#n:before` (the n-th step named `kind…`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ecsnap.domain import errors, ids
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import Task, TaskStatus
 from ecsnap.service.context import ServiceContext
-from ecsnap.service.operation import Lock, Operation, P
+from ecsnap.service.operation import Lock, Operation, P, Step
 
 log = logging.getLogger("ecsnap.tasks")
 
@@ -45,6 +46,19 @@ def _by_kind(locks: Iterable[Sequence[str]]) -> dict[str, list[str]]:
     for kind, obj_id in locks:
         kinds.setdefault(kind, []).append(obj_id)
     return kinds
+
+
+def _places(steps: Sequence[Step]) -> dict[str, str]:
+    """Each step's place for fault injection: its kind (the name up to a colon) and its
+    rank among the steps of that kind, `create_disk#1`, so a test can name a step whose
+    name holds an ID it does not know yet."""
+    seen: dict[str, int] = {}
+    places = {}
+    for step in steps:
+        kind = step.name.partition(":")[0]
+        seen[kind] = seen.get(kind, 0) + 1
+        places[step.name] = f"{kind}#{seen[kind]}"
+    return places
 
 
 class TaskRunner:
@@ -107,15 +121,17 @@ class TaskRunner:
             return task
         try:
             op = self.operation(task)
-            todo = [step for step in op.steps() if step.name not in task.done]
+            steps = op.steps()
+            places = _places(steps)
+            todo = [step for step in steps if step.name not in task.done]
             for n, step in enumerate(todo):
-                self._crash_point(f"{task.action}:{step.name}:before")
+                self._crash_point(task.action, step.name, places[step.name], "before")
                 log.info("task %s %s: step %s", task.id, task.action, step.name)
                 step.run()
-                self._crash_point(f"{task.action}:{step.name}:after")
+                self._crash_point(task.action, step.name, places[step.name], "after")
                 if n < len(todo) - 1:  # the last one is marked done in the finishing commit
                     self._mark_done(task, step.name)
-            self._crash_point(f"{task.action}:finish:before")
+            self._crash_point(task.action, "finish", "finish", "before")
             with ctx.uow() as uow:
                 fresh = uow.tasks.load(task.id)
                 for step in todo[-1:]:
@@ -163,9 +179,10 @@ class TaskRunner:
         for kind, obj_ids in _by_kind(task.plan.get("locks", [])).items():
             uow.unlock(kind, obj_ids, task.id)
 
-    def _crash_point(self, name: str) -> None:
-        if self.ctx.settings.crash_at and self.ctx.settings.crash_at == name:
-            log.warning("fault injection: SIGKILL at %s", name)
+    def _crash_point(self, action: str, step: str, place: str, when: str) -> None:
+        wanted = self.ctx.settings.crash_at
+        if wanted and wanted in (f"{action}:{step}:{when}", f"{action}:{place}:{when}"):
+            log.warning("fault injection: SIGKILL at %s", wanted)
             os.kill(os.getpid(), signal.SIGKILL)
 
     # -- scheduling
