@@ -76,8 +76,7 @@ def run_command(ctx: ServiceContext, account_id: str, region_id: str, *, command
 
 def _execute(ctx: ServiceContext, record_id: str) -> None:
     with ctx.uow() as uow:
-        record = uow.invocations.get(record_id)
-        assert record is not None
+        record = uow.invocations.load(record_id)
         record.started = utcnow()
         uow.commit()
     status, code, info, exit_code, output, dropped = InvocationStatus.SUCCESS, "", "", None, "", 0
@@ -101,8 +100,7 @@ def _execute(ctx: ServiceContext, record_id: str) -> None:
     except ComputeError as exc:
         status, code, info = InvocationStatus.ERROR, "ExecutionException", str(exc)
     with ctx.uow() as uow:
-        record = uow.invocations.get(record_id)
-        assert record is not None
+        record = uow.invocations.load(record_id)
         record.status, record.error_code, record.error_info = status, code, info
         record.exit_code, record.output, record.dropped = exit_code, output, dropped
         record.finished = utcnow()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,7 +91,6 @@ def describe_images(ctx: ServiceContext, account_id: str, region_id: str, *,
 
 
 def _match(pattern: str, value: str) -> bool:
-    import fnmatch
 
     return fnmatch.fnmatchcase(value, pattern)
 

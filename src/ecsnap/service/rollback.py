@@ -134,8 +134,7 @@ def _check(uow: UnitOfWork, account_id: str, region_id: str | None,
         get_region(uow, region_id)
     targets = _targets(uow, account_id, items)
     instance_id = _instance_of(uow, account_id, targets)
-    inst = uow.instances.get(instance_id)
-    assert inst is not None
+    inst = uow.instances.load(instance_id)
     system = next((d.id for d in attached_disks(uow, inst.id) if d.type == DiskType.SYSTEM), None)
     failures = rules.check_reset(inst, targets, system_disk_id=system)
     previews = [DiskPreview(t.disk_id, t.snapshot_id,
@@ -153,8 +152,7 @@ def preview_reset_disks(ctx: ServiceContext, account_id: str, region_id: str | N
     snapshot (what a rollback would lose). Changes nothing."""
     with ctx.uow() as uow:
         preview, targets = _check(uow, account_id, region_id, items)
-        inst = uow.instances.get(preview.instance_id)
-        assert inst is not None
+        inst = uow.instances.load(preview.instance_id)
         storage = ctx.storage(uow, inst.region_id)
     for disk_preview, target in zip(preview.disks, targets, strict=True):
         if target.disk is not None and target.snapshot is not None and \

@@ -3,11 +3,12 @@ the response fields (the app adds RequestId and renders JSON or XML)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ecsnap.domain.errors import EcsError
+from ecsnap.domain.errors import EcsError, dry_run_passed
 from ecsnap.entrypoints.api import views
 from ecsnap.service import (
     commands,
@@ -17,6 +18,7 @@ from ecsnap.service import (
     regions,
     rollback,
     snapshots,
+    tasks_view,
 )
 from ecsnap.service.context import ServiceContext
 
@@ -146,8 +148,6 @@ def create_instance(c: Call) -> dict[str, Any]:
 @action("DescribeInstances")
 def describe_instances(c: Call) -> dict[str, Any]:
     if _dry_run(c.p):
-        from ecsnap.domain.errors import dry_run_passed
-
         raise dry_run_passed()
     page = instances.describe_instances(
         c.ctx, c.account_id, c.region, instance_ids=c.p.json_list("InstanceIds"),
@@ -309,8 +309,6 @@ def replace_system_disk(c: Call) -> dict[str, Any]:
 @action("DescribeDisks")
 def describe_disks(c: Call) -> dict[str, Any]:
     if _dry_run(c.p):
-        from ecsnap.domain.errors import dry_run_passed
-
         raise dry_run_passed()
     page = disks.describe_disks(
         c.ctx, c.account_id, c.region, disk_ids=c.p.json_list("DiskIds"),
@@ -339,8 +337,6 @@ def create_snapshot(c: Call) -> dict[str, Any]:
 @action("DescribeSnapshots")
 def describe_snapshots(c: Call) -> dict[str, Any]:
     if _dry_run(c.p):
-        from ecsnap.domain.errors import dry_run_passed
-
         raise dry_run_passed()
     page = snapshots.describe_snapshots(
         c.ctx, c.account_id, c.region, snapshot_ids=c.p.json_list("SnapshotIds"),
@@ -469,8 +465,6 @@ def preview_reset_disks(c: Call) -> dict[str, Any]:
 
 @action("DescribeTasks")
 def describe_tasks(c: Call) -> dict[str, Any]:
-    from ecsnap.service import tasks_view
-
     ids_ = c.p.str("TaskIds")
     page = tasks_view.describe_tasks(c.ctx, c.account_id, c.region,
                                      task_ids=ids_.split(",") if ids_ else None,
@@ -484,8 +478,6 @@ def describe_tasks(c: Call) -> dict[str, Any]:
 
 @action("DescribeTaskAttribute")
 def describe_task_attribute(c: Call) -> dict[str, Any]:
-    from ecsnap.service import tasks_view
-
     t = tasks_view.get_task(c.ctx, c.account_id, c.region, c.p.str("TaskId", required=True))
     failed = t.status.value == "Failed"
     return {**views.task(t), "RegionId": c.region, "TotalCount": 1,
@@ -548,8 +540,6 @@ def describe_invocations(c: Call) -> dict[str, Any]:
             "Success" if statuses == {"Success"} else "Failed")
         content = first.command_content
         if encoding == "Base64":
-            import base64
-
             content = base64.b64encode(content.encode()).decode()
         out.append({"InvokeId": invoke_id, "CommandId": first.command_id,
                     "CommandType": first.command_type, "CommandName": first.name,

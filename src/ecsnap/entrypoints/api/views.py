@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any
 
@@ -177,8 +178,6 @@ def task(t: Task) -> dict[str, Any]:
 
 
 def invocation_result(v: Invocation, encoding: str) -> dict[str, Any]:
-    import base64
-
     output = v.output if encoding == "PlainText" else \
         base64.b64encode(v.output.encode()).decode()
     return {
