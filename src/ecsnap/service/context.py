@@ -31,11 +31,25 @@ class ServiceContext:
     runner: TaskRunner = field(init=False)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    _pools: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
     def storage(self, uow: UnitOfWork, region_id: str) -> StorageBackend:
-        region = uow.regions.get(region_id)
-        if region is None:
-            raise errors.not_found("region", region_id)
-        return self.storage_for(region.storage_pool)
+        """The storage backend of a region's pool (a region's pool never changes, so it is
+        remembered: task steps need no query for it)."""
+        pool = self._pools.get(region_id)
+        if pool is None:
+            region = uow.regions.get(region_id)
+            if region is None:
+                raise errors.not_found("region", region_id)
+            pool = self._pools[region_id] = region.storage_pool
+        return self.storage_for(pool)
+
+    def storage_of(self, region_id: str) -> StorageBackend:
+        """`storage` outside a unit of work (a task step)."""
+        if region_id in self._pools:
+            return self.storage_for(self._pools[region_id])
+        with self.uow(readonly=True) as uow:
+            return self.storage(uow, region_id)
 
 
 def get_region(uow: UnitOfWork, region_id: str | None) -> Region:

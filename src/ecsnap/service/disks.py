@@ -87,7 +87,7 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
                                       account_id=account_id, region_id=region_id,
                                       resource_id=disk.id)
             uow.commit()
-        ctx.runner.submit(task.id)
+        ctx.runner.submit(task)
         return {"DiskId": disk.id}
 
     params = {"region": region_id, "size": size_gib, "zone": zone_id, "category": category,
@@ -146,8 +146,7 @@ class AttachDisk(Operation[AttachDiskPlan]):
         return [Step("hotplug", self.hotplug)] if self.plan.live else []
 
     def hotplug(self) -> None:
-        with self.ctx.uow(readonly=True) as uow:
-            storage = self.ctx.storage(uow, self.task.region_id)
+        storage = self.ctx.storage_of(self.task.region_id)
         self.ctx.compute.attach_disk(self.plan.instance_id, VmDisk(
             self.plan.disk_id, storage.path(self.plan.disk_id), False))
 
@@ -186,7 +185,7 @@ def attach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id:
         task = ctx.runner.journal(uow, AttachDisk, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=disk.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 
@@ -243,7 +242,7 @@ def detach_disk(ctx: ServiceContext, account_id: str, instance_id: str, disk_id:
         task = ctx.runner.journal(uow, DetachDisk, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=disk.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 
@@ -277,7 +276,7 @@ def delete_disk(ctx: ServiceContext, account_id: str, disk_id: str) -> None:
         task = ctx.runner.journal(uow, DeleteDisk, DiskPlan(disk.id), account_id=account_id,
                                   region_id=disk.region_id, resource_id=disk.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
 
 
 @dataclass(frozen=True)
@@ -293,8 +292,7 @@ class ResizeDisk(_OnDisk):
         return [Step("resize", self.resize)]
 
     def resize(self) -> None:
-        with self.ctx.uow(readonly=True) as uow:
-            storage = self.ctx.storage(uow, self.task.region_id)
+        storage = self.ctx.storage_of(self.task.region_id)
         wanted = self.plan.size_gib * GIB
         if storage.virtual_size(self.plan.disk_id) < wanted:
             storage.resize(self.plan.disk_id, wanted)
@@ -327,7 +325,7 @@ def resize_disk(ctx: ServiceContext, account_id: str, disk_id: str, new_size_gib
                                   account_id=account_id, region_id=disk.region_id,
                                   resource_id=disk.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
 
 
 @dataclass(frozen=True)
@@ -358,8 +356,7 @@ class ReInitDisk(Operation[ReInitDiskPlan]):
         return steps + ([Step("start", self.start)] if self.plan.auto_start else [])
 
     def reinit(self) -> None:
-        with self.ctx.uow(readonly=True) as uow:
-            storage = self.ctx.storage(uow, self.task.region_id)
+        storage = self.ctx.storage_of(self.task.region_id)
         storage.revert(self.plan.disk_id, INITIAL)
 
     def start(self) -> None:
@@ -405,7 +402,7 @@ def reinit_disk(ctx: ServiceContext, account_id: str, disk_id: str, *,
                                   account_id=account_id, region_id=disk.region_id,
                                   resource_id=disk.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 
@@ -455,8 +452,7 @@ class ReplaceSystemDisk(Operation[ReplaceSystemDiskPlan]):
     def compensate(self, error: BaseException) -> None:
         if self.done(f"release_disk:{self.plan.old_disk}"):
             return  # the old disk is gone; only forward is possible (never reached: see drive)
-        with self.ctx.uow(readonly=True) as uow:
-            storage = self.ctx.storage(uow, self.task.region_id)
+        storage = self.ctx.storage_of(self.task.region_id)
         storage.delete(self.plan.new_disk)
 
     def failed(self, uow: UnitOfWork) -> None:
@@ -497,7 +493,7 @@ def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, 
             task = ctx.runner.journal(uow, ReplaceSystemDisk, plan, account_id=account_id,
                                       region_id=inst.region_id, resource_id=inst.id)
             uow.commit()
-        ctx.runner.submit(task.id)
+        ctx.runner.submit(task)
         return {"DiskId": new.id, "TaskId": task.id}
 
     params = {"instance": instance_id, "image": image_id, "size": size_gib}

@@ -101,7 +101,7 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
                        "MinAmount must be between 1 and Amount.", 400)
     _check_request(req)
     created: list[str] = []
-    task_ids: list[str] = []
+    tasks: list[Task] = []
     with ctx.uow() as uow:
         region = get_region(uow, region_id)
         zone_id = req.zone_id or f"{region_id}-a"
@@ -162,10 +162,10 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
             task = ctx.runner.journal(uow, RunInstance, plan, account_id=account_id,
                                       region_id=region_id, resource_id=inst.id)
             created.append(inst.id)
-            task_ids.append(task.id)
+            tasks.append(task)
         uow.commit()
-    for task_id in task_ids:
-        ctx.runner.submit(task_id)
+    for task in tasks:
+        ctx.runner.submit(task)
     return created
 
 
@@ -224,8 +224,7 @@ class RunInstance(Operation[RunInstancePlan]):
 
     def compensate(self, error: BaseException) -> None:
         self.ctx.compute.stop(self.plan.instance_id, force=True)
-        with self.ctx.uow(readonly=True) as uow:
-            storage = self.ctx.storage(uow, self.task.region_id)
+        storage = self.ctx.storage_of(self.task.region_id)
         for disk_id in self.plan.disk_ids:
             storage.delete(disk_id)
 
@@ -305,7 +304,7 @@ def start_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
         task = ctx.runner.journal(uow, StartInstance, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 
@@ -365,7 +364,7 @@ def stop_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
         task = ctx.runner.journal(uow, StopInstance, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 
@@ -414,7 +413,7 @@ def reboot_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
         task = ctx.runner.journal(uow, RebootInstance, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 
@@ -481,7 +480,7 @@ def delete_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
         task = ctx.runner.journal(uow, DeleteInstance, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
-    ctx.runner.submit(task.id)
+    ctx.runner.submit(task)
     return task.id
 
 

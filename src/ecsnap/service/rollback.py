@@ -220,8 +220,7 @@ class ResetDisks(Operation[ResetDisksPlan]):
         return steps
 
     def _storage(self) -> StorageBackend:
-        with self.ctx.uow(readonly=True) as uow:
-            return self.ctx.storage(uow, self.task.region_id)
+        return self.ctx.storage_of(self.task.region_id)
 
     def safety(self) -> None:
         if vm_running(self.ctx, self.plan.instance_id):
@@ -339,7 +338,7 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                                   region_id=inst.region_id, resource_id=inst.id)
         uow.commit()
     # with AutoStartInstance the VM boots: that goes on in the background
-    ctx.runner.submit(task.id, wait_up_to=0.0 if auto_start else SHORT_TASK_S)
+    ctx.runner.submit(task, wait_up_to=0.0 if auto_start else SHORT_TASK_S)
     return ResetResult(task.id, plan.instance_id,
                        plan.safety_group_id if safety_snapshot else None, list(plan.pairs))
 

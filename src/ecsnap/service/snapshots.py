@@ -89,8 +89,7 @@ class TakeSnapshots(Operation[TakeSnapshotsPlan]):
 
     def snapshot(self) -> None:
         """Every disk of a stopped instance (or an unattached disk): all or nothing."""
-        with self.ctx.uow(readonly=True) as uow:
-            storage = self.ctx.storage(uow, self.task.region_id)
+        storage = self.ctx.storage_of(self.task.region_id)
         if vm_running(self.ctx, self.plan.instance_id):
             raise EcsError("IncorrectInstanceStatus",
                            "The instance was started while its disks were being snapshotted.",
@@ -150,7 +149,7 @@ def create_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
         task = ctx.runner.journal(uow, TakeSnapshots, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=plan.group_id)
         uow.commit()
-    ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
+    ctx.runner.submit(task, wait_up_to=SHORT_TASK_S)
     return plan.group_id, task.id
 
 
@@ -186,7 +185,7 @@ def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name:
             task = ctx.runner.journal(uow, TakeSnapshots, plan, account_id=account_id,
                                       region_id=disk.region_id, resource_id=snap_id)
             uow.commit()
-        ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
+        ctx.runner.submit(task, wait_up_to=SHORT_TASK_S)
         return {"SnapshotId": snap_id}
 
     params = {"disk": disk_id, "name": name, "description": description, "tags": tags,
@@ -277,7 +276,7 @@ def delete_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
             return None
         task = _journal_deletes(ctx, uow, account_id, [snap], None)
         uow.commit()
-    ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
+    ctx.runner.submit(task, wait_up_to=SHORT_TASK_S)
     return task.id
 
 
@@ -296,7 +295,7 @@ def delete_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
             return [], ""
         task = _journal_deletes(ctx, uow, account_id, snaps, group.id)
         uow.commit()
-    ctx.runner.submit(task.id, wait_up_to=SHORT_TASK_S)
+    ctx.runner.submit(task, wait_up_to=SHORT_TASK_S)
     return [s.id for s in snaps], task.id
 
 

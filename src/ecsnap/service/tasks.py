@@ -110,13 +110,19 @@ class TaskRunner:
         return op_type(self.ctx, task, plan)
 
     # -- execution
-    def drive(self, task_id: str) -> Task:
-        """Run the remaining steps of a task, then finish it; on error compensate, fail it."""
+    def drive(self, task_or_id: Task | str) -> Task:
+        """Run the remaining steps of a task, then finish it; on error compensate, fail it.
+
+        Given the Task just journaled (by `submit`), it is not read again."""
         ctx = self.ctx
-        with ctx.uow(readonly=True) as uow:
-            task = uow.tasks.get(task_id)
-            if task is None:
-                raise errors.not_found("task", task_id)
+        if isinstance(task_or_id, Task):
+            task = task_or_id
+        else:
+            with ctx.uow(readonly=True) as uow:
+                found = uow.tasks.get(task_or_id)
+                if found is None:
+                    raise errors.not_found("task", task_or_id)
+                task = found
         if task.status != TaskStatus.PROCESSING:
             return task
         try:
@@ -134,10 +140,10 @@ class TaskRunner:
             self._crash_point(task.action, "finish", "finish", "before")
             with ctx.uow() as uow:
                 fresh = uow.tasks.load(task.id)
-                for step in todo[-1:]:
-                    fresh.step_done(step.name)
                 op.task = fresh
                 op.finish(uow)
+                for step in todo[-1:]:  # after finish's reads: the task is one UPDATE
+                    fresh.step_done(step.name)
                 fresh.finish()
                 self._release_locks(uow, fresh)
                 uow.commit()
@@ -186,14 +192,16 @@ class TaskRunner:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # -- scheduling
-    def submit(self, task_id: str, *, wait_up_to: float = 0.0) -> None:
-        """Run the task; with `wait_up_to`, return once it has ended or after that many
-        seconds, whichever comes first (a short task is then done when the API answers,
-        so its caller sees the result at once; a long one goes on in the background)."""
+    def submit(self, task: Task, *, wait_up_to: float = 0.0) -> None:
+        """Run a task just journaled (and committed); with `wait_up_to`, return once it has
+        ended or after that many seconds, whichever comes first (a short task is then done
+        when the API answers, so its caller sees the result at once; a long one goes on in
+        the background)."""
         if self._pool is None:
-            self.drive(task_id)
+            self.drive(task)
             return
-        future = self._pool.submit(self.drive, task_id)
+        task_id = task.id
+        future = self._pool.submit(self.drive, task)
         with self._lock:
             self._futures[task_id] = future
         future.add_done_callback(lambda _: self._forget(task_id))
