@@ -31,6 +31,19 @@ class Settings:
     region_memory_mib: int = 32768
     instance_types: list[dict[str, Any]] = field(default_factory=list)
     cache: str = ""  # downloaded packages and built guest images; default DATA_DIR/cache
+    # console log-on throttling (ecsnap.service.console_access): failures within the window
+    # before a lockout, per account name (or AccessKey ID) and per client address
+    logon_max_failures: int = 10
+    logon_max_failures_per_address: int = 30
+    logon_window_s: float = 900.0
+    logon_lockout_s: float = 900.0
+    # API request bounds, enforced before a body is read or a signature checked. The SDKs
+    # send every parameter in the query and an empty body; the largest legitimate call,
+    # RunCommand with 16 KB of CommandContent, takes under 64 KiB of query even when every
+    # byte is percent-encoded, and a few hundred parameters at most (RunInstances).
+    max_request_bytes: int = 1024 * 1024  # body: 413 RequestTooLarge.Body
+    max_query_bytes: int = 256 * 1024  # raw query string: 414 RequestTooLarge.QueryString
+    max_request_params: int = 1000  # query and form body together: 400 InvalidParameter.TooMany
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()

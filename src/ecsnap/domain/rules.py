@@ -6,6 +6,7 @@ Rollback checks return every failure at once (per disk) instead of stopping at t
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,16 +40,38 @@ def _bad_prefix(value: str) -> bool:
     return lowered.startswith("http://") or lowered.startswith("https://")
 
 
+# NUL and the other C0 and C1 controls (tab, newline and DEL too), the Unicode line and
+# paragraph separators, and lone surrogates (which no UTF-8 column can store)
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) in _CONTROL_CATEGORIES
+
+
+def has_control_chars(value: str) -> bool:
+    """True when `value` holds a character that names, descriptions and tags refuse."""
+    return any(_is_control(c) for c in value)
+
+
+def _shown(value: str) -> str:
+    """`value` for an error message, with those characters written as escapes."""
+    return "".join(f"\\u{ord(c):04x}" if _is_control(c) else c for c in value)
+
+
 def check_name(value: str | None, *, code: str, field: str = "Name", allow_dot: bool = True,
                digit_first: bool = False, reserved_prefix: str | None = None) -> None:
     """ECS names: 2-128 chars, start with a letter (or a digit where allowed), letters,
-    digits, ':', '_', '-' (and '.' where allowed), not starting with http(s)://."""
+    digits, ':', '_', '-' (and '.' where allowed), not starting with http(s)://; no
+    control characters."""
     if value is None or value == "":
         return
     extra = ":_-." if allow_dot else ":_-"
     first_ok = value[0].isalpha() or (digit_first and value[0].isdigit())
     why = ""
-    if not 2 <= len(value) <= 128:
+    if has_control_chars(value):
+        why = "it must not contain control characters"
+    elif not 2 <= len(value) <= 128:
         why = "it must be 2 to 128 characters long"
     elif not first_ok:
         why = "it must start with a letter" + (" or a digit" if digit_first else "")
@@ -59,26 +82,36 @@ def check_name(value: str | None, *, code: str, field: str = "Name", allow_dot: 
     elif reserved_prefix and value.lower().startswith(reserved_prefix):
         why = f"names starting with '{reserved_prefix}' are reserved"
     if why:
-        raise EcsError(code, f"The specified {field} \"{value}\" is malformed: {why}.", 400)
+        raise EcsError(code, f"The specified {field} \"{_shown(value)}\" is malformed: {why}.",
+                       400)
 
 
 def check_description(value: str | None, *, code: str = "InvalidDescription.Malformed") -> None:
+    """ECS descriptions: 2-256 chars, not starting with http(s)://; no control characters
+    (not even a newline)."""
     if value is None or value == "":
         return
+    if has_control_chars(value):
+        raise EcsError(code, "The description must not contain control characters.", 400)
     if not 2 <= len(value) <= 256 or _bad_prefix(value):
         raise EcsError(code, "The description must be 2 to 256 characters long and must not "
                        "start with http:// or https://.", 400)
 
 
 def check_tags(tags: dict[str, str]) -> None:
+    """At most 20 tags; keys 1-128 chars, values up to 128, neither starting with `acs:`
+    (keys nor with `aliyun`) nor holding `://` or control characters."""
     if len(tags) > 20:
         raise EcsError("InvalidTagCount", "At most 20 tags may be given.", 400)
     for key, value in tags.items():
-        if not 1 <= len(key) <= 128 or key.startswith(("acs:", "aliyun")) or "://" in key:
-            raise EcsError("InvalidTagKey.Malformed", f"The tag key \"{key}\" is malformed.", 400)
-        if len(value) > 128 or value.startswith("acs:") or "://" in value:
+        if not 1 <= len(key) <= 128 or key.startswith(("acs:", "aliyun")) or "://" in key \
+                or has_control_chars(key):
+            raise EcsError("InvalidTagKey.Malformed",
+                           f"The tag key \"{_shown(key)}\" is malformed.", 400)
+        if len(value) > 128 or value.startswith("acs:") or "://" in value \
+                or has_control_chars(value):
             raise EcsError("InvalidTagValue.Malformed",
-                           f"The tag value \"{value}\" is malformed.", 400)
+                           f"The tag value \"{_shown(value)}\" is malformed.", 400)
 
 
 # ---------------------------------------------------------------- disks

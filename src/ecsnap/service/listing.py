@@ -13,6 +13,10 @@ from ecsnap.domain.errors import EcsError
 
 T = TypeVar("T")
 
+# ECS's PageNumber is an Integer (32 bits): a larger one is InvalidParameter.PageNumber,
+# and (PageNumber - 1) * PageSize then always fits a 64-bit SQL OFFSET.
+MAX_PAGE_NUMBER = 2**31 - 1
+
 
 @dataclass
 class Page(Generic[T]):
@@ -38,6 +42,22 @@ def _decode(token: str) -> tuple[datetime, str]:
                        "The specified NextToken is not valid.", 400) from exc
 
 
+def check_page(page_number: int | None, page_size: int | None,
+               max_page_size: int = 100) -> tuple[int, int]:
+    """PageNumber and PageSize, 1 and 10 when None or 0, or the ECS error: PageNumber is
+    1 to 2**31 - 1 and PageSize 1 to `max_page_size`, so the page's offset stays a 64-bit
+    integer whatever the client sends."""
+    number = page_number or 1
+    size = page_size or 10
+    if not 1 <= number <= MAX_PAGE_NUMBER:
+        raise EcsError("InvalidParameter.PageNumber",
+                       f"PageNumber must be between 1 and {MAX_PAGE_NUMBER}.", 400)
+    if not 1 <= size <= max_page_size:
+        raise EcsError("InvalidParameter.PageSize",
+                       f"PageSize must be between 1 and {max_page_size}.", 400)
+    return number, size
+
+
 def paginate(repo: Repository[T], criteria: Criteria, *, page_number: int | None = None,
              page_size: int | None = None, next_token: str | None = None,
              max_results: int | None = None, max_page_size: int = 100,
@@ -57,13 +77,7 @@ def paginate(repo: Repository[T], criteria: Criteria, *, page_number: int | None
         token = _encode(rows[-1]) if more and rows else ""
         total = repo.count(replace(criteria, after=None, limit=None, offset=0))
         return Page(rows, total, 1, size, token)
-    number = page_number or 1
-    size = page_size or 10
-    if number < 1:
-        raise EcsError("InvalidParameter.PageNumber", "PageNumber must be 1 or more.", 400)
-    if not 1 <= size <= max_page_size:
-        raise EcsError("InvalidParameter.PageSize",
-                       f"PageSize must be between 1 and {max_page_size}.", 400)
+    number, size = check_page(page_number, page_size, max_page_size)
     rows = repo.find(replace(criteria, offset=(number - 1) * size, limit=size))
     total = repo.count(replace(criteria, offset=0, limit=None))
     return Page(rows, total, number, size, "")

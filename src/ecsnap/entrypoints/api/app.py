@@ -2,14 +2,25 @@
 
 An API request is verified (signature, freshness, nonce), decoded, handed to one action
 (one service call), and rendered; every error leaves as ECS's envelope with its code and
-status, never as a traceback. One log line per request carries its RequestId.
+status, never as a traceback. One log line per request carries its RequestId; every value
+in it that the client chose goes through :func:`log_value`, so no request can break the
+line or forge another.
+
+Requests are bounded before anything is parsed or verified (settings
+``max_query_bytes``, ``max_request_params``, ``max_request_bytes``): the query string and
+the parameter count first, then the declared ``Content-Length``, then the body's bytes
+counted as they stream in (chunked requests declare none), so an oversized request costs
+at most one limit's worth of memory whoever sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
+import urllib.parse
 import weakref
 from datetime import datetime, timedelta
 
@@ -27,6 +38,7 @@ from ecsnap.entrypoints.api.params import Params
 from ecsnap.entrypoints.api.render import Rendered, new_request_id, render, render_error
 from ecsnap.entrypoints.api.signature import (
     API_VERSION,
+    FORM_CONTENT_TYPE,
     AccessKeyRecord,
     SignedRequest,
     verify,
@@ -35,6 +47,45 @@ from ecsnap.service import accounts
 from ecsnap.service.context import ServiceContext
 
 log = logging.getLogger("ecsnap.api")
+
+MAX_LOGGED_CHARS = 128
+_LOG_WORD = re.compile(rf"[A-Za-z0-9._:/@+-]{{1,{MAX_LOGGED_CHARS}}}")
+
+
+def log_value(value: str | None) -> str:
+    """A value the client chose, as one field of a log line: as it is when it is a plain
+    word (an action name, an ID), else JSON-quoted with ASCII escapes (control characters,
+    line and paragraph separators, quotes, backslashes, lone surrogates and all non-ASCII)
+    and cut after 128 characters. No value can end the line or pose as another field."""
+    if not value:
+        return "-"
+    if _LOG_WORD.fullmatch(value):
+        return value
+    shown = json.dumps(value[:MAX_LOGGED_CHARS], ensure_ascii=True)
+    return shown + ("..." if len(value) > MAX_LOGGED_CHARS else "")
+
+
+def _fields(raw: bytes) -> int:
+    """At most how many pairs a form-encoded string holds (``parse_qsl`` splits on ``&``
+    only), counted without parsing it."""
+    return raw.count(b"&") + 1 if raw else 0
+
+
+def _raw_param(query: bytes, name: str) -> str:
+    """One parameter of a raw query, found without parsing the whole query (for refusals
+    that come before it is parsed); "" when absent or over 256 bytes."""
+    found = re.search(rb"(?:^|&)" + name.encode() + rb"=([^&]{0,256})(?:&|$)", query)
+    if found is None:
+        return ""
+    return urllib.parse.unquote_plus(found.group(1).decode("utf-8", "replace"))
+
+
+class RequestRefused(Exception):
+    """A request over a bound, refused before it was read in full or parsed."""
+
+    def __init__(self, error: EcsError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class DatabaseNonceStore:
@@ -103,20 +154,72 @@ class Api:
             answer = render_error(exc, request_id, fmt)
             code = exc.code
         except Exception:  # a bug: logged with its traceback, answered without it
-            log.exception("request %s %s failed", request_id, action)
+            log.exception("request %s %s failed", request_id, log_value(action))
             error = EcsError("InternalError", "The request processing has failed due to "
                              "some unknown error.", 500)
             answer = render_error(error, request_id, fmt)
             code = error.code
         log.info("request %s %s account=%s status=%d code=%s %.0fms", request_id,
-                 action or "-", account, answer.status, code,
+                 log_value(action), log_value(account), answer.status, code,
                  (time.monotonic() - started) * 1000)
         return answer
+
+    async def read_bounded(self, request: Request) -> bytes:
+        """The body, once the request is known to be within the bounds; RequestRefused
+        as soon as it is not (before any byte of the body is read when the query, the
+        parameter count or the declared length says so; else once the bytes streamed in
+        pass the limit, which then are all that was read)."""
+        settings = self.ctx.settings
+        query = bytes(request.scope.get("query_string") or b"")
+        if len(query) > settings.max_query_bytes:
+            raise RequestRefused(EcsError(
+                "RequestTooLarge.QueryString",
+                f"The query string is {len(query)} bytes; at most "
+                f"{settings.max_query_bytes} are accepted.", 414))
+        params = _fields(query)
+        if params > settings.max_request_params:
+            raise RequestRefused(_too_many(settings.max_request_params))
+        limit = settings.max_request_bytes
+        too_large = EcsError("RequestTooLarge.Body",
+                             f"The request body exceeds {limit} bytes.", 413)
+        declared = request.headers.get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestRefused(too_large)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestRefused(too_large)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        content_type = request.headers.get("content-type", "").split(";", 1)[0]
+        if content_type.strip().lower() == FORM_CONTENT_TYPE and \
+                params + _fields(body) > settings.max_request_params:
+            raise RequestRefused(_too_many(settings.max_request_params))
+        return body
+
+    def refuse(self, request: Request, error: EcsError, request_id: str,
+               started: float) -> Response:
+        """The ECS error envelope for a refused request; the connection is closed after
+        it, so the server does not go on receiving a body nobody will read."""
+        query = bytes(request.scope.get("query_string") or b"")
+        action = request.headers.get("x-acs-action") or _raw_param(query, "Action")
+        status, content_type, out = render_error(error, request_id,
+                                                 _raw_param(query, "Format"))
+        log.info("request %s %s account=- status=%d code=%s %.0fms", request_id,
+                 log_value(action), status, error.code, (time.monotonic() - started) * 1000)
+        return Response(out, status_code=status, media_type=None,
+                        headers={"content-type": content_type,
+                                 "x-acs-request-id": request_id, "connection": "close"})
 
     async def endpoint(self, request: Request) -> Response:
         started = time.monotonic()
         request_id = new_request_id()
-        body = await request.body()
+        try:
+            body = await self.read_bounded(request)
+        except RequestRefused as refused:
+            return self.refuse(request, refused.error, request_id, started)
         signed = SignedRequest.from_asgi(request.scope, body)
         pairs = signed.params()
         action = next((v for k, v in pairs if k == "Action"), "") or \
@@ -133,6 +236,11 @@ class Api:
             limiter=limiter)
         return Response(out, status_code=status, media_type=None,
                         headers={"content-type": content_type, "x-acs-request-id": request_id})
+
+
+def _too_many(limit: int) -> EcsError:
+    return EcsError("InvalidParameter.TooMany",
+                    f"The request has more than {limit} parameters.", 400)
 
 
 def create_app(ctx: ServiceContext, api_workers: int = 0) -> Starlette:
