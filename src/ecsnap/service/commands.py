@@ -17,7 +17,7 @@ from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus, Invocation, InvocationStatus, utcnow
 from ecsnap.service.context import ServiceContext, get_instance, get_region
-from ecsnap.service.listing import Page
+from ecsnap.service.listing import Page, check_page
 
 OUTPUT_CAP = 24 * 1024
 
@@ -117,9 +117,7 @@ def describe_invocation_results(ctx: ServiceContext, account_id: str, region_id:
                           ("command_id", command_id)):
         if value:
             criteria.equals[column] = value
-    number, size = page_number or 1, page_size or 10
-    if not 1 <= size <= 50:
-        raise EcsError("InvalidParameter.PageSize", "PageSize is 1 to 50.", 400)
+    number, size = check_page(page_number, page_size, max_page_size=50)
     with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         rows = uow.invocations.find(criteria)

@@ -12,7 +12,7 @@ from ecsnap.domain import ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import GIB, Image
 from ecsnap.service.context import ServiceContext, get_region
-from ecsnap.service.listing import Page, paginate
+from ecsnap.service.listing import Page, check_page, paginate
 
 
 def register_image(ctx: ServiceContext, region_id: str, *, name: str, os_name: str,
@@ -85,7 +85,7 @@ def describe_images(ctx: ServiceContext, account_id: str, region_id: str, *,
                     if i.account_id in (None, account_id)]
             if name:
                 rows = [i for i in rows if _match(name, i.name)]
-            number, size = page_number or 1, page_size or 10
+            number, size = check_page(page_number, page_size)
             return Page(rows[(number - 1) * size:number * size], len(rows), number, size, "")
         return paginate(uow.images, criteria, page_number=page_number, page_size=page_size)
 
