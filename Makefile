@@ -22,6 +22,7 @@ venv: $(BIN)/.installed
 lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo  # the layer contracts: [tool.importlinter]
 
 test: deps venv lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from ecsnap.domain.errors import EcsError
+from ecsnap.entrypoints.api.signature import rpc_v1_request_params
 
 VERSION = "2014-05-26"
 
@@ -54,8 +55,6 @@ class ApiClient:
         self.http = httpx.Client(timeout=timeout)
 
     def call(self, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from ecsnap.entrypoints.api.signature import rpc_v1_request_params
-
         values = {"RegionId": self.creds.region_id}
         for key, value in (params or {}).items():
             if value is not None:

@@ -1,215 +1,29 @@
-"""The `ecsnap` command: operator commands on a data directory, and an API client."""
+"""The `ecsnap` command, assembled: operator commands that run the services in-process on
+a data directory (`operator`), and client commands that call the API (`client_commands`)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import signal
-import sys
-from pathlib import Path
-from typing import Annotated
-
 import typer
-from rich.console import Console
 
-from ecsnap import config
-from ecsnap.domain.errors import EcsError
-from ecsnap.service.context import ServiceContext
+from ecsnap.entrypoints.cli import client_commands, operator
 
 app = typer.Typer(help="ecsnap: ECS-style instance snapshots and rollback for QEMU VMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-image_app = typer.Typer(help="Images: build the demo guest, import your own.",
-                        no_args_is_help=True)
-account_app = typer.Typer(help="Accounts (admin).", no_args_is_help=True)
-accesskey_app = typer.Typer(help="AccessKey pairs (admin).", no_args_is_help=True)
-app.add_typer(image_app, name="image")
-app.add_typer(account_app, name="account")
-app.add_typer(accesskey_app, name="accesskey")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="ECSNAP_DATA_DIR",
-                                              help="Data directory (default "
-                                                   "$ECSNAP_DATA_DIR).")]
-
-
-def fail(exc: EcsError) -> None:
-    err.print(f"[bold red]Error[/] {exc.code}: {exc.message}", highlight=False)
-    raise typer.Exit(1)
-
-
-def _context(data_dir: Path | None, *, recover: bool = False,
-             background: bool = False) -> ServiceContext:
-    from ecsnap import bootstrap
-
-    settings = config.load(data_dir)
-    return bootstrap.build(settings, background=background, recover=recover)
-
-
-def _default_region(data_dir: Path | None) -> str:
-    settings = config.load(data_dir)
-    creds = _read_json(settings.credentials_path)
-    return str(creds.get("RegionId") or settings.default_region)
-
-
-def _read_json(path: Path) -> dict[str, object]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
-@app.command()
-def init(data_dir: DataDir = None,
-         region: Annotated[str, typer.Option("--region", help="Region ID")] = "local-1",
-         endpoint: Annotated[str, typer.Option(help="Endpoint written to credentials.json")]
-         = "http://127.0.0.1:8080/") -> None:
-    """Create the data directory, database, region, admin account and an AccessKey pair."""
-    from ecsnap.service import setup
-
-    try:
-        ctx = _context(data_dir)
-        done = setup.initialise(ctx, region)
-    except EcsError as exc:
-        fail(exc)
-        return
-    path = ctx.settings.credentials_path
-    creds = _read_json(path)
-    if creds.get("AccessKeyId") != done.access_key.id:
-        creds = {"AccessKeyId": done.access_key.id, "AccessKeySecret": done.access_key.secret,
-                 "RegionId": region, "Endpoint": endpoint, "Account": done.account.name}
-        if done.password:
-            creds["ConsolePassword"] = done.password
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(creds, fh, indent=2)
-    os.chmod(path, 0o600)
-    out.print(f"data directory {ctx.settings.data_dir} ready; region {region}; "
-              f"credentials in {path}", highlight=False)
-
-
-@image_app.command("build-demo")
-def image_build_demo(data_dir: DataDir = None,
-                     region: Annotated[str | None, typer.Option("--region")] = None) -> None:
-    """Build the demo Linux guest from Debian packages and register it."""
-    from ecsnap.service import images
-
-    try:
-        ctx = _context(data_dir)
-        image = images.build_demo_image(ctx, region or _default_region(data_dir))
-    except EcsError as exc:
-        fail(exc)
-        return
-    out.print(f"{image.id} {image.name} ({image.os_name})", highlight=False)
-
-
-@image_app.command("import")
-def image_import(file: Path, name: Annotated[str, typer.Option("--name")],
-                 data_dir: DataDir = None,
-                 os_name: Annotated[str, typer.Option("--os-name")] = "Linux",
-                 region: Annotated[str | None, typer.Option("--region")] = None) -> None:
-    """Register your own qcow2 or raw image (BIOS boot from the system disk)."""
-    from ecsnap.service import images
-
-    try:
-        ctx = _context(data_dir)
-        image = images.import_image(ctx, region or _default_region(data_dir), file, name=name,
-                                    os_name=os_name)
-    except EcsError as exc:
-        fail(exc)
-        return
-    out.print(f"{image.id} {image.name}", highlight=False)
-
-
-@account_app.command("create")
-def account_create(name: str, data_dir: DataDir = None,
-                   password: Annotated[str | None, typer.Option(
-                       "--password", help="Console password (asked if not given)")] = None,
-                   ) -> None:
-    """Create an account (console log-on with name and password)."""
-    from ecsnap.service import accounts
-
-    if password is None:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    try:
-        account = accounts.create_account(_context(data_dir), name, password)
-    except EcsError as exc:
-        fail(exc)
-        return
-    out.print(f"{account.id} {account.name}", highlight=False)
-
-
-@accesskey_app.command("create")
-def accesskey_create(account: str, data_dir: DataDir = None,
-                     output: Annotated[str, typer.Option("--output")] = "table") -> None:
-    """Create an AccessKey pair for an account; the secret is shown once."""
-    from ecsnap.service import accounts
-
-    try:
-        key = accounts.create_access_key(_context(data_dir), account)
-    except EcsError as exc:
-        fail(exc)
-        return
-    if output == "json":
-        print(json.dumps({"AccessKeyId": key.id, "AccessKeySecret": key.secret}))
-    else:
-        out.print(f"AccessKeyId {key.id}\nAccessKeySecret {key.secret}", highlight=False)
-
-
-@app.command()
-def serve(data_dir: DataDir = None,
-          listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:8080",
-          api_threads: Annotated[int, typer.Option(
-              "--api-threads", min=0,
-              help="Threads answering API requests (0: 1 on SQLite, 2 on PostgreSQL)")] = 0,
-          ) -> None:
-    """Serve the ECS API at / and the web console at /console/ (recovery runs first)."""
-    import uvicorn
-
-    from ecsnap.entrypoints.api.app import create_app
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    host, _, port = listen.rpartition(":")
-    ctx = _context(data_dir, recover=True, background=True)
-    out.print(f"ecsnap serving\n  endpoint  http://{listen}/\n  console   http://{listen}"
-              f"/console/\n  credentials {ctx.settings.credentials_path}", highlight=False)
-    def stopped(signum: int, _frame: object) -> None:
-        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
-        # this handler back in place: leave through the finally block, exit status 0
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stopped)
-    signal.signal(signal.SIGINT, stopped)
-    app = create_app(ctx, api_threads)
-    quiet_garbage_collector()
-    try:
-        # http/loop "auto": httptools and uvloop (dependencies) when importable
-        uvicorn.run(app, host=host or "127.0.0.1", port=int(port),
-                    log_level="warning", access_log=False, http="auto", loop="auto")
-    finally:
-        ctx.runner.shutdown()  # running tasks finish their steps (all are journaled anyway)
-        err.print("ecsnap stopped", highlight=False)
-
-
-def quiet_garbage_collector() -> None:
-    """A listing request allocates tens of thousands of short-lived objects; with Python's
-    default thresholds that triggers collections that walk every object the server holds
-    (SQLAlchemy's metadata, the modules: ~80,000), 3-7 ms a request. Everything built at
-    start-up lives as long as the process: freeze it out of the collector's sight, and let
-    the youngest generation grow before a collection (most request objects are freed by
-    their reference count long before)."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
+# the order of the commands in `ecsnap --help`
+app.command()(operator.init)
+app.command()(operator.serve)
+app.command()(client_commands.instances)
+app.command()(client_commands.disks)
+app.command()(client_commands.snapshots)
+app.command()(client_commands.rollback)
+app.command()(client_commands.run)
+app.command(context_settings=client_commands.PASS_THROUGH_OPTIONS)(client_commands.api)
+app.add_typer(operator.image_app, name="image")
+app.add_typer(operator.account_app, name="account")
+app.add_typer(operator.accesskey_app, name="accesskey")
+app.add_typer(client_commands.groups_app, name="snapshot-groups")
 
 
 def main() -> None:
     app()
-
-
-from ecsnap.entrypoints.cli import commands as _commands  # noqa: E402,F401  (registers them)

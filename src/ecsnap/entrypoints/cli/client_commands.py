@@ -13,10 +13,9 @@ from rich.table import Table
 
 from ecsnap.domain.errors import EcsError
 from ecsnap.entrypoints.cli.client import ApiClient, load_credentials
-from ecsnap.entrypoints.cli.main import DataDir, app, err, fail, out
+from ecsnap.entrypoints.cli.common import DataDir, err, fail, out
 
 groups_app = typer.Typer(help="Instance snapshots (snapshot groups).", no_args_is_help=True)
-app.add_typer(groups_app, name="snapshot-groups")
 
 Output = Annotated[str, typer.Option("--output", "-o", help="table or json")]
 
@@ -74,7 +73,6 @@ def _check_task(t: dict[str, Any]) -> None:
         raise EcsError(op["ErrorCode"], op["ErrorMsg"], 400)
 
 
-@app.command()
 def instances(data_dir: DataDir = None, output: Output = "table") -> None:
     """List instances."""
     body = _run(lambda: client(data_dir).call("DescribeInstances", {"PageSize": 100}))
@@ -83,7 +81,6 @@ def instances(data_dir: DataDir = None, output: Output = "table") -> None:
                 "ImageId"], output, body)
 
 
-@app.command()
 def disks(data_dir: DataDir = None, instance: Annotated[str | None, typer.Option()] = None,
           output: Output = "table") -> None:
     """List disks."""
@@ -93,7 +90,6 @@ def disks(data_dir: DataDir = None, instance: Annotated[str | None, typer.Option
          output, body)
 
 
-@app.command()
 def snapshots(data_dir: DataDir = None, disk: Annotated[str | None, typer.Option()] = None,
               output: Output = "table") -> None:
     """List snapshots."""
@@ -161,7 +157,6 @@ def groups_delete(group: str, data_dir: DataDir = None) -> None:
     out.print(f"{group} deleted", highlight=False)
 
 
-@app.command()
 def rollback(group: str, data_dir: DataDir = None,
              disk: Annotated[list[str] | None, typer.Option("--disk", help="disk to roll back"
                                                             " (repeat; default all)")] = None,
@@ -226,7 +221,6 @@ def rollback(group: str, data_dir: DataDir = None,
         out.print(f"guest agent: {result['health']['GuestAgent']}", highlight=False)
 
 
-@app.command()
 def run(instance: str, command: Annotated[list[str], typer.Argument(help="-- COMMAND ...")],
         data_dir: DataDir = None, timeout: Annotated[int, typer.Option()] = 60,
         output: Output = "table") -> None:
@@ -255,7 +249,10 @@ def run(instance: str, command: Annotated[list[str], typer.Argument(help="-- COM
         raise typer.Exit(1)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# `api` takes any --Name value pairs: register it with these Click context settings
+PASS_THROUGH_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
 def api(ctx: typer.Context, action: str, data_dir: DataDir = None) -> None:
     """Call any API action: ecsnap api DescribeInstances --PageSize 5."""
     params: dict[str, str] = {}
