@@ -26,9 +26,9 @@ a raw-format reference disk hot-plugged through QMP (ecsnap itself only attaches
      the VM is stopped), so the guest does not see the time it spent paused (measured:
      a 1.7 s pause showed as a 42 ms gap inside the guest). The host clock sees both
      paths, hence it is the one reported against the target. ecsnap's own breakdown
-     (the freeze, transaction, thaw, stop and cont commands) is timed by wrapping
-     ecsnap's QMP and agent session classes in this process (the driver is not
-     changed); the window is the driver's `window_ms`.
+     (the freeze, transaction, thaw, stop and cont commands) is what the driver reports
+     to its live-snapshot observer (each QMP and agent command of the snapshot with its
+     round-trip time); the window is the driver's `window_ms`.
   6. Guest I/O cost of snapshots. Four qcow2 data disks carry 0, 1, 10 and 50 internal
      snapshots (taken through ecsnap's `snapshots.create_snapshot` on the stopped
      instance, after the measured regions were written from the host with `qemu-io`, so
@@ -68,10 +68,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ecsnap.adapters.compute.qemu import LiveSnapshotTiming
 
 ROOT = Path(__file__).parents[1]
 TOOL_SOURCE = Path(__file__).parent / "guest_tools" / "ecsnap-bench-io.c"
@@ -137,49 +140,30 @@ def sh(*cmd: str) -> str:
 
 # ---------------------------------------------------------------- instrumentation
 
-class CommandTimes:
-    """Times every QMP command and agent call ecsnap's driver makes while enabled, by
-    wrapping the session classes of ecsnap.adapters.compute.qga in this process."""
+class SnapshotTimings:
+    """The driver's live-snapshot observer: keeps, while recording, the LiveSnapshotTiming
+    of each snapshot the driver takes (each QMP and agent command with its time)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, float]] = []
+        self.timings: list[LiveSnapshotTiming] = []
         self.enabled = False
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[CommandTimes]:
-        from ecsnap.adapters.compute import qga
-
-        originals = (qga.QmpSession.cmd, qga.AgentSession.call)
-
-        def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-            def timed(session: Any, command: str, *args: Any, **kwargs: Any) -> Any:
-                start = time.perf_counter()
-                try:
-                    return original(session, command, *args, **kwargs)
-                finally:
-                    if self.enabled:
-                        self.calls.append((command, (time.perf_counter() - start) * 1000))
-            return timed
-
-        qga.QmpSession.cmd = wrap(originals[0])  # type: ignore[method-assign]
-        qga.AgentSession.call = wrap(originals[1])  # type: ignore[method-assign]
-        try:
-            yield self
-        finally:
-            qga.QmpSession.cmd, qga.AgentSession.call = originals  # type: ignore[method-assign]
+    def __call__(self, timing: LiveSnapshotTiming) -> None:
+        if self.enabled:
+            self.timings.append(timing)
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[list[tuple[str, float]]]:
-        self.calls = []
+    def recording(self) -> Iterator[list[LiveSnapshotTiming]]:
+        self.timings = []
         self.enabled = True
         try:
-            yield self.calls
+            yield self.timings
         finally:
             self.enabled = False
 
     @staticmethod
-    def total(calls: list[tuple[str, float]], *names: str) -> float:
-        return sum(ms for name, ms in calls if name in names)
+    def total(timings: list[LiveSnapshotTiming], *names: str) -> float:
+        return sum(t.total_ms(*names) for t in timings)
 
 
 # ---------------------------------------------------------------- the serial console
@@ -273,6 +257,7 @@ class GuestLab:
 
     def __init__(self, work: Path, plan: Plan) -> None:
         from ecsnap import bootstrap, config
+        from ecsnap.adapters.compute.qemu import QemuDriver
         from ecsnap.service import images, setup
 
         self.work = work
@@ -286,8 +271,11 @@ class GuestLab:
                                database_url=f"sqlite:///{self.data_dir / 'ecsnap.db'}",
                                background_tasks=False, region_vcpus=64,
                                region_memory_mib=65536)
-        self.ctx = bootstrap.build(settings, background=False)
-        self.driver: Any = self.ctx.compute
+        self.timings = SnapshotTimings()
+        # the driver bootstrap would build, with an observer of its live snapshots
+        self.driver = QemuDriver(settings.run_dir, accel=settings.accel,
+                                 snapshot_observer=self.timings)
+        self.ctx = bootstrap.build(settings, compute=self.driver, background=False)
         self.account_id = setup.initialise(self.ctx, REGION).account.id
         self.instance_id = ""  # the current instance
         self.instances: list[str] = []
@@ -297,9 +285,6 @@ class GuestLab:
         log("building (or reusing) the demo image")
         self.image_id = images.build_demo_image(self.ctx, REGION).id
         self.raw_path = work / "raw-reference.img"
-        self.times = CommandTimes()
-        self._times_cm = self.times.installed()  # last: nothing after it can fail
-        self._times_cm.__enter__()
 
     # ---------------------------------------------------------------- set-up
 
@@ -436,25 +421,22 @@ class GuestLab:
 
     def _upload(self, source: Path, target: str) -> None:
         data = source.read_bytes()
-        with self.driver._exclusive(self.instance_id), \
-                self.driver._agent(self.instance_id, 10.0) as agent:
-            handle = agent.call("guest-file-open", {"path": target, "mode": "w"})
-            try:
-                for at in range(0, len(data), 48 * 1024):
-                    chunk = base64.b64encode(data[at:at + 48 * 1024]).decode()
-                    agent.call("guest-file-write", {"handle": handle, "buf-b64": chunk},
-                               timeout=30)
-            finally:
-                agent.call("guest-file-close", {"handle": handle})
+        agent = self.driver.agent_command  # the agent's file handles outlive a session
+        handle = agent(self.instance_id, "guest-file-open", {"path": target, "mode": "w"})
+        try:
+            for at in range(0, len(data), 48 * 1024):
+                chunk = base64.b64encode(data[at:at + 48 * 1024]).decode()
+                agent(self.instance_id, "guest-file-write", {"handle": handle, "buf-b64": chunk},
+                      timeout=30)
+        finally:
+            agent(self.instance_id, "guest-file-close", {"handle": handle})
 
     def _qmp(self, commands: list[tuple[str, dict[str, Any]]]) -> list[tuple[Any, float]]:
         """Commands straight through qemu.qmp (a session of our own, no ecsnap code in
         the way): each one's return value and its time in ms."""
         from qemu.qmp import QMPClient
 
-        sock = str(Path(self.driver.state(self.instance_id).extra["run_dir"]) / "qmp.sock")
-
-        async def session() -> list[tuple[Any, float]]:
+        async def session(sock: str) -> list[tuple[Any, float]]:
             client = QMPClient("ecsnap-bench")
             await client.connect(sock)
             out = []
@@ -467,8 +449,8 @@ class GuestLab:
                 await client.disconnect()
             return out
 
-        with self.driver._exclusive(self.instance_id):
-            return asyncio.run(session())
+        with self.driver.borrow_qmp_socket(self.instance_id) as sock:
+            return asyncio.run(session(sock))
 
     def _hotplug_raw(self) -> None:
         pci = self._qmp([("query-pci", {})])[0][0]
@@ -529,7 +511,7 @@ class GuestLab:
                 t0 = time.perf_counter()
                 time.sleep(p.phase_s)
                 t1 = time.perf_counter()
-                with self.times.recording() as calls:
+                with self.timings.recording() as timings:
                     group_id, task_id = snapshots.create_snapshot_group(
                         self.ctx, self.account_id, REGION, self.instance_id, disk_ids=disks,
                         name=f"bench-{r}-{method}", quiesce=method == "fsfreeze")
@@ -553,12 +535,12 @@ class GuestLab:
                 stalls = phase_stalls(arrivals, stamps, {"ref": (t0, t1), "snap": (t1, t2),
                                                          "bare": (t2, t3)})
                 m = {"window": float(result["window_ms"]),
-                     "transaction": CommandTimes.total(calls, "transaction"),
-                     "freeze": CommandTimes.total(calls, "guest-fsfreeze-freeze"),
-                     "thaw": CommandTimes.total(calls, "guest-fsfreeze-thaw",
-                                                "guest-fsfreeze-status"),
-                     "stop": CommandTimes.total(calls, "stop"),
-                     "cont": CommandTimes.total(calls, "cont", "query-status"),
+                     "transaction": SnapshotTimings.total(timings, "transaction"),
+                     "freeze": SnapshotTimings.total(timings, "guest-fsfreeze-freeze"),
+                     "thaw": SnapshotTimings.total(timings, "guest-fsfreeze-thaw",
+                                                   "guest-fsfreeze-status"),
+                     "stop": SnapshotTimings.total(timings, "stop"),
+                     "cont": SnapshotTimings.total(timings, "cont", "query-status"),
                      "bare": bare_ms,
                      "stall_ref": stalls["ref"][0] * 1000,
                      "stall_snap": stalls["snap"][0] * 1000,
@@ -629,10 +611,9 @@ class GuestLab:
             for pidfile in (self.data_dir / "run").glob("*/qemu.pid"):
                 with contextlib.suppress(ValueError, OSError):
                     instance_id = pidfile.parent.name
-                    pid = self.driver._pid(instance_id)
+                    pid = self.driver.pid(instance_id)
                     if pid is not None:
                         os.kill(pid, signal.SIGKILL)
-            self._times_cm.__exit__(None, None, None)
             with contextlib.suppress(Exception):
                 self.ctx.runner.shutdown()
             with contextlib.suppress(Exception):

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from ecsnap.adapters.compute import qemu
 from ecsnap.adapters.compute.base import ComputeDriver, ComputeError, VmDisk
 from ecsnap.adapters.compute.guest_image import DemoImage
-from ecsnap.adapters.compute.qemu import QemuDriver
-from ecsnap.adapters.compute.qga import AgentSession, QmpSession
+from ecsnap.adapters.compute.qemu import LiveSnapshotTiming, QemuDriver
+from ecsnap.adapters.compute.qemu import guest as qemu_guest
+from ecsnap.adapters.compute.qemu.agent import AgentSession
+from ecsnap.adapters.compute.qemu.qmp import QmpCommandError, QmpSession
 from tests.compute.conftest import BOOT_TIMEOUT, MakeDisk, snapshots_in, spec_for, wait_agent
 
 pytestmark = pytest.mark.qemu
@@ -96,7 +97,7 @@ def test_boot_agent_and_data_disks(main: Main, monkeypatch: pytest.MonkeyPatch) 
     assert not failed.timed_out and not failed.truncated
     assert main.sh("pwd").strip() == "/root"
     assert main.driver.guest_exec(VM, "pwd", working_dir="/tmp").stdout == b"/tmp\n"
-    monkeypatch.setattr(qemu, "OUTPUT_CAP", 64 * 1024)  # 1 MiB is slow to move under TCG
+    monkeypatch.setattr(qemu_guest, "OUTPUT_CAP", 64 * 1024)  # 1 MiB is slow to move under TCG
     big = main.driver.guest_exec(VM, "head -c 100000 /dev/zero | tr '\\0' x")
     assert big.exit_code == 0 and big.truncated and big.stdout == b"x" * (64 * 1024)
 
@@ -140,6 +141,37 @@ def test_live_snapshot_with_quiesce(main: Main) -> None:
     with AgentSession(str(main.driver.run_root / VM / "qga.sock"), VM) as agent:
         assert agent.call("guest-fsfreeze-status") == "thawed"
     assert main.sh(f"echo writable > /mnt/{D1}/w && cat /mnt/{D1}/w") == "writable\n"
+
+
+def test_snapshot_timing_observer_and_direct_access(main: Main) -> None:
+    timings: list[LiveSnapshotTiming] = []
+    # a second controller of the same VMs, with an observer
+    driver = QemuDriver(main.driver.run_root, snapshot_observer=timings.append)
+    result = driver.snapshot_disks(VM, [(SYS, "s-timed"), (D1, "s-timed")])
+    [timing] = timings
+    assert (timing.instance_id, timing.disks, timing.method, timing.window_ms) == \
+        (VM, 2, result.method, result.window_ms) and result.method == "fsfreeze"
+    assert [c.command for c in timing.commands] == [
+        "guest-fsfreeze-status", "guest-fsfreeze-freeze", "transaction",
+        "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
+    assert all(c.ms > 0 for c in timing.commands)
+    assert 0 < timing.transaction_ms < timing.window_ms
+    assert timing.total_ms("guest-fsfreeze-freeze", "transaction") < timing.window_ms
+    for disk_id in (SYS, D1):
+        driver.delete_disk_snapshot(VM, disk_id, "s-timed")
+    assert timings == [timing]  # deleting is not observed
+
+    assert driver.pid(VM) == main.driver.state(VM).pid and driver.pid("i-none") is None
+    assert driver.qmp_command(VM, "query-status")["status"] == "running"
+    with pytest.raises(QmpCommandError):
+        driver.qmp_command(VM, "no-such-command")
+    assert driver.agent_command(VM, "guest-fsfreeze-status") == "thawed"
+    with driver.borrow_qmp_socket(VM) as path:
+        assert path == str(main.driver.run_root / VM / "qmp.sock")
+        assert not main.driver.guest_ping(VM, timeout=0.5)  # the instance is lent out
+        with QmpSession(path, VM) as qmp:
+            assert qmp.cmd("query-status")["running"]
+    assert main.driver.guest_ping(VM)
 
 
 def test_snapshot_transaction_is_all_or_nothing(main: Main) -> None:

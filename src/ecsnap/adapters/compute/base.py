@@ -1,4 +1,10 @@
-"""The compute contract: run instances as VMs, snapshot their disks live, talk to the guest."""
+"""The compute contract, split by capability (like storage/base.py): run instances as VMs,
+snapshot their disks live, hot-plug disks, talk to the guest.
+
+Every method that takes an instance ID acts on that instance's VM; errors are raised as
+`ComputeError` (`GuestAgentUnavailable` when the guest agent does not answer), and the
+services turn them into ECS errors.
+"""
 
 from __future__ import annotations
 
@@ -60,9 +66,12 @@ class VmState:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class ComputeDriver(Protocol):
+class VmLifecycle(Protocol):
+    """Run an instance as a VM: start, stop, reboot, and tell which VMs run."""
+
     def start(self, spec: VmSpec) -> None:
-        """Start the VM detached from this process (it survives a restart of ecsnap)."""
+        """Start the VM detached from this process (it survives a restart of ecsnap).
+        A VM that is already running is left as it is."""
         ...
 
     def stop(self, instance_id: str, *, force: bool = False, timeout: float = 30.0) -> None:
@@ -70,13 +79,27 @@ class ComputeDriver(Protocol):
         Returns once the VM process is gone. A VM that is not running is not an error."""
         ...
 
-    def reboot(self, instance_id: str, *, force: bool = False) -> None: ...
+    def reboot(self, instance_id: str, *, force: bool = False) -> None:
+        """Ask the guest to reboot (agent, else Ctrl-Alt-Del); force: reset the VM now.
+        The VM keeps running through the reboot."""
+        ...
 
-    def state(self, instance_id: str) -> VmState: ...
+    def state(self, instance_id: str) -> VmState:
+        """Whether the instance's VM runs, with its pid and accelerator; an instance that
+        has no VM is simply not running."""
+        ...
 
     def running(self) -> list[str]:
         """IDs of the instances whose VM process is alive (to reattach at start-up)."""
         ...
+
+    def serial_socket(self, instance_id: str) -> str:
+        """Path of the unix socket on which the VM's serial console is served."""
+        ...
+
+
+class LiveSnapshots(Protocol):
+    """Internal snapshots of the disks of a running VM (the VM has them open)."""
 
     def snapshot_disks(self, instance_id: str, items: Sequence[tuple[str, str]], *,
                        quiesce: bool = True) -> LiveSnapshotResult:
@@ -86,14 +109,35 @@ class ComputeDriver(Protocol):
         ...
 
     def delete_disk_snapshot(self, instance_id: str, disk_id: str, snapshot_id: str) -> None:
-        """Remove an internal snapshot of a disk that a running VM has open."""
+        """Remove an internal snapshot of a disk that a running VM has open; a snapshot
+        that is already gone is not an error."""
         ...
 
-    def has_disk_snapshot(self, instance_id: str, disk_id: str, snapshot_id: str) -> bool: ...
+    def has_disk_snapshot(self, instance_id: str, disk_id: str, snapshot_id: str) -> bool:
+        """Whether the disk holds the snapshot (asked of the VM while it runs)."""
+        ...
 
-    def attach_disk(self, instance_id: str, disk: VmDisk) -> None: ...
+    def resume_guest(self, instance_id: str) -> None:
+        """Thaw the guest's file systems and resume a paused VM (after a crash that cut a
+        live snapshot short); a VM that is neither frozen nor paused is left alone."""
+        ...
 
-    def detach_disk(self, instance_id: str, disk_id: str) -> None: ...
+
+class DiskHotPlug(Protocol):
+    """Disks attached to and detached from a running VM."""
+
+    def attach_disk(self, instance_id: str, disk: VmDisk) -> None:
+        """Plug the disk into the running VM; a disk it already has is not an error."""
+        ...
+
+    def detach_disk(self, instance_id: str, disk_id: str) -> None:
+        """Unplug a data disk from the running VM (the guest lets go of it first, best
+        effort); ComputeError for the system disk."""
+        ...
+
+
+class GuestAgent(Protocol):
+    """Talk to the guest through its agent."""
 
     def guest_ping(self, instance_id: str, *, timeout: float = 5.0) -> bool:
         """True once the guest agent answers."""
@@ -104,14 +148,9 @@ class ComputeDriver(Protocol):
         """Run `/bin/sh -c command` in the guest through the agent."""
         ...
 
-    def serial_socket(self, instance_id: str) -> str:
-        """Path of the unix socket on which the VM's serial console is served."""
-        ...
 
-    def resume_guest(self, instance_id: str) -> None:
-        """Thaw the guest's file systems and resume a paused VM (after a crash that cut a
-        live snapshot short); a VM that is neither frozen nor paused is left alone."""
-        ...
+class ComputeDriver(VmLifecycle, LiveSnapshots, DiskHotPlug, GuestAgent, Protocol):
+    """Everything the services need from a hypervisor."""
 
 
 class BuiltImage(Protocol):

@@ -18,7 +18,9 @@ The shared libraries of qemu-ga and the e2fsprogs tools come from the host (`ldd
 Debian 12 host has them, since qemu-system-x86 and e2fsprogs depend on the same ones);
 the ones the host lacks are taken from their Debian packages instead.
 
-The guest, which is what the QEMU driver (qemu.py) expects:
+The guest's scripts and multi-line configuration files are real files in `guest/` beside
+this module (shipped as package data; `GUEST_FILES` says where each goes in the guest).
+The guest, which is what the QEMU driver (the `qemu` package) expects:
 
 - the system disk is the first virtio disk, /dev/vda, mounted read-write as /;
 - every other virtio-blk disk is a data disk. Serial scheme: the host gives each one
@@ -63,6 +65,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ecsnap.adapters.compute.filelock import flock_until
@@ -83,223 +86,36 @@ OS_NAME = "Debian 12 (ecsnap demo, busybox)"
 SIZE_GIB = 1
 FORMAT = 5  # bump when the build itself (not a guest file) changes
 
-INITRAMFS_INIT = r"""#!/bin/sh
-# ecsnap initramfs: load the virtio modules, mount the root disk, switch to it.
-mount -t devtmpfs devtmpfs /dev
-exec 0</dev/console 1>/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-for m in MODULES; do
-  insmod /lib/modules/$m.ko || echo "initramfs: cannot load $m"
-done
-root=/dev/vda
-mode=rw
-for arg in $(cat /proc/cmdline); do
-  case "$arg" in
-    root=/dev/*) root=${arg#root=} ;;
-    ro) mode=ro ;;
-    rw) mode=rw ;;
-  esac
-done
-i=0
-while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-if ! mount -t ext4 -o $mode "$root" /newroot; then
-  echo "initramfs: cannot mount $root; here is a shell"
-  exec sh
-fi
-umount /proc /sys
-mount --move /dev /newroot/dev
-exec switch_root /newroot /sbin/init
-"""
 
-INITTAB = """\
-::sysinit:/etc/init.d/rcS
-::respawn:/etc/init.d/qga
-::respawn:/etc/init.d/uevent
-::respawn:/etc/init.d/acpid
-ttyS0::respawn:/sbin/getty -L 115200 ttyS0 vt100
-::ctrlaltdel:/sbin/reboot
-::shutdown:/etc/init.d/rcK
-"""
+def _guest_file(name: str) -> str:
+    """The text of a guest file shipped in `guest/` beside this module (package data)."""
+    return (resources.files("ecsnap.adapters.compute") / "guest" / name).read_text(
+        encoding="utf-8")
 
-RCS = r"""#!/bin/sh
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
-hostname -F /etc/hostname
-for m in /lib/modules/ecsnap/*.ko; do insmod $m 2>/dev/null; done
-/sbin/ecsnap-mount-disks
-"""
 
-RCK = r"""#!/bin/sh
-sync
-for m in $(awk '$2 ~ "^/mnt/" {print $2}' /proc/mounts); do
-  umount $m 2>/dev/null || umount -l $m
-done
-mount -o remount,ro /
-sync
-"""
-
-QGA = r"""#!/bin/sh
-# qemu-guest-agent on its virtio-serial port (no udev here, so look it up in sysfs).
-# init respawns this script; while /run/ecsnap-agent-off exists the agent stays down.
-while [ -e /run/ecsnap-agent-off ]; do sleep 1; done
-for p in /sys/class/virtio-ports/*; do
-  if [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
-    exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/${p##*/} -t /run 2>>/run/qemu-ga.log
-  fi
-done
-sleep 2
-"""
-
-UEVENTD = r"""#!/bin/sh
-# hot-plugged and removed disks: /sbin/ecsnap-uevent runs for every kernel uevent
-/sbin/uevent /sbin/ecsnap-uevent
-sleep 5  # init respawns this script; do not spin if uevent cannot run
-"""
-
-ACPID = r"""#!/bin/sh
-# the ACPI power button (QMP system_powerdown) runs /etc/acpi/PWRF/00000080: poweroff
-/sbin/acpid -f -c /etc/acpi -l /run/acpid.log -p /run/acpid.pid
-sleep 5  # init respawns this script; do not spin if acpid cannot run
-"""
-
-MOUNT_DISKS = r"""#!/bin/sh
-# Mount every data disk (every virtio disk but vda) at /mnt/d-<serial>, i.e. at
-# /mnt/<disk id>: the host passes the disk ID without "d-" as the virtio-blk serial.
-# A blank disk is formatted (ext4, lazily) first; a disk with other content is mounted
-# if the kernel knows its file system and is never formatted. The mount points of
-# disks that are gone are unmounted.
-# Usage: ecsnap-mount-disks [--wait SERIAL SECONDS]
-exec 3>>/run/ecsnap-disks.log
-say() { echo "$(date +%T) $*" >&3; }
-
-lock=/run/ecsnap-mount-disks.lock
-i=0
-until mkdir $lock 2>/dev/null; do
-  i=$((i + 1))
-  [ $i -ge 300 ] && { say "breaking a stale lock"; rmdir $lock; }
-  sleep 0.1
-done
-trap 'rmdir $lock' EXIT
-
-mounted() { grep -q " $1 " /proc/mounts; }
-
-scan() {
-  for sys in /sys/block/vd*; do
-    [ -e "$sys" ] || continue
-    name=${sys##*/}
-    [ "$name" = vda ] && continue
-    serial=$(cat $sys/serial 2>/dev/null)
-    [ -n "$serial" ] || { say "$name: no serial, left alone"; continue; }
-    target=/mnt/d-$serial
-    mounted $target && continue
-    dev=/dev/$name
-    [ -b $dev ] || mknod $dev b $(tr ':' ' ' < $sys/dev)
-    magic=$(dd if=$dev bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')
-    mkdir -p $target
-    if [ "$magic" = 53ef ]; then
-      mount -t ext4 -o noinit_itable $dev $target && say "$name: mounted at $target"
-    elif [ "$(dd if=$dev bs=65536 count=2 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; then
-      say "$name: blank; formatting ext4"
-      /sbin/mke2fs -q -F -t ext4 -m 1 \
-        -E lazy_itable_init=1,lazy_journal_init=1,nodiscard $dev >&3 2>&1 &&
-        mount -t ext4 -o noinit_itable $dev $target && say "$name: mounted at $target"
-    else
-      mount $dev $target 2>/dev/null && say "$name: mounted at $target" ||
-        say "$name: unknown content, not formatted and not mounted"
-    fi
-  done
-  # unmount what belonged to disks that were unplugged
-  awk '$2 ~ "^/mnt/d-" {print $1, $2}' /proc/mounts | while read dev target; do
-    if [ ! -e /sys/block/${dev##*/} ]; then
-      umount -l $target && say "${dev##*/}: gone; unmounted $target"
-      rmdir $target 2>/dev/null
-    fi
-  done
-}
-
-scan
-if [ "$1" = --wait ]; then
-  deadline=$(( $(date +%s) + ${3:-30} ))
-  until mounted /mnt/d-$2; do
-    [ $(date +%s) -ge $deadline ] && { say "d-$2 did not appear"; exit 1; }
-    sleep 0.2
-    scan
-  done
-fi
-exit 0
-"""
-
-UEVENT = r"""#!/bin/sh
-# Run by busybox uevent for each kernel uevent: rescan the data disks when a whole
-# virtio disk comes or goes.
-[ "$SUBSYSTEM" = block ] || exit 0
-case "$DEVNAME" in
-  vd[a-z] | vd[a-z][a-z]) ;;
-  *) exit 0 ;;
-esac
-case "$ACTION" in
-  add | remove) exec /sbin/ecsnap-mount-disks ;;
-esac
-"""
-
-SHUTDOWN = r"""#!/bin/sh
-# qemu-ga runs `shutdown -h -P|-H|-r +0 "hypervisor initiated shutdown"`; busybox has no
-# shutdown, but poweroff, halt and reboot (init then runs /etc/init.d/rcK).
-for arg in "$@"; do
-  case "$arg" in
-    -r) exec /sbin/reboot ;;
-    -H) exec /sbin/halt ;;
-  esac
-done
-exec /sbin/poweroff
-"""
-
-POWER_BUTTON = """#!/bin/sh
-exec /sbin/poweroff
-"""
-
-PROFILE = r"""export PATH=/sbin:/usr/sbin:/bin:/usr/bin
-export HOME=/root
-# root@ecsnap:~# (busybox's \w does not abbreviate the home directory)
-_ecsnap_pwd() {
-  case "$PWD" in
-    "$HOME") echo "~" ;;
-    "$HOME"/*) echo "~${PWD#"$HOME"}" ;;
-    *) echo "$PWD" ;;
-  esac
-}
-PS1='root@ecsnap:$(_ecsnap_pwd)# '
-cd "$HOME"
-"""
-
-ISSUE = """
-ecsnap demo guest (Debian 12 kernel, busybox). Log in as root, no password.
-
-"""
+# the initramfs' /init ("MODULES" is replaced by the module names)
+INITRAMFS_INIT = _guest_file("initramfs-init.sh")
+MOUNT_DISKS = _guest_file("ecsnap-mount-disks.sh")
 
 # path in the root file system -> (mode, text)
 GUEST_FILES: dict[str, tuple[int, str]] = {
-    "etc/inittab": (0o644, INITTAB),
-    "etc/init.d/rcS": (0o755, RCS),
-    "etc/init.d/rcK": (0o755, RCK),
-    "etc/init.d/qga": (0o755, QGA),
-    "etc/init.d/uevent": (0o755, UEVENTD),
-    "etc/init.d/acpid": (0o755, ACPID),
+    "etc/inittab": (0o644, _guest_file("inittab")),
+    "etc/init.d/rcS": (0o755, _guest_file("rcS.sh")),
+    "etc/init.d/rcK": (0o755, _guest_file("rcK.sh")),
+    "etc/init.d/qga": (0o755, _guest_file("qga.sh")),
+    "etc/init.d/uevent": (0o755, _guest_file("uevent-daemon.sh")),
+    "etc/init.d/acpid": (0o755, _guest_file("acpid.sh")),
     "sbin/ecsnap-mount-disks": (0o755, MOUNT_DISKS),
-    "sbin/ecsnap-uevent": (0o755, UEVENT),
-    "sbin/shutdown": (0o755, SHUTDOWN),
-    "etc/acpi/PWRF/00000080": (0o755, POWER_BUTTON),
+    "sbin/ecsnap-uevent": (0o755, _guest_file("ecsnap-uevent.sh")),
+    "sbin/shutdown": (0o755, _guest_file("shutdown.sh")),
+    "etc/acpi/PWRF/00000080": (0o755, _guest_file("power-button.sh")),
     "etc/passwd": (0o644, "root::0:0:root:/root:/bin/sh\n"),
     "etc/group": (0o644, "root:x:0:\n"),
     "etc/shadow": (0o600, "root::19000:0:99999:7:::\n"),
     "etc/shells": (0o644, "/bin/sh\n/bin/ash\n"),
     "etc/securetty": (0o644, "ttyS0\nconsole\n"),
-    "etc/profile": (0o644, PROFILE),
-    "etc/issue": (0o644, ISSUE),
+    "etc/profile": (0o644, _guest_file("profile")),
+    "etc/issue": (0o644, _guest_file("issue")),
     "etc/hostname": (0o644, "ecsnap\n"),
     "etc/hosts": (0o644, "127.0.0.1 localhost ecsnap\n"),
     "etc/fstab": (0o644, "/dev/vda / ext4 rw 0 1\n"),

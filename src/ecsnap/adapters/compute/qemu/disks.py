@@ -1,0 +1,58 @@
+"""How a disk appears in a VM; the command line (lifecycle.py) and hot plug follow it.
+
+Each disk is a `-blockdev` pair, a file node `f-<disk id>` under a qcow2 node named by the
+disk ID (the name QMP snapshot commands use), on a virtio-blk-pci device `dev-<disk id>`.
+Serial scheme: the device's `serial` is the disk ID without its "d-" prefix (ecsnap disk
+IDs are "d-" and 20 characters; virtio-blk keeps 20 bytes of serial); the demo guest
+mounts the disk at `/mnt/d-<serial>`, i.e. `/mnt/<disk id>`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ecsnap.adapters.compute.base import ComputeError, VmDisk
+
+_NODE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,29}$")
+
+
+def disk_serial(disk_id: str) -> str:
+    """The virtio-blk serial of a disk: its ID without "d-" (at most 20 bytes)."""
+    return disk_id.removeprefix("d-")[:20]
+
+
+def checked(disk: VmDisk) -> tuple[str, str]:
+    """(block node name, absolute file path) of a disk to attach, or ComputeError."""
+    node = disk.disk_id
+    if not _NODE.match(node):
+        raise ComputeError(f"disk id {node!r} cannot name a QEMU block node")
+    path = str(Path(disk.path).resolve())
+    if not Path(path).is_file():
+        raise ComputeError(f"disk {node}: no file at {path}")
+    return node, path
+
+
+def file_node(node: str, path: str) -> dict[str, Any]:
+    """The protocol node `f-<disk id>` on the disk's file."""
+    return {"driver": "file", "node-name": f"f-{node}", "filename": path, "discard": "unmap"}
+
+
+def qcow2_node(node: str) -> dict[str, Any]:
+    """The format node, named by the disk ID, on its file node."""
+    return {"driver": "qcow2", "node-name": node, "file": f"f-{node}", "discard": "unmap"}
+
+
+def device(node: str, bus: str | None, bootindex: int | None = None) -> dict[str, Any]:
+    """The virtio-blk-pci device `dev-<disk id>` of the disk (on `bus`, if given)."""
+    dev: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": node, "id": f"dev-{node}",
+                           "serial": disk_serial(node)}
+    if bus:
+        dev["bus"] = bus
+    if bootindex is not None:
+        dev["bootindex"] = bootindex
+    return dev
+
+
+__all__ = ["checked", "device", "disk_serial", "file_node", "qcow2_node"]
