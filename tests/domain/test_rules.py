@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ecsnap.domain import rules
-from ecsnap.domain.errors import EcsError, RuleViolations
+from ecsnap.domain.errors import CheckFailure, EcsError, RuleViolations
 from ecsnap.domain.model import (
     Disk,
     DiskStatus,
@@ -48,7 +48,7 @@ def target(d: Disk | None, s: Snapshot | None, disk_id: str = "", snap_id: str =
     return rules.ResetTarget(d.id if d else disk_id, s.id if s else snap_id, d, s)
 
 
-def codes(failures: list) -> list[tuple[str, str | None]]:  # type: ignore[type-arg]
+def codes(failures: list[CheckFailure]) -> list[tuple[str, str | None]]:
     return [(f.code, f.disk_id) for f in failures]
 
 

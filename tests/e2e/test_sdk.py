@@ -4,6 +4,7 @@ real QEMU VMs: the seed story, pagination, DryRun, and an error per precondition
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -117,7 +118,7 @@ class NewSdk:
         while True:
             req = m.DescribeSnapshotGroupsRequest(region_id=self.region, max_results=page,
                                                   next_token=token)
-            body = self._call(lambda r=req: self.client.describe_snapshot_groups(r))
+            body = self._call(functools.partial(self.client.describe_snapshot_groups, req))
             found += [g.snapshot_group_id for g in body.snapshot_groups.snapshot_group]
             token = body.next_token
             if not token:

@@ -250,7 +250,7 @@ def test_migrations_go_down_and_up_again(request: pytest.FixtureRequest, tmp_pat
         with engine.connect() as connection:
             found = {i["name"]: i["column_names"]
                      for i in inspect(connection).get_indexes("snapshots")}
-        return list(found["ix_snapshots_owner"])
+        return [str(c) for c in found["ix_snapshots_owner"]]
 
     sql.migrate(engine)
     assert owner_index() == ["account_id", "region_id", "created", "id"]
