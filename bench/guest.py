@@ -391,7 +391,7 @@ class GuestLab:
             os.close(fd)
 
     def _check_snapshot_counts(self) -> None:
-        from ecsnap.service.disks import INITIAL
+        from ecsnap.service.disk_files import INITIAL
 
         for count, disk_id in self.by_count.items():
             info = json.loads(sh("qemu-img", "info", "-U", "--output=json",

@@ -25,7 +25,7 @@ from ecsnap import bootstrap, config
 from ecsnap.domain.model import InstanceStatus, SnapshotStatus, TaskStatus
 from ecsnap.service import images, instances, regions, snapshots
 from ecsnap.service.context import ServiceContext, attached_disks
-from ecsnap.service.disks import INITIAL
+from ecsnap.service.disk_files import INITIAL
 from tests import qcow
 from tests.conftest import ACCOUNT, REGION
 

@@ -36,8 +36,6 @@ from ecsnap.service.listing import Page, paginate
 from ecsnap.service.operation import Lock, Operation, Plan, Step
 from ecsnap.service.vms import boot
 
-__all__ = ["INITIAL"]  # ReInitDisk's snapshot, named here for the tests of this module
-
 
 @dataclass(frozen=True)
 class DiskPlan(Plan):
