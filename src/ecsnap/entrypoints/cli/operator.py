@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ecsnap import config
+from ecsnap import config, logs
 from ecsnap.domain.errors import EcsError
 from ecsnap.entrypoints.cli.common import DataDir, err, fail, out
 from ecsnap.service import accounts, images, setup
@@ -148,8 +146,7 @@ def serve(data_dir: DataDir = None,
 
     from ecsnap.entrypoints.api.app import create_app
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     host, _, port = listen.rpartition(":")
     ctx = _context(data_dir, recover=True, background=True)
     out.print(f"ecsnap serving\n  endpoint  http://{listen}/\n  console   http://{listen}"
