@@ -49,7 +49,9 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                          image_import=Qcow2Backend(str(settings.images_dir)))
     ctx.extras["engine"] = engine
     ctx.runner = TaskRunner(ctx, OPERATIONS, background=settings.background_tasks
-                            if background is None else background)
+                            if background is None else background,
+                            workers=settings.task_workers,
+                            command_workers=settings.command_workers)
     if recover:
         report = run_recovery(ctx)
         if report.forward or report.undone or report.stopped:

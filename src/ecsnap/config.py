@@ -41,6 +41,13 @@ class Settings:
     # send every parameter in the query and an empty body; the largest legitimate call,
     # RunCommand with 16 KB of CommandContent, takes under 64 KiB of query even when every
     # byte is percent-encoded, and a few hundred parameters at most (RunInstances).
+    # Task execution: journaled tasks (snapshots, rollbacks, starts...) and Cloud Assistant
+    # commands (up to 24 h each) run in separate thread pools, so commands never hold up a
+    # snapshot; commands running at once are bounded per instance and per account.
+    task_workers: int = 4
+    command_workers: int = 16
+    max_commands_per_instance: int = 2
+    max_commands_per_account: int = 8
     max_request_bytes: int = 1024 * 1024  # body: 413 RequestTooLarge.Body
     max_query_bytes: int = 256 * 1024  # raw query string: 414 RequestTooLarge.QueryString
     max_request_params: int = 1000  # query and form body together: 400 InvalidParameter.TooMany

@@ -12,7 +12,7 @@ import binascii
 from collections.abc import Sequence
 
 from ecsnap.adapters.compute.base import ComputeError, GuestAgentUnavailable
-from ecsnap.adapters.store.base import Criteria
+from ecsnap.adapters.store.base import Criteria, UnitOfWork
 from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus, Invocation, InvocationStatus, utcnow
@@ -60,6 +60,7 @@ def run_command(ctx: ServiceContext, account_id: str, region_id: str, *, command
         for instance_id in instance_ids:
             inst = get_instance(uow, account_id, instance_id, region_id)
             rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        _check_concurrency(ctx, uow, account_id, instance_ids)
         for instance_id in instance_ids:
             record = Invocation(id=ids.new_id("task"), invoke_id=invoke_id,
                                 command_id=command_id, account_id=account_id,
@@ -72,6 +73,26 @@ def run_command(ctx: ServiceContext, account_id: str, region_id: str, *, command
     for record_id in records:
         ctx.runner.spawn(lambda rid=record_id: _execute(ctx, rid))  # type: ignore[misc]
     return command_id, invoke_id
+
+
+def _check_concurrency(ctx: ServiceContext, uow: UnitOfWork, account_id: str,
+                       instance_ids: Sequence[str]) -> None:
+    """Commands running at once are bounded per instance and per account (settings
+    max_commands_per_instance, max_commands_per_account), so no tenant can queue the
+    command pool full; counted from the records, in the transaction that adds the new ones."""
+    settings = ctx.settings
+    running = uow.invocations.find(account_id=account_id, status=InvocationStatus.RUNNING)
+    if len(running) + len(instance_ids) > settings.max_commands_per_account:
+        raise EcsError("Throttling.Resource",
+                       f"The account runs {len(running)} commands; at most "
+                       f"{settings.max_commands_per_account} run at once. Retry later.", 429)
+    for instance_id in instance_ids:
+        on_it = sum(1 for r in running if r.instance_id == instance_id)
+        if on_it + list(instance_ids).count(instance_id) > settings.max_commands_per_instance:
+            raise EcsError("Throttling.Resource",
+                           f"The instance {instance_id} runs {on_it} commands; at most "
+                           f"{settings.max_commands_per_instance} run at once on one "
+                           "instance. Retry later.", 429)
 
 
 def _execute(ctx: ServiceContext, record_id: str) -> None:

@@ -65,7 +65,7 @@ class TaskRunner:
     """Journals and executes operations: in background threads (the server) or inline."""
 
     def __init__(self, ctx: ServiceContext, operations: Iterable[type[Operation[Any]]], *,
-                 background: bool, workers: int = 4) -> None:
+                 background: bool, workers: int = 4, command_workers: int = 16) -> None:
         self.ctx = ctx
         self.operations: dict[str, type[Operation[Any]]] = {}
         for op in operations:
@@ -74,6 +74,11 @@ class TaskRunner:
             self.operations[op.action] = op
         self.background = background
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="task") \
+            if background else None
+        # guest commands run for up to 24 h: a pool of their own, so that they can never
+        # take the workers that snapshots and rollbacks need
+        self._commands = ThreadPoolExecutor(max_workers=command_workers,
+                                            thread_name_prefix="command") \
             if background else None
         self._futures: dict[str, Future[Task]] = {}
         self._lock = threading.Lock()
@@ -213,11 +218,11 @@ class TaskRunner:
             self._futures.pop(task_id, None)
 
     def spawn(self, job: Callable[[], None]) -> None:
-        """Run a job that is not a journaled task (a guest command) in the background."""
-        if self._pool is None:
+        """Run a guest command (not a journaled task) in the background, in the command pool."""
+        if self._commands is None:
             job()
         else:
-            self._pool.submit(job)
+            self._commands.submit(job)
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         with self._lock:
@@ -231,8 +236,9 @@ class TaskRunner:
             return task
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=False)
+        for pool in (self._pool, self._commands):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=False)
 
 
 __all__ = ["SHORT_TASK_S", "Lock", "TaskRunner"]
