@@ -10,6 +10,7 @@ from ecsnap.adapters.compute.base import BuiltImage, ComputeDriver
 from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store import sql
 from ecsnap.config import Settings
+from ecsnap.service import accounts
 from ecsnap.service.context import ServiceContext
 from ecsnap.service.recovery import recover as run_recovery
 from ecsnap.service.registry import OPERATIONS
@@ -52,7 +53,8 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                             if background is None else background,
                             workers=settings.task_workers,
                             command_workers=settings.command_workers)
-    if recover:
+    if recover:  # start-up of a server: first what a crash or an older release left
+        accounts.seal_stored_secrets(ctx)  # AccessKey secrets an older release stored plain
         report = run_recovery(ctx)
         if report.forward or report.undone or report.stopped:
             log.warning("recovery: forward %s, undone %s, stopped %s", report.forward,

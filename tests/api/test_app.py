@@ -49,7 +49,7 @@ def alice(ctx: ServiceContext, client: TestClient) -> Caller:
 
 @pytest.fixture
 def bob(ctx: ServiceContext, client: TestClient) -> Caller:
-    accounts.create_account(ctx, "bob", "pw-bob-123")
+    accounts.create_account(ctx, "bob", "violet-harbour-7")
     key = accounts.create_access_key(ctx, "bob")
     return caller(client, key.id, key.secret)
 

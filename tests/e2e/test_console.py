@@ -105,10 +105,21 @@ def log_on(page: Any, server: LiveServer) -> None:
     page.wait_for_url(re.compile(r".*/console/instances/"))
 
 
+def csp_violations(page: Any) -> list[str]:
+    """Collects what the browser refuses under the console's Content-Security-Policy."""
+    seen: list[str] = []
+    page.on("console", lambda m: seen.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    return seen
+
+
 def test_seed_flow_in_the_browser(server: LiveServer, demo_image: str, browser: Any) -> None:
     story = prepared_instance(server, demo_image)
     page = browser.new_page()
+    refused = csp_violations(page)
     log_on(page, server)
+    csp = page.request.get(server.endpoint + "console/login").headers
+    assert "script-src 'self'" in csp["content-security-policy"]
     # choose the region in the top navigation bar
     with page.expect_navigation():  # the selector submits its form on change
         page.select_option("select[name=region]", server.credentials["RegionId"])
@@ -152,6 +163,8 @@ def test_seed_flow_in_the_browser(server: LiveServer, demo_image: str, browser: 
     assert "old-sys old-d1 new-d2" in screen
     terminal.screenshot(path=str(ARTIFACTS / "serial-console.png"))
     shot(page, "connect")
+    # the whole flow (region selector, task page reloads, xterm.js) ran under the CSP
+    assert refused == []
 
 
 def read_terminal_until(page: Any, text: str, *, timeout: float, send: str | None = None,
@@ -203,13 +216,13 @@ def test_disabled_disk_undo_and_tenancy(server: LiveServer, demo_image: str,
                     "/marker")
     assert out.split() == ["new-sys", "new-d1"]
     # a second account sees none of it
-    ecsnap("account", "create", "carol", "--password", "carol-pw-42", "--data-dir",
+    ecsnap("account", "create", "carol", "--password", "violet-harbour-42", "--data-dir",
            str(server.data_dir))
     other = browser.new_page()
     other.context.clear_cookies()
     other.goto(server.endpoint + "console/")
     other.fill("input[name=account]", "carol")
-    other.fill("input[name=password]", "carol-pw-42")
+    other.fill("input[name=password]", "violet-harbour-42")
     other.click("button[type=submit]")
     other.wait_for_url(re.compile(r".*/console/instances/"))
     assert story["instance"] not in other.content()

@@ -29,7 +29,9 @@ def initialise(ctx: ServiceContext, region_id: str) -> Initialised:
     if account is None:
         password = accounts.new_secret(16)
         account = accounts.create_account(ctx, ADMIN, password)
-    with ctx.uow() as uow:
-        keys = sorted(uow.access_keys.find(account_id=account.id), key=lambda k: k.created)
-    key = keys[0] if keys else accounts.create_access_key(ctx, ADMIN)
+    with ctx.uow(readonly=True) as uow:
+        keys = sorted(uow.access_keys.find(account_id=account.id),
+                      key=lambda k: (not k.enabled, k.created))  # rotation disables the old
+    found = accounts.find_access_key(ctx, keys[0].id) if keys else None  # the plain secret
+    key = found if found is not None else accounts.create_access_key(ctx, ADMIN)
     return Initialised(region, account, key, password)

@@ -7,21 +7,24 @@ import gc
 import json
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from ecsnap import config, logs
 from ecsnap.domain.errors import EcsError
 from ecsnap.entrypoints.cli.common import DataDir, err, fail, out
-from ecsnap.service import accounts, images, setup
+from ecsnap.service import accounts, console_access, images, setup
 from ecsnap.service.context import ServiceContext
 
 image_app = typer.Typer(help="Images: build the demo guest, import your own.",
                         no_args_is_help=True)
 account_app = typer.Typer(help="Accounts (admin).", no_args_is_help=True)
 accesskey_app = typer.Typer(help="AccessKey pairs (admin).", no_args_is_help=True)
+T = TypeVar("T")
 
 
 def _context(data_dir: Path | None, *, recover: bool = False,
@@ -131,6 +134,106 @@ def accesskey_create(account: str, data_dir: DataDir = None,
         print(json.dumps({"AccessKeyId": key.id, "AccessKeySecret": key.secret}))
     else:
         out.print(f"AccessKeyId {key.id}\nAccessKeySecret {key.secret}", highlight=False)
+
+
+@account_app.command("password")
+def account_password(name: str, data_dir: DataDir = None,
+                     password: Annotated[str | None, typer.Option(
+                         "--password", help="The new console password (asked if not given)")]
+                     = None) -> None:
+    """Set an account's console password (the policy applies); its sessions end."""
+    if password is None:
+        password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+    _run(lambda: accounts.set_password(_context(data_dir), name, password))
+    out.print(f"password of {name} changed; its console sessions ended", highlight=False)
+
+
+@account_app.command("disable")
+def account_disable(name: str, data_dir: DataDir = None) -> None:
+    """Disable an account: its AccessKeys and console sessions stop working."""
+    _run(lambda: accounts.disable_account(_context(data_dir), name))
+    out.print(f"{name} disabled", highlight=False)
+
+
+@account_app.command("enable")
+def account_enable(name: str, data_dir: DataDir = None) -> None:
+    _run(lambda: accounts.enable_account(_context(data_dir), name))
+    out.print(f"{name} enabled", highlight=False)
+
+
+@account_app.command("lockouts")
+def account_lockouts(data_dir: DataDir = None,
+                     clear: Annotated[str | None, typer.Option(
+                         "--clear", help="Lift the lockout of this account name, AccessKey "
+                                         "ID or client address")] = None,
+                     all_: Annotated[bool, typer.Option(
+                         "--all", help="Also those only delayed, not locked")] = False) -> None:
+    """Console log-on lockouts (after repeated failed log-ons), and lifting one."""
+    ctx = _context(data_dir)
+    if clear is not None:
+        gone = _run(lambda: console_access.clear_logon_lockouts(ctx, name=clear))
+        out.print(f"{gone} lockout(s) lifted for {clear}", highlight=False)
+        return
+    now = time.time()
+    for row in console_access.list_logon_lockouts(ctx, include_throttled=all_):
+        state = (f"locked {row.locked_until - now:.0f} s more" if row.locked_until
+                 else f"delayed {row.retry_after:.0f} s")
+        out.print(f"{row.kind:10} {row.name:24} {row.failures:3} failures  {state}",
+                  highlight=False)
+
+
+@accesskey_app.command("list")
+def accesskey_list(account: Annotated[str | None, typer.Argument()] = None,
+                   data_dir: DataDir = None) -> None:
+    """The AccessKey IDs (of one account, else all), with their state; never a secret."""
+    for key in _run(lambda: accounts.list_access_keys(_context(data_dir), account)):
+        state = "enabled" if key.enabled else "disabled"
+        out.print(f"{key.id} {key.account_name} {state} {key.created:%Y-%m-%dT%H:%M:%SZ}",
+                  highlight=False)
+
+
+@accesskey_app.command("disable")
+def accesskey_disable(key_id: str, data_dir: DataDir = None) -> None:
+    """Refuse signatures made with this AccessKey (and end its console sessions)."""
+    _run(lambda: accounts.disable_access_key(_context(data_dir), key_id))
+    out.print(f"{key_id} disabled", highlight=False)
+
+
+@accesskey_app.command("enable")
+def accesskey_enable(key_id: str, data_dir: DataDir = None) -> None:
+    _run(lambda: accounts.enable_access_key(_context(data_dir), key_id))
+    out.print(f"{key_id} enabled", highlight=False)
+
+
+@accesskey_app.command("delete")
+def accesskey_delete(key_id: str, data_dir: DataDir = None) -> None:
+    _run(lambda: accounts.delete_access_key(_context(data_dir), key_id))
+    out.print(f"{key_id} deleted", highlight=False)
+
+
+@accesskey_app.command("rotate")
+def accesskey_rotate(key_id: str, data_dir: DataDir = None,
+                     delete_old: Annotated[bool, typer.Option(
+                         "--delete-old", help="Delete the old key instead of disabling it")]
+                     = False,
+                     output: Annotated[str, typer.Option("--output")] = "table") -> None:
+    """A new AccessKey pair for the same account; the old one disabled (or deleted). The new
+    secret is shown once."""
+    key = _run(lambda: accounts.rotate_access_key(_context(data_dir), key_id,
+                                                  delete_old=delete_old))
+    if output == "json":
+        print(json.dumps({"AccessKeyId": key.id, "AccessKeySecret": key.secret}))
+    else:
+        out.print(f"AccessKeyId {key.id}\nAccessKeySecret {key.secret}", highlight=False)
+
+
+def _run(call: Callable[[], T]) -> T:
+    """The service call's result, or the ECS error printed and exit status 1."""
+    try:
+        return call()
+    except EcsError as exc:
+        fail(exc)
+        raise  # not reached: fail exits
 
 
 def serve(data_dir: DataDir = None,

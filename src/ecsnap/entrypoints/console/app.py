@@ -4,6 +4,13 @@ Flow of the seed: log on -> region in the top bar -> Storage & Snapshots > Snaps
 Instance Snapshots tab -> Rollback instance -> dialog (precautions, per-disk preview,
 Start Instance Immediately after Rollback, Cloud disk snapshot selection) -> OK Rollback
 -> progress and result (Undo rollback) -> Connect (serial console) to check the data.
+
+Security: every page goes through Jinja2 with autoescape (no response is built from an
+f-string); every response carries a Content-Security-Policy without inline script (the
+scripts are static files), frame-ancestors 'none' / X-Frame-Options, nosniff and a
+Referrer-Policy; the serial-console WebSocket takes only same-origin connections; log-ons
+are throttled (`console_access.check_logon`); a session ends when its account or
+AccessKey is disabled or the password changes (`console_access.session_stamp`).
 """
 
 from __future__ import annotations
@@ -15,14 +22,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ecsnap.domain.errors import CheckFailure, EcsError
@@ -42,7 +52,56 @@ from ecsnap.service.context import ServiceContext
 
 HERE = Path(__file__).parent
 COOKIE = "ecsnap_console"
+LOGIN_CSRF_COOKIE = "ecsnap_login_csrf"
 SESSION_SECONDS = 8 * 3600
+PRUNE_EVERY_S = 60.0
+SERIAL_SESSION_CHECK_S = 10.0  # how often an open serial console re-checks its session
+
+# xterm.js injects <style> elements, hence 'unsafe-inline' for styles (never for scripts)
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every HTTP response of the console (pages, redirects,
+    static files, errors)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", [])
+                        if k.decode("latin-1").lower() not in SECURITY_HEADERS]
+                message = {**message, "headers": kept + self.headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def same_origin(conn: HTTPConnection) -> bool:
+    """Whether the request's Origin names the host the console is served on (the Host
+    header). The scheme is not compared: behind a TLS-terminating proxy the console sees
+    ws:// for a page served over https://."""
+    origin, host = conn.headers.get("origin"), conn.headers.get("host")
+    if not origin or not host:
+        return False
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
 
 
 @dataclass
@@ -50,6 +109,8 @@ class Session:
     account_id: str
     account_name: str
     region: str
+    stamp: str  # console_access.session_stamp at log-on; the session ends when it changes
+    access_key_id: str | None = None  # the AccessKey it was opened with, if any
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     expires: float = field(default_factory=lambda: time.time() + SESSION_SECONDS)
     flash: dict[str, str] | None = None
@@ -85,21 +146,45 @@ class Console:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.sessions: dict[str, Session] = {}
+        self.pruned = time.time()
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"]))
         self.env.globals.update(iso=iso, human=human, reason=reason)
 
     # ------------------------------------------------------------ plumbing
 
-    def session(self, request: Request) -> Session | None:
-        token = request.cookies.get(COOKIE, "")
+    def prune_sessions(self) -> int:
+        """Forget the expired sessions; returns how many."""
+        now = time.time()
+        self.pruned = now
+        gone = [t for t, s in self.sessions.items() if s.expires < now]
+        for token in gone:
+            del self.sessions[token]
+        return len(gone)
+
+    async def session(self, conn: HTTPConnection) -> Session | None:
+        """The live session of the request's cookie: not expired, its account and
+        AccessKey still enabled and its password unchanged (else it is dropped)."""
+        if time.time() - self.pruned > PRUNE_EVERY_S:
+            self.prune_sessions()
+        token = conn.cookies.get(COOKIE, "")
         s = self.sessions.get(token)
         if s is None or s.expires < time.time():
             self.sessions.pop(token, None)
             return None
+        stamp = await run_in_threadpool(console_access.session_stamp, self.ctx, s.account_id,
+                                        s.access_key_id)
+        if stamp != s.stamp:
+            self.sessions.pop(token, None)
+            return None
         return s
 
-    def render(self, request: Request, name: str, status: int = 200, **values: Any) -> Response:
+    @staticmethod
+    def secure(request: Request) -> bool:
+        return request.url.scheme == "https"
+
+    def render(self, request: Request, name: str, status: int = 200,
+               headers: dict[str, str] | None = None, **values: Any) -> Response:
         def url(route: str, path: str | None = None, **params: str) -> str:
             if path is not None:
                 params["path"] = path
@@ -111,7 +196,13 @@ class Console:
             s.flash = None
             values.setdefault("all_regions", regions.describe_regions(self.ctx))
         html = self.env.get_template(name).render(request=request, url=url, **values)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(html, status_code=status, headers=headers)
+
+    def error(self, request: Request, s: Session, status: int, code: str,
+              message: str) -> Response:
+        """An error page; `message` may carry user input: the template escapes it."""
+        return self.render(request, "error.html", status=status, session=s, code=code,
+                           message=message)
 
     async def form(self, request: Request, s: Session) -> Any:
         form = await request.form()
@@ -127,23 +218,25 @@ class Console:
 
     def guarded(self, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
-            s = self.session(request)
+            s = await self.session(request)
             if s is None:
                 return RedirectResponse(str(request.url_for("login").path), status_code=303)
             try:
                 return await handler(request, s)
             except PermissionError as exc:
-                return HTMLResponse(f"<p>Forbidden: {exc}</p>", status_code=403)
+                return self.error(request, s, 403, "Forbidden", str(exc))
         return endpoint
 
     # ------------------------------------------------------------ log on / off, region
 
-    def _login_form(self, request: Request, status: int = 200, error: str = "") -> Response:
+    def _login_form(self, request: Request, status: int = 200, error: str = "",
+                    headers: dict[str, str] | None = None) -> Response:
         """The log-on page with a CSRF token bound to a cookie (double submit)."""
-        token = request.cookies.get("ecsnap_login_csrf") or secrets.token_urlsafe(16)
-        response = self.render(request, "login.html", status=status, csrf=token, error=error)
-        response.set_cookie("ecsnap_login_csrf", token, httponly=True, samesite="strict",
-                            path="/console")
+        token = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(16)
+        response = self.render(request, "login.html", status=status, headers=headers,
+                               csrf=token, error=error)
+        response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                            path="/console", secure=self.secure(request))
         return response
 
     async def login_get(self, request: Request) -> Response:
@@ -152,35 +245,56 @@ class Console:
     async def login(self, request: Request) -> Response:
         form = await request.form()
         csrf = str(form.get("csrf", ""))
-        if not csrf or csrf != request.cookies.get("ecsnap_login_csrf"):
+        if not csrf or not secrets.compare_digest(csrf,
+                                                  request.cookies.get(LOGIN_CSRF_COOKIE, "")):
             return self._login_form(request, 403, "The log-on form expired; please try again.")
         name, password = str(form.get("account", "")), str(form.get("password", ""))
         key_id, secret = str(form.get("access_key_id", "")), \
             str(form.get("access_key_secret", ""))
+        kind, subject = ("access_key", key_id) if key_id else ("account", name)
+        address = request.client.host if request.client else ""
+        verdict = await run_in_threadpool(console_access.check_logon, self.ctx, kind, subject,
+                                          address)
+        if not verdict.allowed:
+            wait = int(verdict.retry_after) + 1
+            text = (f"Too many failed log-ons: locked for {wait} s more (an administrator "
+                    "can lift the lock)." if verdict.locked else
+                    f"Too many failed log-ons: wait {wait} s before the next attempt.")
+            return self._login_form(request, 429, text, headers={"Retry-After": str(wait)})
         if key_id:
             account = await run_in_threadpool(accounts.authenticate_access_key, self.ctx,
                                               key_id, secret)
         else:
             account = await run_in_threadpool(accounts.authenticate_password, self.ctx, name,
                                               password)
-        if account is None:
+        stamp = None if account is None else await run_in_threadpool(
+            console_access.session_stamp, self.ctx, account.id, key_id or None)
+        if account is None or stamp is None:
+            await run_in_threadpool(console_access.record_logon_failure, self.ctx, kind,
+                                    subject, address)
             return self._login_form(request, 401, "The account name or password (or "
                                     "AccessKey pair) is not correct.")
+        await run_in_threadpool(console_access.record_logon_success, self.ctx, kind, subject,
+                                address)
+        self.prune_sessions()
         all_regions = regions.describe_regions(self.ctx)
         region = all_regions[0].id if all_regions else self.ctx.settings.default_region
         token = secrets.token_urlsafe(32)
-        self.sessions[token] = Session(account.id, account.name, region)
+        self.sessions[token] = Session(account.id, account.name, region, stamp,
+                                       access_key_id=key_id or None)
         response = RedirectResponse(str(request.url_for("instances").path), status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/console",
-                            max_age=SESSION_SECONDS)
-        response.delete_cookie("ecsnap_login_csrf", path="/console")
+                            max_age=SESSION_SECONDS, secure=self.secure(request))
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/console",
+                               secure=self.secure(request), httponly=True, samesite="strict")
         return response
 
     async def logout(self, request: Request, s: Session) -> Response:
         await self.form(request, s)
         self.sessions.pop(request.cookies.get(COOKIE, ""), None)
         response = RedirectResponse(str(request.url_for("login").path), status_code=303)
-        response.delete_cookie(COOKIE, path="/console")
+        response.delete_cookie(COOKIE, path="/console", secure=self.secure(request),
+                               httponly=True, samesite="strict")
         return response
 
     async def set_region(self, request: Request, s: Session) -> Response:
@@ -289,7 +403,7 @@ class Console:
             task = await run_in_threadpool(tasks_view.get_task, self.ctx, s.account_id, None,
                                            task_id)
         except EcsError as exc:
-            return HTMLResponse(f"<p>{exc.code}: {exc.message}</p>", status_code=404)
+            return self.error(request, s, 404, exc.code, exc.message)
         titles = {"ResetDisks": ("Rollback instance", "The rollback finished: the selected "
                                  "disks hold the instance snapshot's data."),
                   "TakeSnapshots": ("Create Instance Snapshot", "The instance snapshot is "
@@ -443,9 +557,11 @@ class Console:
                            inst=page.items[0])
 
     async def serial(self, websocket: WebSocket) -> None:
-        token = websocket.cookies.get(COOKIE, "")
-        s = self.sessions.get(token)
-        if s is None or s.expires < time.time():
+        if not same_origin(websocket):  # a page of another site using our cookie
+            await websocket.close(code=1008)  # policy violation (HTTP 403 before accept)
+            return
+        s = await self.session(websocket)
+        if s is None:
             await websocket.close(code=4401)
             return
         iid = websocket.path_params["instance_id"]
@@ -471,7 +587,12 @@ class Console:
                 writer.write(data)
                 await writer.drain()
 
-        tasks = [asyncio.create_task(pump_out()), asyncio.create_task(pump_in())]
+        async def watch_session() -> None:  # a revoked session closes its serial console
+            while await self.session(websocket) is not None:
+                await asyncio.sleep(SERIAL_SESSION_CHECK_S)
+
+        tasks = [asyncio.create_task(pump_out()), asyncio.create_task(pump_in()),
+                 asyncio.create_task(watch_session())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except WebSocketDisconnect:
@@ -521,4 +642,6 @@ def create_console(ctx: ServiceContext) -> Starlette:
               methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+    app.state.console = c  # its sessions, for tests and operators
+    return app
