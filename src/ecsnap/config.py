@@ -44,6 +44,11 @@ class Settings:
     # Task execution: journaled tasks (snapshots, rollbacks, starts...) and Cloud Assistant
     # commands (up to 24 h each) run in separate thread pools, so commands never hold up a
     # snapshot; commands running at once are bounded per instance and per account.
+    # What an account may hold unless the admin set its own (`ecsnap account quota`); a
+    # negative number: no limit. One tenant cannot take a whole region with MinAmount.
+    default_quotas: dict[str, int] = field(default_factory=lambda: {
+        "instances": 50, "vcpus": 64, "memory_mib": 131072, "disks": 300,
+        "disk_gib": 16384, "snapshots": 5000})
     task_workers: int = 4
     command_workers: int = 16
     max_commands_per_instance: int = 2

@@ -113,6 +113,9 @@ DEFAULT_INSTANCE_TYPES: tuple[InstanceType, ...] = (
 )
 
 
+QUOTA_KINDS = ("instances", "vcpus", "memory_mib", "disks", "disk_gib", "snapshots")
+
+
 @dataclass(eq=False)
 class Account:
     id: str
@@ -120,6 +123,12 @@ class Account:
     password_hash: str = ""
     enabled: bool = True
     created: datetime = field(default_factory=utcnow)
+    quotas: dict[str, int] = field(default_factory=dict)  # QUOTA_KINDS set by the admin
+
+    def quota(self, kind: str, defaults: dict[str, int]) -> int | None:
+        """The account's limit of `kind`: its own, else the default; None: unlimited."""
+        value = self.quotas.get(kind, defaults.get(kind))
+        return None if value is None or value < 0 else int(value)
 
 
 @dataclass(eq=False)

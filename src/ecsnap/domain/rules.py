@@ -7,7 +7,7 @@ Rollback checks return every failure at once (per disk) instead of stopping at t
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ecsnap.domain.errors import (
@@ -184,6 +184,48 @@ def check_capacity(region: Region, others: Iterable[Instance], wanted: Sequence[
             f"({region.vcpu_capacity - vcpus} vCPU and {region.memory_mib_capacity - memory} "
             "MiB are free). An instance stopped in StopCharging mode gave its compute back and "
             "must wait for capacity; try again later or choose a smaller instance type.", 403)
+
+
+# ---------------------------------------------------------------- quotas
+
+# ECS's code for each quota an account can exceed
+QUOTA_CODES = {
+    "instances": "QuotaExceed.ElasticQuota",
+    "vcpus": "QuotaExceed.ElasticQuota",
+    "memory_mib": "QuotaExceed.ElasticQuota",
+    "disks": "QuotaExceed.PostPaidDisk",
+    "disk_gib": "QuotaExceed.DiskCapacity",
+    "snapshots": "QuotaExceed.Snapshot",
+}
+
+
+def quota_failure(limits: Mapping[str, int | None], used: Mapping[str, int],
+                  wanted: Mapping[str, int]) -> EcsError | None:
+    """The error for the first quota that `wanted` on top of `used` would exceed."""
+    for kind, more in wanted.items():
+        limit = limits.get(kind)
+        if limit is not None and more > 0 and used.get(kind, 0) + more > limit:
+            return EcsError(QUOTA_CODES[kind],
+                            f"The account's quota of {kind} is {limit}; it uses "
+                            f"{used.get(kind, 0)} and the request needs {more} more. Ask the "
+                            "administrator for a larger quota or release resources.", 403)
+    return None
+
+
+def check_quota(limits: Mapping[str, int | None], used: Mapping[str, int],
+                wanted: Mapping[str, int]) -> None:
+    failure = quota_failure(limits, used, wanted)
+    if failure is not None:
+        raise failure
+
+
+def times_within_quota(limits: Mapping[str, int | None], used: Mapping[str, int],
+                       each: Mapping[str, int], most: int) -> int:
+    """How many of `each` (up to `most`) fit in the quotas (RunInstances' MinAmount)."""
+    n = most
+    while n > 0 and quota_failure(limits, used, {k: v * n for k, v in each.items()}):
+        n -= 1
+    return n
 
 
 # ---------------------------------------------------------------- instance snapshots

@@ -26,9 +26,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import ids
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import AccessKey, Account
+from ecsnap.domain.model import QUOTA_KINDS, AccessKey, Account
+from ecsnap.service import quotas
 from ecsnap.service.context import ServiceContext
 
 log = logging.getLogger("ecsnap.service.accounts")
@@ -365,3 +367,49 @@ def remember_nonce(ctx: ServiceContext, key_id: str, nonce: str, expires: dateti
         fresh = uow.remember_nonce(key_id, nonce, expires, now)
         uow.commit()
         return fresh
+
+
+# ------------------------------------------------------------------ quotas
+
+
+@dataclass(frozen=True)
+class QuotaLine:
+    kind: str  # one of domain.model.QUOTA_KINDS
+    limit: int | None  # None: no limit
+    used: int
+    own: bool  # set for this account (else the default of the settings)
+
+
+def set_quotas(ctx: ServiceContext, name: str, values: dict[str, int]) -> None:
+    """Set some of an account's quotas (a negative value: no limit); `clear_quotas` goes
+    back to the settings' defaults. InvalidParameter for an unknown kind."""
+    bad = [k for k in values if k not in QUOTA_KINDS]
+    if bad:
+        raise EcsError("InvalidParameter",
+                       f"Unknown quota {bad[0]}; quotas are {', '.join(QUOTA_KINDS)}.", 400)
+    with ctx.uow() as uow:
+        account = _account(uow, name)
+        account.quotas = {**account.quotas, **{k: int(v) for k, v in values.items()}}
+        uow.commit()
+
+
+def clear_quotas(ctx: ServiceContext, name: str) -> None:
+    """The account takes the settings' default quotas again."""
+    with ctx.uow() as uow:
+        _account(uow, name).quotas = {}
+        uow.commit()
+
+
+def quota_report(ctx: ServiceContext, name: str) -> list[QuotaLine]:
+    with ctx.uow(readonly=True) as uow:
+        account = _account(uow, name)
+        limit = quotas.limits(ctx, uow, account.id)
+        used = quotas.usage(uow, account.id, dict.fromkeys(QUOTA_KINDS, 1))
+    return [QuotaLine(k, limit[k], used.get(k, 0), k in account.quotas) for k in QUOTA_KINDS]
+
+
+def _account(uow: UnitOfWork, name: str) -> Account:
+    found = uow.accounts.find(name=name)
+    if not found:
+        raise EcsError("InvalidAccount.NotFound", f"No account {name}.", 404)
+    return found[0]

@@ -22,7 +22,7 @@ from ecsnap.domain.model import (
     DiskType,
     InstanceStatus,
 )
-from ecsnap.service import idempotency
+from ecsnap.service import idempotency, quotas
 from ecsnap.service.context import (
     ServiceContext,
     attached_disks,
@@ -76,6 +76,7 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
             z = uow.zones.get(zone)
             if z is None or z.region_id != region_id:
                 raise errors.not_found("zone", zone)
+            quotas.check(ctx, uow, account_id, {"disks": 1, "disk_gib": size_gib})
             disk = Disk(id=ids.new_id("disk"), account_id=account_id, region_id=region_id,
                         zone_id=zone, size_gib=size_gib, category=category, name=name,
                         description=description, tags=dict(tags or {}),
@@ -319,6 +320,7 @@ def resize_disk(ctx: ServiceContext, account_id: str, disk_id: str, new_size_gib
                 raise EcsError("IncorrectInstanceStatus",
                                f"The instance {inst.id} is {inst.status.value}; ecsnap grows "
                                "disks of Stopped instances only.", 403)
+        quotas.check(ctx, uow, account_id, {"disk_gib": new_size_gib - disk.size_gib})
         task = ctx.runner.journal(uow, ResizeDisk, ResizeDiskPlan(disk.id, new_size_gib),
                                   account_id=account_id, region_id=disk.region_id,
                                   resource_id=disk.id)
@@ -482,6 +484,7 @@ def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, 
             if size < image.size_gib:
                 raise EcsError("InvalidSystemDiskSize.LessThanImageSize",
                                "The system disk is smaller than the image.", 404)
+            quotas.check(ctx, uow, account_id, {"disk_gib": size - old.size_gib})
             new = Disk(id=ids.new_id("disk"), account_id=account_id, region_id=inst.region_id,
                        zone_id=inst.zone_id, size_gib=size, type=DiskType.SYSTEM,
                        category=old.category, image_id=image.id, instance_id=None,

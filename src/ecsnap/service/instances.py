@@ -18,7 +18,7 @@ from ecsnap.domain.model import (
     StoppedMode,
     Task,
 )
-from ecsnap.service import idempotency
+from ecsnap.service import idempotency, quotas
 from ecsnap.service.context import (
     ServiceContext,
     attached_disks,
@@ -130,6 +130,13 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
                 if min_amount is None or fit <= min_amount:
                     raise
                 fit -= 1
+        each = {"instances": 1, "vcpus": itype.vcpus, "memory_mib": itype.memory_mib,
+                "disks": 1 + len(req.data_disks),
+                "disk_gib": sys_size + sum(d.size_gib for d in req.data_disks)}
+        needed = fit if min_amount is None else min_amount  # without MinAmount: all of them
+        fit = quotas.how_many_fit(ctx, uow, account_id, each, fit)
+        if fit < needed:  # the error of the quota that `needed` instances would exceed
+            quotas.check(ctx, uow, account_id, {k: v * needed for k, v in each.items()})
         if dry_run:
             raise errors.dry_run_passed()
         for _ in range(fit):

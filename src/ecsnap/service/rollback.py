@@ -36,10 +36,11 @@ from ecsnap.domain.model import (
     iso,
     utcnow,
 )
-from ecsnap.service import snapshot_records
+from ecsnap.service import quotas, snapshot_records
 from ecsnap.service.context import ServiceContext, attached_disks, get_group, get_region
 from ecsnap.service.operation import Lock, Operation, Pair, Plan, Resume, Step
 from ecsnap.service.snapshot_records import GroupSpec
+from ecsnap.service.space import require_free_space
 from ecsnap.service.tasks import SHORT_TASK_S
 from ecsnap.service.vms import boot, check_room_to_start, vm_running
 
@@ -194,13 +195,15 @@ class ResetDisks(Operation[ResetDisksPlan]):
     plan_type = ResetDisksPlan
 
     @classmethod
-    def check(cls, uow: UnitOfWork, account_id: str, region_id: str | None,
-              items: Sequence[tuple[str, str]], *, keep_safety: bool,
+    def check(cls, ctx: ServiceContext, uow: UnitOfWork, account_id: str,
+              region_id: str | None, items: Sequence[tuple[str, str]], *, keep_safety: bool,
               auto_start: bool) -> ResetDisksPlan:
         preview, targets = _check(uow, account_id, region_id, items)
         rules.require(preview.failures)
         disks = [t.disk for t in targets if t.disk is not None]
         snapshot_records.check_snapshot_quota(uow, disks)
+        if keep_safety:  # kept safety snapshots count; the undo log of SafetySnapshot=false not
+            quotas.check(ctx, uow, account_id, {"snapshots": len(disks)})
         return ResetDisksPlan(
             instance_id=preview.instance_id,
             pairs=tuple((t.disk_id, t.snapshot_id) for t in targets),
@@ -316,8 +319,11 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                 safety_snapshot: bool = True, dry_run: bool = False) -> ResetResult:
     """ResetDisks: roll the disks back to their snapshots, all or none."""
     with ctx.uow() as uow:
-        plan = ResetDisks.check(uow, account_id, region_id, items, keep_safety=safety_snapshot,
+        plan = ResetDisks.check(ctx, uow, account_id, region_id, items,
+                                keep_safety=safety_snapshot,
                                 auto_start=auto_start)
+        require_free_space(ctx, uow, uow.instances.load(plan.instance_id).region_id,
+                           [d for d, _ in plan.items], snapshots_per_disk=2)
         if dry_run:
             raise errors.dry_run_passed()
         inst = uow.instances.load(plan.instance_id)

@@ -27,7 +27,7 @@ from ecsnap.domain.model import (
     SnapshotStatus,
     Task,
 )
-from ecsnap.service import idempotency, snapshot_records
+from ecsnap.service import idempotency, quotas, snapshot_records
 from ecsnap.service.context import (
     ServiceContext,
     attached_disks,
@@ -41,6 +41,7 @@ from ecsnap.service.disk_files import delete_internal_snapshot
 from ecsnap.service.listing import Page, paginate
 from ecsnap.service.operation import Lock, Operation, Pair, Plan, Resume, Step
 from ecsnap.service.snapshot_records import GroupSpec, SnapshotSpec, check_snapshot_quota, new_items
+from ecsnap.service.space import require_free_space
 from ecsnap.service.tasks import SHORT_TASK_S
 from ecsnap.service.vms import vm_running
 
@@ -68,9 +69,11 @@ class TakeSnapshots(Operation[TakeSnapshotsPlan]):
     plan_type = TakeSnapshotsPlan
 
     @classmethod
-    def check(cls, uow: UnitOfWork, inst: Instance | None, disks: Sequence[Disk], *,
-              group: bool, quiesce: bool = True) -> TakeSnapshotsPlan:
+    def check(cls, ctx: ServiceContext, uow: UnitOfWork, account_id: str,
+              inst: Instance | None, disks: Sequence[Disk], *, group: bool,
+              quiesce: bool = True) -> TakeSnapshotsPlan:
         check_snapshot_quota(uow, disks)
+        quotas.check(ctx, uow, account_id, {"snapshots": len(disks)})
         return TakeSnapshotsPlan(
             instance_id=inst.id if inst else "",
             group_id=ids.new_id("snapshot_group") if group else None,
@@ -141,7 +144,9 @@ def create_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
         inst = get_instance(uow, account_id, instance_id, region_id)
         disks = rules.select_group_disks(inst, attached_disks(uow, inst.id), disk_ids=disk_ids,
                                          exclude_disk_ids=exclude_disk_ids)
-        plan = TakeSnapshots.check(uow, inst, disks, group=True, quiesce=quiesce)
+        plan = TakeSnapshots.check(ctx, uow, account_id, inst, disks, group=True,
+                                  quiesce=quiesce)
+        require_free_space(ctx, uow, inst.region_id, [d for d, _ in plan.items])
         assert plan.group_id is not None
         snapshot_records.add_rows(uow, account_id, inst.id, disks, plan.items,
                                   group=GroupSpec(name, description, tags=dict(tags or {})),
@@ -177,7 +182,8 @@ def create_snapshot(ctx: ServiceContext, account_id: str, disk_id: str, *, name:
                 rules.require_instance_status(inst, InstanceStatus.RUNNING,
                                               InstanceStatus.STOPPED, http_status=400)
                 rules.check_not_locked(inst)
-            plan = TakeSnapshots.check(uow, inst, [disk], group=False)
+            plan = TakeSnapshots.check(ctx, uow, account_id, inst, [disk], group=False)
+            require_free_space(ctx, uow, disk.region_id, [disk.id])
             snapshot_records.add_rows(uow, account_id, disk.instance_id or "", [disk],
                                       plan.items, snapshot=SnapshotSpec(
                                           name, description, dict(tags or {}), retention_days))

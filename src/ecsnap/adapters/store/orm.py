@@ -51,6 +51,7 @@ accounts = Table(
     Column("password_hash", String(256), nullable=False, default=""),
     Column("enabled", Boolean, nullable=False, default=True),
     Column("created", DateTime, nullable=False),
+    Column("quotas", JsonDict, nullable=False, default=dict),
 )
 
 access_keys = Table(
