@@ -226,8 +226,10 @@ class DeleteSnapshots(Operation[DeleteSnapshotsPlan]):
             if snap.status == SnapshotStatus.PROGRESSING:
                 raise EcsError("IncorrectSnapshotStatus" if group_id else "Operation.Conflict",
                                f"The snapshot {snap.id} is still being taken.", 403)
+            # a released disk is locked too: deletes of its last snapshots, which decide
+            # when its file goes, must not run side by side
             disk = uow.disks.get(snap.source_disk_id)
-            if disk is not None and not disk.released and disk.id not in disks:
+            if disk is not None and disk.id not in disks:
                 disks.append(disk.id)
         return DeleteSnapshotsPlan(group_id, tuple((s.source_disk_id, s.id) for s in snaps),
                                    tuple(disks))
@@ -255,9 +257,9 @@ class DeleteSnapshots(Operation[DeleteSnapshotsPlan]):
             snap = uow.snapshots.get(snap_id)
             if snap is not None:
                 uow.snapshots.delete(snap)
-            disk = uow.disks.get(disk_id)
+            disk = uow.disks.get(disk_id)  # a released disk's row goes with its last snapshot
             if disk is not None and disk.released and \
-                    uow.snapshots.count(source_disk_id=disk_id) <= 1:
+                    uow.snapshots.count(source_disk_id=disk_id) == 0:
                 uow.disks.delete(disk)
         if self.plan.group_id:
             group = uow.snapshot_groups.get(self.plan.group_id)
