@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from ecsnap.service.context import (
 )
 from ecsnap.service.disk_files import make_disk_file, mark_released, release_disk_file
 from ecsnap.service.listing import Page, paginate
-from ecsnap.service.operation import Lock, Operation, Plan, Resume, Step
+from ecsnap.service.operation import Lock, Operation, P, Plan, Resume, Step
 from ecsnap.service.vms import boot, check_room_to_start, others_in_region, vm_running
 
 
@@ -244,6 +244,23 @@ class RunInstance(Operation[RunInstancePlan]):
         uow.instances.delete(inst)
 
 
+def _on_instance(ctx: ServiceContext, account_id: str, instance_id: str,
+                 region_id: str | None, op_type: type[Operation[P]],
+                 check: Callable[[UnitOfWork, Instance], P], *, dry_run: bool) -> str:
+    """An operation on one instance: load, check, journal (one transaction), run. Returns
+    the task ID; with `dry_run`, DryRunOperation once the checks pass."""
+    with ctx.uow() as uow:
+        inst = get_instance(uow, account_id, instance_id, region_id)
+        plan = check(uow, inst)
+        if dry_run:
+            raise errors.dry_run_passed()
+        task = ctx.runner.journal(uow, op_type, plan, account_id=account_id,
+                                  region_id=inst.region_id, resource_id=inst.id)
+        uow.commit()
+    ctx.runner.submit(task)
+    return task.id
+
+
 @dataclass(frozen=True)
 class InstancePlan(Plan):
     """The plan of an operation on one instance's VM."""
@@ -303,16 +320,8 @@ def start_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
 
     An instance stopped in StopCharging mode gave its compute back: the start fails with
     OperationDenied.NoStock when the region has no room for it now."""
-    with ctx.uow() as uow:
-        inst = get_instance(uow, account_id, instance_id, region_id)
-        plan = StartInstance.check(uow, inst)
-        if dry_run:
-            raise errors.dry_run_passed()
-        task = ctx.runner.journal(uow, StartInstance, plan, account_id=account_id,
-                                  region_id=inst.region_id, resource_id=inst.id)
-        uow.commit()
-    ctx.runner.submit(task)
-    return task.id
+    return _on_instance(ctx, account_id, instance_id, region_id, StartInstance,
+                        StartInstance.check, dry_run=dry_run)
 
 
 @dataclass(frozen=True)
@@ -363,16 +372,9 @@ def stop_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
     mode = StoppedMode(stopped_mode or StoppedMode.KEEP_CHARGING)
     if mode == StoppedMode.NOT_APPLICABLE:
         raise errors.invalid_parameter("StoppedMode", "Use KeepCharging or StopCharging.")
-    with ctx.uow() as uow:
-        inst = get_instance(uow, account_id, instance_id, region_id)
-        plan = StopInstance.check(inst, force=force, mode=mode)
-        if dry_run:
-            raise errors.dry_run_passed()
-        task = ctx.runner.journal(uow, StopInstance, plan, account_id=account_id,
-                                  region_id=inst.region_id, resource_id=inst.id)
-        uow.commit()
-    ctx.runner.submit(task)
-    return task.id
+    return _on_instance(ctx, account_id, instance_id, region_id, StopInstance,
+                        lambda u, i: StopInstance.check(i, force=force, mode=mode),
+                        dry_run=dry_run)
 
 
 @dataclass(frozen=True)
@@ -412,16 +414,9 @@ class RebootInstance(_OnInstance):
 def reboot_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
                     region_id: str | None = None, force: bool = False,
                     dry_run: bool = False) -> str:
-    with ctx.uow() as uow:
-        inst = get_instance(uow, account_id, instance_id, region_id)
-        plan = RebootInstance.check(inst, force=force)
-        if dry_run:
-            raise errors.dry_run_passed()
-        task = ctx.runner.journal(uow, RebootInstance, plan, account_id=account_id,
-                                  region_id=inst.region_id, resource_id=inst.id)
-        uow.commit()
-    ctx.runner.submit(task)
-    return task.id
+    return _on_instance(ctx, account_id, instance_id, region_id, RebootInstance,
+                        lambda u, i: RebootInstance.check(i, force=force),
+                        dry_run=dry_run)
 
 
 @dataclass(frozen=True)
@@ -479,16 +474,9 @@ def delete_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
                     region_id: str | None = None, force: bool = False,
                     dry_run: bool = False) -> str:
     """DeleteInstance: release the instance and its DeleteWithInstance disks. Snapshots stay."""
-    with ctx.uow() as uow:
-        inst = get_instance(uow, account_id, instance_id, region_id)
-        plan = DeleteInstance.check(uow, inst, force=force)
-        if dry_run:
-            raise errors.dry_run_passed()
-        task = ctx.runner.journal(uow, DeleteInstance, plan, account_id=account_id,
-                                  region_id=inst.region_id, resource_id=inst.id)
-        uow.commit()
-    ctx.runner.submit(task)
-    return task.id
+    return _on_instance(ctx, account_id, instance_id, region_id, DeleteInstance,
+                        lambda u, i: DeleteInstance.check(u, i, force=force),
+                        dry_run=dry_run)
 
 
 def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
