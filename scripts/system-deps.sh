@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages ecsnap needs, when missing. Idempotent; needs root (or sudo).
 set -euo pipefail
+# ceph-*, python3-rbd/rados, qemu-block-extra (QEMU's rbd driver): the RBD storage backend
+# and its tests (a throwaway single-node cluster, tests/ceph.py); the Makefile makes the
+# venv from /usr/bin/python3 so that it sees python3-rbd
 PACKAGES=(qemu-utils qemu-system-x86 postgresql e2fsprogs fakeroot chromium
-          python3-venv btrfs-progs xfsprogs gcc libc6-dev ${ECSNAP_EXTRA_PACKAGES:-})
+          python3-venv btrfs-progs xfsprogs gcc libc6-dev
+          ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra
+          ${ECSNAP_EXTRA_PACKAGES:-})
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@ from ecsnap.adapters.compute.base import BuiltImage, ComputeDriver
 from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store import sql
 from ecsnap.config import Settings
+from ecsnap.filemodes import secure_data_dir
 from ecsnap.service import accounts
 from ecsnap.service.context import ServiceContext
 from ecsnap.service.recovery import recover as run_recovery
@@ -30,13 +31,21 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
     """A ServiceContext on `settings`: migrated database, qcow2 pools, QEMU driver."""
     from ecsnap.adapters.storage.qcow2 import Qcow2Backend
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # owner-only: created 0700, or wider modes of an existing one fixed (and logged)
+    secure_data_dir(settings.data_dir, shallow=[settings.cache_dir])
     engine = sql.make_engine(settings.database_url)
     sql.migrate(engine)
     factory = sql.session_factory(engine)
 
     @functools.cache
     def storage_for(pool: str) -> StorageBackend:
+        """A region's pool: `rbd:POOL?conf=…&client=…[&keyring=…]` is a Ceph RBD pool (one
+        cluster connection per pool, opened at its first use), anything else a directory
+        of qcow2 files."""
+        if pool.startswith("rbd:"):
+            from ecsnap.adapters.storage.rbd import RbdBackend
+
+            return RbdBackend.from_spec(pool)
         return Qcow2Backend(pool)
 
     if compute is None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ecsnap.adapters.storage.base import StorageError
 from ecsnap.adapters.store.base import Criteria
 from ecsnap.domain import ids, rules
 from ecsnap.domain.errors import EcsError
@@ -19,9 +22,15 @@ def register_image(ctx: ServiceContext, region_id: str, *, name: str, os_name: s
                    template: Path, size_gib: int, account_id: str | None = None,
                    boot_mode: str = "bios", kernel: Path | None = None,
                    initrd: Path | None = None, kernel_args: str = "",
-                   description: str = "") -> Image:
+                   description: str = "", unique: bool = False,
+                   move_template: bool = False) -> Image:
     """Copy the template (and kernel/initrd for direct boot) into the image store, once, and
-    record the Image. Disks are thin overlays on the copy, so it must never change."""
+    record the Image. Disks are thin overlays on the copy, so it must never change: it is
+    read-only, owner-only (0400; QEMU runs as the same user).
+
+    An image of that name (same region, same owner) is returned as it is, or with `unique`
+    refused (`InvalidImageName.Duplicated`). `move_template`: the template is a staging
+    file in the image store, moved rather than copied."""
     rules.check_name(name, code="InvalidImageName.Malformed", field="ImageName")
     if boot_mode not in ("bios", "direct"):
         raise EcsError("InvalidParameter.BootMode", "BootMode is bios or direct.", 400)
@@ -31,17 +40,21 @@ def register_image(ctx: ServiceContext, region_id: str, *, name: str, os_name: s
         get_region(uow, region_id)
         same = [i for i in uow.images.find(region_id=region_id, name=name)
                 if i.account_id == account_id]
+        if same and unique:
+            raise duplicated_name(name)
         if same:
             return same[0]
     image_id = ids.new_id("image")
-    home = ctx.settings.images_dir / image_id
-    home.mkdir(parents=True, exist_ok=True)
+    home = _private_dir(ctx.settings.images_dir / image_id)
     paths = {}
     for key, source in (("template", template), ("kernel", kernel), ("initrd", initrd)):
         if source is not None:
             target = home / (Path(source).name if key != "template" else "template.qcow2")
-            shutil.copyfile(source, target)
-            target.chmod(0o444)
+            if key == "template" and move_template:
+                os.replace(source, target)
+            else:
+                shutil.copyfile(source, target)
+            target.chmod(0o400)
             paths[key] = str(target)
     image = Image(id=image_id, region_id=region_id, name=name, os_name=os_name,
                   template_path=paths["template"], size_gib=max(1, size_gib),
@@ -49,9 +62,18 @@ def register_image(ctx: ServiceContext, region_id: str, *, name: str, os_name: s
                   kernel_path=paths.get("kernel", ""), initrd_path=paths.get("initrd", ""),
                   kernel_args=kernel_args, description=description)
     with ctx.uow() as uow:
+        if unique and [i for i in uow.images.find(region_id=region_id, name=name)
+                       if i.account_id == account_id]:  # imported meanwhile
+            shutil.rmtree(home, ignore_errors=True)
+            raise duplicated_name(name)
         uow.images.add(image)
         uow.commit()
     return image
+
+
+def duplicated_name(name: str) -> EcsError:
+    return EcsError("InvalidImageName.Duplicated",
+                    f"An image named \"{name}\" exists already in this region.", 400)
 
 
 def size_gib_of(virtual_size: int) -> int:
@@ -96,6 +118,7 @@ def _match(pattern: str, value: str) -> bool:
 
 
 DEMO_IMAGE_NAME = "ecsnap-demo-debian12"
+QCOW2_MAGIC = b"QFI\xfb"
 
 
 def build_demo_image(ctx: ServiceContext, region_id: str) -> Image:
@@ -120,21 +143,67 @@ def build_demo_image(ctx: ServiceContext, region_id: str) -> Image:
                                       "root login without password on the serial console.")
 
 
+IMAGE_FORMATS = ("auto", "qcow2", "raw")
+
+
 def import_image(ctx: ServiceContext, region_id: str, source: Path, *, name: str,
-                 os_name: str = "Linux", account_id: str | None = None) -> Image:
-    """Register a user's own qcow2 or raw image (BIOS boot from the system disk)."""
+                 os_name: str = "Linux", account_id: str | None = None,
+                 image_format: str = "auto") -> Image:
+    """Register a user's own qcow2 or raw image (BIOS boot from the system disk).
+
+    Only that file is read: the importer refuses an image naming a backing file, an
+    external data file or any other file, and never lets qemu-img guess the format
+    (`image_format` auto: a qcow2 by its magic, else raw; qcow2 or raw: the file must be
+    that). A name taken already is refused (InvalidImageName.Duplicated)."""
+    rules.check_name(name, code="InvalidImageName.Malformed", field="ImageName")
+    if image_format not in IMAGE_FORMATS:
+        raise EcsError("InvalidParameter.Format", "The image format is auto, qcow2 or raw.",
+                       400)
     if not Path(source).is_file():
         raise EcsError("InvalidParameter.File", f"No image file at {source}.", 400)
     if ctx.image_import is None:
         raise EcsError("OperationDenied", "No image importer is configured.", 403)
-    staging = ctx.settings.images_dir / f".import-{Path(source).name}.qcow2"
-    staging.parent.mkdir(parents=True, exist_ok=True)
+    is_qcow2 = _has_qcow2_magic(Path(source))
+    if image_format == "qcow2" and not is_qcow2:
+        raise EcsError("InvalidParameter.Format", f"{source} is not a qcow2 image.", 400)
+    if image_format == "raw" and is_qcow2:
+        raise EcsError("InvalidParameter.Format",
+                       f"{source} is a qcow2 image; import it as qcow2.", 400)
+    with ctx.uow(readonly=True) as uow:
+        get_region(uow, region_id)
+        if [i for i in uow.images.find(region_id=region_id, name=name)
+                if i.account_id == account_id]:
+            raise duplicated_name(name)
+    images_dir = _private_dir(ctx.settings.images_dir)
+    # a staging file of its own (0600) for each import: two imports never share one
+    fd, staged = tempfile.mkstemp(prefix=".import-", suffix=".qcow2", dir=images_dir)
+    os.close(fd)
+    staging = Path(staged)
     try:
-        size = ctx.image_import.import_image(str(source), str(staging))
+        try:
+            size = ctx.image_import.import_image(str(source), str(staging))
+        except StorageError as exc:
+            raise EcsError("InvalidParameter.File", f"The image was refused: {exc}",
+                           400) from exc
         return register_image(ctx, region_id, name=name, os_name=os_name, template=staging,
-                              size_gib=size_gib_of(size), account_id=account_id)
+                              size_gib=size_gib_of(size), account_id=account_id,
+                              unique=True, move_template=True)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def _private_dir(path: Path) -> Path:
+    """A directory of the image store, owner-only (0700) whatever the umask."""
+    made = not path.is_dir()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if made:
+        path.chmod(0o700)
+    return path
+
+
+def _has_qcow2_magic(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == QCOW2_MAGIC
 
 
 def images_by_id(ctx: ServiceContext, image_ids: set[str]) -> dict[str, Image]:

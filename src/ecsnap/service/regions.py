@@ -6,17 +6,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ecsnap.adapters.storage.base import StorageError
 from ecsnap.domain import rules
+from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceType, Region, Zone
 from ecsnap.service.context import ServiceContext, get_region
 
 
 def ensure_region(ctx: ServiceContext, region_id: str, *, vcpus: int, memory_mib: int,
                   local_name: str = "", instance_types: list[dict[str, Any]] | None = None,
-                  ) -> Region:
-    """Create the region (one zone, `<region>-a`) and its storage pool unless it exists."""
-    pool = ctx.settings.pools_dir / region_id
-    Path(pool).mkdir(parents=True, exist_ok=True)
+                  storage_pool: str | None = None) -> Region:
+    """Create the region (one zone, `<region>-a`) and its storage pool unless it exists.
+
+    `storage_pool` names where its disks live when it is not the default directory of
+    qcow2 files under DATA_DIR/pools, e.g. `rbd:POOL?conf=/etc/ceph/ceph.conf&client=admin`
+    for a Ceph RBD pool (bootstrap's `storage_for` reads it); it is reached once before
+    the region is made. A region's pool never changes."""
+    if storage_pool:
+        with ctx.uow(readonly=True) as uow:
+            existing = uow.regions.get(region_id)
+        if existing is not None and existing.storage_pool != storage_pool:
+            raise EcsError("InvalidParameter.StoragePool",
+                           f"The region {region_id} keeps its disks in "
+                           f"{existing.storage_pool}; a region's pool cannot change.", 400)
+        if existing is None:
+            check_storage_pool(ctx, storage_pool)
+        pool: str | Path = storage_pool
+    else:
+        pool = ctx.settings.pools_dir / region_id
+        Path(pool).mkdir(parents=True, exist_ok=True)
     with ctx.uow() as uow:
         region = uow.regions.get(region_id)
         if region is None:
@@ -28,6 +46,15 @@ def ensure_region(ctx: ServiceContext, region_id: str, *, vcpus: int, memory_mib
                                local_name=f"{region_id} zone A"))
             uow.commit()
         return region
+
+
+def check_storage_pool(ctx: ServiceContext, storage_pool: str) -> None:
+    """EcsError unless `storage_pool` names a pool a backend can reach."""
+    try:
+        ctx.storage_for(storage_pool).exists("d-ecsnap-probe")  # any call reaches the pool
+    except (ValueError, StorageError) as exc:
+        raise EcsError("InvalidParameter.StoragePool",
+                       f"The storage pool {storage_pool} cannot be used: {exc}", 400) from exc
 
 
 def describe_regions(ctx: ServiceContext) -> list[Region]:

@@ -23,11 +23,89 @@ class SnapshotInfo:
     date_sec: int
 
 
+@dataclass(frozen=True)
+class RbdLocation:
+    """A disk of a Ceph RBD pool as `DiskLifecycle.path()` names it, in QEMU's own rbd
+    filename syntax: `rbd:POOL/IMAGE[:id=CLIENT][:conf=PATH][:keyring=PATH]`, with `:` and
+    backslash (and in POOL and IMAGE `/` and `@`) escaped by a backslash. A hypervisor
+    driver reads it with `parse` and opens the image in its own terms (QEMU: an `rbd`
+    blockdev node)."""
+
+    pool: str
+    image: str
+    client: str = ""  # the cephx user without "client." (librados' default: admin)
+    conf: str = ""  # ceph.conf (librados' default search path when empty)
+    keyring: str = ""  # a keyring outside ceph.conf, when there is one
+
+    PREFIX = "rbd:"
+
+    def __str__(self) -> str:
+        out = f"{self.PREFIX}{_escape(self.pool)}/{_escape(self.image)}"
+        for key, value in (("id", self.client), ("conf", self.conf),
+                           ("keyring", self.keyring)):
+            if value:
+                out += f":{key}={_escape(value, names=False)}"
+        return out
+
+    @classmethod
+    def parse(cls, path: str) -> RbdLocation | None:
+        """The location a `path()` names, None for a file path; ValueError when it starts
+        with `rbd:` but is not one this class writes (a snapshot, an unknown option)."""
+        if not path.startswith(cls.PREFIX):
+            return None
+        fields = _split(path[len(cls.PREFIX):], ":")
+        head = _split(fields[0], "/")
+        if len(head) != 2 or not all(head) or len(_split(head[1], "@")) != 1:
+            raise ValueError(f"{path!r}: not rbd:POOL/IMAGE[:key=value...]")
+        options: dict[str, str] = {}
+        for field in fields[1:]:
+            key, sep, value = field.partition("=")
+            if not sep or key not in ("id", "conf", "keyring") or key in options:
+                raise ValueError(f"{path!r}: option {field!r} is not id, conf or keyring")
+            options[key] = _unescape(value)
+        return cls(_unescape(head[0]), _unescape(head[1]), options.get("id", ""),
+                   options.get("conf", ""), options.get("keyring", ""))
+
+
+def _escape(value: str, *, names: bool = True) -> str:
+    for char in "\\:@/" if names else "\\:":
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+def _unescape(value: str) -> str:
+    out, escaped = [], False
+    for char in value:
+        if char == "\\" and not escaped:
+            escaped = True
+            continue
+        out.append(char)
+        escaped = False
+    return "".join(out)
+
+
+def _split(value: str, sep: str) -> list[str]:
+    """`value` split at every unescaped `sep` (the escapes are kept, for `_unescape`)."""
+    parts, current, escaped = [], "", False
+    for char in value:
+        if char == sep and not escaped:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+        escaped = char == "\\" and not escaped
+    parts.append(current)
+    return parts
+
+
 class DiskLifecycle(Protocol):
     """Create, grow and delete the disks of a pool."""
 
     def path(self, disk_id: str) -> str:
-        """Where the disk's file lives (a hypervisor opens it from there)."""
+        """Where a hypervisor opens the disk: the absolute path of its file (a qcow2 file),
+        or, for a disk of a Ceph RBD pool, QEMU's rbd filename
+        `rbd:POOL/IMAGE[:id=CLIENT][:conf=PATH][:keyring=PATH]` (`RbdLocation` reads and
+        writes it; qemu-img and qemu-io open it as it is)."""
         ...
 
     def exists(self, disk_id: str) -> bool: ...

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import stat
+import struct
 import subprocess
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +30,14 @@ from typing import Any, TypeVar
 
 from ecsnap.adapters.storage import qcow2meta
 from ecsnap.adapters.storage.base import SnapshotInfo, StorageError
+from ecsnap.filemodes import private_dir
 
 T = TypeVar("T")
 
 
 class Qcow2Backend:
     def __init__(self, pool_dir: str, qemu_img: str = "qemu-img") -> None:
-        self.pool = Path(pool_dir)
-        self.pool.mkdir(parents=True, exist_ok=True)
+        self.pool = private_dir(pool_dir)  # 0700: every tenant's disks
         self.qemu_img = qemu_img
 
     # ------------------------------------------------------------ plumbing
@@ -98,12 +101,69 @@ class Qcow2Backend:
         except FileNotFoundError:
             return 0
 
+    # ------------------------------------------------------------ image import
+
     def import_image(self, source: str, target: str) -> int:
-        fmt = self._info_of(source)["format"]
-        if fmt not in ("qcow2", "raw"):
-            raise StorageError(f"{source}: {fmt} images are not supported (qcow2 or raw)")
-        self._run("convert", "-q", "-f", fmt, "-O", "qcow2", source, target)
-        return int(self._info_of(target)["virtual-size"])
+        """Convert the image file `source` into a standalone qcow2 at `target` (overwritten
+        if it exists); its virtual size.
+
+        The file is whoever's, so nothing but that file is ever read (an image whose header
+        names a host file or another tenant's disk would otherwise build it into an image
+        every account can boot):
+        - `source` is a path, never a protocol name (`nbd:…`, `json:{…}`); it is opened
+          once, and qemu-img reads that open file (/dev/fd/N): the file checked is the file
+          converted;
+        - qemu-img never guesses the format: the qcow2 magic makes it qcow2, anything else
+          is raw (its bytes are the disk), given with -f to every call;
+        - a qcow2 whose header names a backing file or an external data file is refused
+          before qemu-img opens it; then `qemu-img info -U -f FMT` (under CPU and memory
+          limits, as OpenStack inspects images) must report the same format, no backing
+          file and no data file, or the image is refused;
+        - the conversion (`-f FMT`, no backing file to follow) writes a qcow2 with none.
+        """
+        if ":" in source.split("/", 1)[0]:
+            raise StorageError(f"{source}: a protocol name, not a file path (write ./{source} "
+                               "for a file of that name)")
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"{source}: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(f"{source}: not a regular file")
+            head = os.pread(fd, IMPORT_HEADER_BYTES, 0)
+            fmt = "qcow2" if head[:4] == qcow2meta.MAGIC else "raw"
+            if fmt == "qcow2":
+                _refuse_external_references(source, head)
+            info = json.loads(self._read_fd(fd, "info", "--output=json", "--force-share",
+                                            "-f", fmt, limited=True))
+            _check_standalone(source, fmt, info)
+            self._read_fd(fd, "convert", "-q", "--force-share", "-f", fmt, "-O", "qcow2",
+                          target=target)
+        finally:
+            os.close(fd)
+        made = self._info_of_qcow2(target)
+        if made.get("backing-filename") or made.get("format") != "qcow2":
+            raise StorageError(f"{target}: the converted image is not a standalone qcow2")
+        return int(made["virtual-size"])
+
+    def _read_fd(self, fd: int, *args: str, target: str = "", limited: bool = False) -> str:
+        """`qemu-img ARGS /dev/fd/FD [TARGET]`; with `limited`, under INSPECT_LIMITS."""
+        cmd = [self.qemu_img, *args, f"/dev/fd/{fd}", *([target] if target else [])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, pass_fds=(fd,),
+                                  preexec_fn=_inspect_limits if limited else None)
+        except OSError as exc:
+            raise StorageError(f"{' '.join(cmd)}: {exc}") from exc
+        if proc.returncode != 0:
+            why = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+            if proc.returncode < 0:
+                why += f" (killed by signal {-proc.returncode}: over its CPU or memory limit?)"
+            raise StorageError(f"{' '.join(cmd)}: {why}")
+        return proc.stdout
+
+    def _info_of_qcow2(self, path: str) -> dict[str, Any]:
+        return dict(json.loads(self._run("info", "-U", "--output=json", "-f", "qcow2", path)))
 
     # ------------------------------------------------------------ snapshots
 
@@ -199,6 +259,67 @@ def _side_by_side(fn: Callable[[T], object], items: Sequence[T],
         return [outcome(item) for item in items]
     with ThreadPoolExecutor(max_workers=len(items)) as pool:
         return list(pool.map(outcome, items))
+
+
+# Image import: what `qemu-img info` may use on a file nobody vouches for (OpenStack's
+# limits since its image-format CVEs), and how much of the file's start is read to find a
+# qcow2's backing file and external data file (the header and its extensions).
+INSPECT_ADDRESS_SPACE = 1 << 30
+INSPECT_CPU_SECONDS = 30
+IMPORT_HEADER_BYTES = 64 * 1024
+_QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+_QCOW2_EXT_DATA_FILE = 0x44415441
+_QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
+
+
+def _inspect_limits() -> None:  # in the child, before qemu-img starts (as `prlimit` does)
+    resource.setrlimit(resource.RLIMIT_AS, (INSPECT_ADDRESS_SPACE, INSPECT_ADDRESS_SPACE))
+    resource.setrlimit(resource.RLIMIT_CPU, (INSPECT_CPU_SECONDS, INSPECT_CPU_SECONDS))
+
+
+def _refuse_external_references(source: str, head: bytes) -> None:
+    """A qcow2 header (and its extensions) that names any other file is refused."""
+    if len(head) < 72:
+        raise StorageError(f"{source}: a truncated qcow2 header")
+    version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
+    if version not in (2, 3):
+        raise StorageError(f"{source}: qcow2 version {version} is not supported")
+    if backing_offset or backing_size:
+        raise StorageError(f"{source}: the image has a backing file; import a standalone "
+                           "image (qemu-img convert -O qcow2 it first)")
+    incompat, header_length = (0, 72)
+    if version == 3:
+        if len(head) < 104:
+            raise StorageError(f"{source}: a truncated qcow2 header")
+        incompat = struct.unpack_from(">Q", head, 72)[0]
+        header_length = struct.unpack_from(">I", head, 100)[0]
+    if incompat & _QCOW2_INCOMPAT_DATA_FILE:
+        raise StorageError(f"{source}: the image keeps its data in an external data file; "
+                           "import a standalone image")
+    offset = header_length
+    while offset + 8 <= len(head):
+        kind, length = struct.unpack_from(">II", head, offset)
+        if kind == 0:
+            break
+        if kind in (_QCOW2_EXT_DATA_FILE, _QCOW2_EXT_BACKING_FORMAT):
+            raise StorageError(f"{source}: the qcow2 header names an external file")
+        offset += 8 + length + (-length % 8)
+
+
+def _check_standalone(source: str, fmt: str, info: dict[str, Any]) -> None:
+    """What `qemu-img info` says of the image must be a standalone image of format `fmt`."""
+    if info.get("format") != fmt:
+        raise StorageError(f"{source}: qemu-img reads it as {info.get('format')}, not {fmt}")
+    if any(info.get(k) for k in ("backing-filename", "full-backing-filename",
+                                 "backing-filename-format")):
+        raise StorageError(f"{source}: the image has a backing file "
+                           f"({info.get('backing-filename')!r}); import a standalone image")
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file") or data.get("data-file-raw"):
+        raise StorageError(f"{source}: the image keeps its data in an external data file "
+                           f"({data.get('data-file')!r}); import a standalone image")
+    if data.get("corrupt"):
+        raise StorageError(f"{source}: the image is marked corrupt")
 
 
 def _check_name(snapshot_id: str) -> None:

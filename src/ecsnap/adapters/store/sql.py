@@ -29,6 +29,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.base import instance_state
@@ -37,6 +38,7 @@ from sqlalchemy.types import NullType
 from ecsnap.adapters.store import orm
 from ecsnap.adapters.store.base import Criteria, MissingRow
 from ecsnap.domain import model
+from ecsnap.filemodes import private_file, restrict
 
 T = TypeVar("T")
 
@@ -56,6 +58,7 @@ def make_engine(url: str) -> Engine:
     but not of the operating system, which saves an fsync on every API request.
     """
     if url.startswith("sqlite"):
+        _private_database_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -88,6 +91,19 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _private_database_file(url: str) -> None:
+    """The SQLite file (AccessKey secrets, sessions) owner-only, whatever the umask: made
+    0600 before SQLite opens it, since SQLite gives its -wal and -shm files the mode of the
+    database file; an existing one (and its -wal, -shm) loses group and other permissions."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:") or \
+            not Path(database).parent.is_dir():
+        return  # (SQLite says what is wrong with a missing directory)
+    private_file(database)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        restrict(database + suffix)
 
 
 def sqlite_url(path: Path) -> str:

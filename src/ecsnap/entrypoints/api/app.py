@@ -11,11 +11,16 @@ Requests are bounded before anything is parsed or verified (settings
 the parameter count first, then the declared ``Content-Length``, then the body's bytes
 counted as they stream in (chunked requests declare none), so an oversized request costs
 at most one limit's worth of memory whoever sends it.
+
+A full data file system fails soft: a request that cannot be recorded (its signature
+nonce, a task, any small write) answers ``503 ServiceUnavailable``, never a traceback,
+while the writes that still fit (reads, deletes that free space) go on being answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
@@ -88,14 +93,56 @@ class RequestRefused(Exception):
         self.error = error
 
 
+_FULL_WORDS = ("database or disk is full", "no space left on device", "disk quota exceeded")
+_SQLITE_FULL = 13
+_PG_DISK_FULL = "53100"
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True when `exc`, or an error it wraps (a driver's error inside SQLAlchemy's, a cause,
+    a context), says the file system or the database is full."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL or \
+                _PG_DISK_FULL in (getattr(error, "sqlstate", None),
+                                  getattr(error, "pgcode", None)):
+            return True
+        if any(word in str(error).lower() for word in _FULL_WORDS):
+            return True
+        todo += [getattr(error, "orig", None), error.__cause__, error.__context__]
+    return False
+
+
+def service_unavailable() -> EcsError:
+    return EcsError("ServiceUnavailable", "The request could not be recorded: the file "
+                    "system of ecsnap's data is full. Retry once space is freed (deleting "
+                    "snapshots frees space).", 503)
+
+
 class DatabaseNonceStore:
-    """Signature nonces in the database, so a replay is refused across restarts too."""
+    """Signature nonces in the database, so a replay is refused across restarts too; a
+    nonce that cannot be stored (a full file system) refuses the request with
+    ServiceUnavailable: no request runs with its nonce unrecorded."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
     def remember(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
-        return accounts.remember_nonce(self.ctx, key_id, nonce, expires, now)
+        try:
+            return accounts.remember_nonce(self.ctx, key_id, nonce, expires, now)
+        except Exception as exc:
+            if out_of_space(exc):
+                log.error("signature nonce not stored: the data file system is full (%s)",
+                          log_value(str(exc).splitlines()[0] if str(exc) else ""))
+                raise service_unavailable() from exc
+            raise
 
 
 class Api:
@@ -153,10 +200,16 @@ class Api:
         except EcsError as exc:
             answer = render_error(exc, request_id, fmt)
             code = exc.code
-        except Exception:  # a bug: logged with its traceback, answered without it
-            log.exception("request %s %s failed", request_id, log_value(action))
-            error = EcsError("InternalError", "The request processing has failed due to "
-                             "some unknown error.", 500)
+        except Exception as exc:
+            if out_of_space(exc):  # no bug: the disk is full; said in one line
+                log.error("request %s %s failed: the data file system is full (%s)",
+                          request_id, log_value(action),
+                          log_value(str(exc).splitlines()[0] if str(exc) else ""))
+                error = service_unavailable()
+            else:  # a bug: logged with its traceback, answered without it
+                log.exception("request %s %s failed", request_id, log_value(action))
+                error = EcsError("InternalError", "The request processing has failed due "
+                                 "to some unknown error.", 500)
             answer = render_error(error, request_id, fmt)
             code = error.code
         log.info("request %s %s account=%s status=%d code=%s %.0fms", request_id,

@@ -240,7 +240,9 @@ class NonceStore(Protocol):
     expired yet, else stores it until ``expires`` and returns True. Times are naive UTC
     (``ecsnap.domain.model.utcnow`` style); ``now`` lets a store purge expired rows with
     the same clock the verifier used. The database's ``remember_nonce(key_id, nonce,
-    expires, now)`` already has this shape.
+    expires, now)`` already has this shape. A store that cannot record the nonce raises
+    (an ``EcsError``, ServiceUnavailable for a full disk): the request is then refused,
+    never verified without its nonce recorded.
     """
 
     def remember(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:

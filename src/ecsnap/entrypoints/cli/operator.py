@@ -5,20 +5,33 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from ecsnap import config, logs
 from ecsnap.domain.errors import EcsError
-from ecsnap.entrypoints.cli.common import DataDir, err, fail, out
-from ecsnap.service import accounts, console_access, images, setup
+from ecsnap.entrypoints.cli.common import (
+    DataDir,
+    Output,
+    OutputFormat,
+    err,
+    fail,
+    initialised_data_dir,
+    out,
+)
+from ecsnap.filemodes import restrict_umask
+from ecsnap.service import accounts, console_access, images, regions, setup
 from ecsnap.service.context import ServiceContext
+
+if TYPE_CHECKING:
+    from ecsnap.service.recovery import RecoveryReport
 
 image_app = typer.Typer(help="Images: build the demo guest, import your own.",
                         no_args_is_help=True)
@@ -28,7 +41,13 @@ T = TypeVar("T")
 
 
 def _context(data_dir: Path | None, *, recover: bool = False,
-             background: bool = False) -> ServiceContext:
+             background: bool = False, create: bool = False) -> ServiceContext:
+    """The services on the data directory, which `ecsnap init` made (`create`: this is
+    `ecsnap init`): no command creates one by mistake (common.initialised_data_dir)."""
+    data_dir = config.find_data_dir(data_dir) if create else initialised_data_dir(data_dir)
+    # every operator command writes under the data directory (the database at least), as do
+    # the qemu-img and QEMU processes it starts: all of it owner-only, whatever the umask
+    restrict_umask()
     # Lazy: bootstrap brings SQLAlchemy, Alembic and every service module (~0.4 s, ~190
     # modules), which the client commands (`ecsnap api …`, `ecsnap instances`) never use.
     from ecsnap import bootstrap
@@ -53,10 +72,20 @@ def _read_json(path: Path) -> dict[str, object]:
 def init(data_dir: DataDir = None,
          region: Annotated[str, typer.Option("--region", help="Region ID")] = "local-1",
          endpoint: Annotated[str, typer.Option(help="Endpoint written to credentials.json")]
-         = "http://127.0.0.1:8080/") -> None:
+         = "http://127.0.0.1:8080/",
+         storage_pool: Annotated[str | None, typer.Option(
+             "--storage-pool", help="Where the region's disks live, if not in qcow2 files "
+             "under the data directory: rbd:POOL?conf=/etc/ceph/ceph.conf&client=admin for "
+             "a Ceph RBD pool. Run init again with another --region to add a region.")]
+         = None) -> None:
     """Create the data directory, database, region, admin account and an AccessKey pair."""
     try:
-        ctx = _context(data_dir)
+        ctx = _context(data_dir, create=True)
+        if storage_pool:
+            s = ctx.settings
+            regions.ensure_region(ctx, region, vcpus=s.region_vcpus,
+                                  memory_mib=s.region_memory_mib,
+                                  instance_types=s.instance_types, storage_pool=storage_pool)
         done = setup.initialise(ctx, region)
     except EcsError as exc:
         fail(exc)
@@ -93,12 +122,16 @@ def image_build_demo(data_dir: DataDir = None,
 def image_import(file: Path, name: Annotated[str, typer.Option("--name")],
                  data_dir: DataDir = None,
                  os_name: Annotated[str, typer.Option("--os-name")] = "Linux",
-                 region: Annotated[str | None, typer.Option("--region")] = None) -> None:
+                 region: Annotated[str | None, typer.Option("--region")] = None,
+                 image_format: Annotated[str, typer.Option(
+                     "--format", help="auto (a qcow2 by its header, else raw), qcow2 or raw; "
+                     "an image naming any other file (backing file, data file) is refused")]
+                 = "auto") -> None:
     """Register your own qcow2 or raw image (BIOS boot from the system disk)."""
     try:
         ctx = _context(data_dir)
         image = images.import_image(ctx, region or _default_region(data_dir), file, name=name,
-                                    os_name=os_name)
+                                    os_name=os_name, image_format=image_format)
     except EcsError as exc:
         fail(exc)
         return
@@ -167,7 +200,8 @@ def account_lockouts(data_dir: DataDir = None,
                          "--clear", help="Lift the lockout of this account name, AccessKey "
                                          "ID or client address")] = None,
                      all_: Annotated[bool, typer.Option(
-                         "--all", help="Also those only delayed, not locked")] = False) -> None:
+                         "--all", help="Also those only delayed, not locked")] = False,
+                     output: Output = OutputFormat.table) -> None:
     """Console log-on lockouts (after repeated failed log-ons), and lifting one."""
     ctx = _context(data_dir)
     if clear is not None:
@@ -175,21 +209,61 @@ def account_lockouts(data_dir: DataDir = None,
         out.print(f"{gone} lockout(s) lifted for {clear}", highlight=False)
         return
     now = time.time()
-    for row in console_access.list_logon_lockouts(ctx, include_throttled=all_):
+    found = console_access.list_logon_lockouts(ctx, include_throttled=all_)
+    if output == OutputFormat.json:
+        print(json.dumps({"Lockouts": [
+            {"Kind": row.kind, "Name": row.name, "Failures": row.failures,
+             "LockedForSeconds": round(max(0.0, (row.locked_until or now) - now)),
+             "RetryAfterSeconds": round(row.retry_after)} for row in found]}, indent=2))
+        return
+    for row in found:
         state = (f"locked {row.locked_until - now:.0f} s more" if row.locked_until
                  else f"delayed {row.retry_after:.0f} s")
         out.print(f"{row.kind:10} {row.name:24} {row.failures:3} failures  {state}",
                   highlight=False)
 
 
+@account_app.command("quota")
+def account_quota(name: str, data_dir: DataDir = None,
+                  set_: Annotated[list[str] | None, typer.Option(
+                      "--set", help="KIND=N (instances, vcpus, memory_mib, disks, disk_gib, "
+                                    "snapshots; N < 0: no limit); repeat for several")] = None,
+                  clear: Annotated[bool, typer.Option(
+                      "--clear", help="Back to the default quotas of the settings")] = False,
+                  ) -> None:
+    """An account's quotas and what it uses of them; --set or --clear changes them."""
+    ctx = _context(data_dir)
+    if clear:
+        _run(lambda: accounts.clear_quotas(ctx, name))
+    if set_:
+        values: dict[str, int] = {}
+        for item in set_:
+            kind, _, number = item.partition("=")
+            try:
+                values[kind.strip()] = int(number)
+            except ValueError:
+                fail(EcsError("InvalidParameter", f"--set takes KIND=N, not {item!r}.", 400))
+        _run(lambda: accounts.set_quotas(ctx, name, values))
+    for line in _run(lambda: accounts.quota_report(ctx, name)):
+        limit = "no limit" if line.limit is None else str(line.limit)
+        source = "set" if line.own else "default"
+        out.print(f"{line.kind:11} {line.used:>8} used of {limit:>8} ({source})",
+                  highlight=False)
+
+
 @accesskey_app.command("list")
 def accesskey_list(account: Annotated[str | None, typer.Argument()] = None,
-                   data_dir: DataDir = None) -> None:
+                   data_dir: DataDir = None, output: Output = OutputFormat.table) -> None:
     """The AccessKey IDs (of one account, else all), with their state; never a secret."""
-    for key in _run(lambda: accounts.list_access_keys(_context(data_dir), account)):
-        state = "enabled" if key.enabled else "disabled"
-        out.print(f"{key.id} {key.account_name} {state} {key.created:%Y-%m-%dT%H:%M:%SZ}",
-                  highlight=False)
+    keys = _run(lambda: accounts.list_access_keys(_context(data_dir), account))
+    rows = [{"AccessKeyId": key.id, "Account": key.account_name,
+             "State": "enabled" if key.enabled else "disabled",
+             "Created": f"{key.created:%Y-%m-%dT%H:%M:%SZ}"} for key in keys]
+    if output == OutputFormat.json:
+        print(json.dumps({"AccessKeys": rows}, indent=2))
+        return
+    for row in rows:
+        out.print(" ".join(row.values()), highlight=False)
 
 
 @accesskey_app.command("disable")
@@ -249,11 +323,15 @@ def serve(data_dir: DataDir = None,
 
     from ecsnap.entrypoints.api.app import create_app
 
+    restrict_umask()  # before anything is created: the database, disks, sockets, logs
     logs.configure()
+    # the schema migrations' INFO lines (alembic) say nothing an operator needs at start-up
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     host, _, port = listen.rpartition(":")
-    ctx = _context(data_dir, recover=True, background=True)
-    out.print(f"ecsnap serving\n  endpoint  http://{listen}/\n  console   http://{listen}"
-              f"/console/\n  credentials {ctx.settings.credentials_path}", highlight=False)
+    ctx = _context(data_dir, background=True)
+    report = _recover(ctx)
+    out.print(_start_up_screen(ctx, listen, report), highlight=False)
+
     def stopped(signum: int, _frame: object) -> None:
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
         # this handler back in place: leave through the finally block, exit status 0
@@ -270,6 +348,54 @@ def serve(data_dir: DataDir = None,
     finally:
         ctx.runner.shutdown()  # running tasks finish their steps (all are journaled anyway)
         err.print("ecsnap stopped", highlight=False)
+
+
+def _recover(ctx: ServiceContext) -> RecoveryReport:
+    """What bootstrap.build(recover=True) does at a server's start-up, its report kept for
+    the start-up screen: secrets an older release stored plain are sealed, then recovery."""
+    from ecsnap.service import recovery
+
+    accounts.seal_stored_secrets(ctx)
+    return recovery.recover(ctx)
+
+
+def _start_up_screen(ctx: ServiceContext, listen: str, report: RecoveryReport) -> str:
+    """What an operator needs once the server is up, and nothing else."""
+    s = ctx.settings
+    creds = _read_json(s.credentials_path)
+    key = f"AccessKeyId {creds['AccessKeyId']}, " if creds.get("AccessKeyId") else ""
+    region = str(creds.get("RegionId") or s.default_region)
+    return "\n".join([
+        "ecsnap serving",
+        f"  endpoint     http://{listen}/  (region {region})",
+        f"  console      http://{listen}/console/  (log on as {creds.get('Account', 'admin')}"
+        + (", ConsolePassword in credentials.json)" if creds.get("ConsolePassword") else ")"),
+        f"  credentials  {s.credentials_path}  ({key}secret inside)",
+        f"  data         {s.data_dir}",
+        f"  accelerator  {_accelerator(ctx)}",
+        f"  recovery     {_recovery_summary(report)}",
+    ])
+
+
+def _accelerator(ctx: ServiceContext) -> str:
+    accel = ctx.settings.accel
+    if accel != "auto":
+        return f"{accel.upper()} (ECSNAP_ACCEL={accel})"
+    run_root = Path(getattr(ctx.compute, "run_root", ctx.settings.run_dir))
+    verdict = _read_json(run_root / "accel.json")  # the QEMU driver's cached probe verdict
+    if verdict.get("accel") in ("kvm", "tcg"):
+        return f"{str(verdict['accel']).upper()}: {verdict.get('reason', '')} (probed " \
+               f"{verdict.get('probed_at', '?')}; ECSNAP_ACCEL=kvm|tcg to choose)"
+    return "auto: KVM if a probe boot at the first VM start succeeds, else TCG"
+
+
+def _recovery_summary(report: RecoveryReport) -> str:
+    parts = [f"{len(ids)} {what} ({', '.join(ids)})" for what, ids in (
+        ("task(s) driven forward", report.forward), ("task(s) undone", report.undone),
+        ("instance(s) found stopped", report.stopped),
+        ("task(s) given up: see the ERROR lines and the tag ecsnap:needs-attention",
+         report.failed)) if ids]
+    return "; ".join(parts) if parts else "nothing to recover"
 
 
 def quiet_garbage_collector() -> None:

@@ -2,6 +2,12 @@
 
 Each disk is a `-blockdev` pair, a file node `f-<disk id>` under a qcow2 node named by the
 disk ID (the name QMP snapshot commands use), on a virtio-blk-pci device `dev-<disk id>`.
+A disk of a Ceph RBD pool (its path an `rbd:` location, storage/base.RbdLocation) is one
+`rbd` node named by the disk ID: QEMU's rbd driver implements internal snapshots, so the
+same QMP snapshot commands work on it. Its cache is set explicitly to writeback with
+flushes honoured (`cache.direct` off, which makes QEMU turn librbd's `rbd_cache` on, and
+`no-flush` off, so a guest's flush reaches the cluster): what Ceph recommends for QEMU,
+and safe for snapshots, which librbd takes after flushing its cache.
 Serial scheme: the device's `serial` is the disk ID without its "d-" prefix (ecsnap disk
 IDs are "d-" and 20 characters; virtio-blk keeps 20 bytes of serial); the demo guest
 mounts the disk at `/mnt/d-<serial>`, i.e. `/mnt/<disk id>`.
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ecsnap.adapters.compute.base import ComputeError, VmDisk
+from ecsnap.adapters.storage.base import RbdLocation
 
 _NODE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,29}$")
 
@@ -24,14 +31,45 @@ def disk_serial(disk_id: str) -> str:
 
 
 def checked(disk: VmDisk) -> tuple[str, str]:
-    """(block node name, absolute file path) of a disk to attach, or ComputeError."""
+    """(block node name, location) of a disk to attach, or ComputeError: the location is
+    the absolute path of its file, or its `rbd:` location as given."""
     node = disk.disk_id
     if not _NODE.match(node):
         raise ComputeError(f"disk id {node!r} cannot name a QEMU block node")
+    try:
+        rbd = RbdLocation.parse(disk.path)
+    except ValueError as exc:
+        raise ComputeError(f"disk {node}: {exc}") from exc
+    if rbd is not None:
+        if rbd.keyring:
+            raise ComputeError(f"disk {node}: QEMU's rbd node takes no keyring; name it "
+                               f"in the ceph.conf ({rbd.conf or 'the default one'})")
+        return node, disk.path
     path = str(Path(disk.path).resolve())
     if not Path(path).is_file():
         raise ComputeError(f"disk {node}: no file at {path}")
     return node, path
+
+
+def nodes(node: str, location: str) -> list[dict[str, Any]]:
+    """The `-blockdev` nodes of a disk at `location` (as `checked` gives it), in the order
+    they are added; the last one is named by the disk ID."""
+    rbd = RbdLocation.parse(location)
+    if rbd is not None:
+        return [rbd_node(node, rbd)]
+    return [file_node(node, location), qcow2_node(node)]
+
+
+def rbd_node(node: str, rbd: RbdLocation) -> dict[str, Any]:
+    """The disk's RBD image as one node, named by the disk ID (cache: see above)."""
+    out: dict[str, Any] = {"driver": "rbd", "node-name": node, "pool": rbd.pool,
+                           "image": rbd.image, "discard": "unmap",
+                           "cache": {"direct": False, "no-flush": False}}
+    if rbd.conf:
+        out["conf"] = rbd.conf
+    if rbd.client:
+        out["user"] = rbd.client
+    return out
 
 
 def file_node(node: str, path: str) -> dict[str, Any]:
@@ -55,4 +93,4 @@ def device(node: str, bus: str | None, bootindex: int | None = None) -> dict[str
     return dev
 
 
-__all__ = ["checked", "device", "disk_serial", "file_node", "qcow2_node"]
+__all__ = ["checked", "device", "disk_serial", "file_node", "nodes", "qcow2_node", "rbd_node"]

@@ -35,7 +35,7 @@ class QemuHotPlug:
         self.log = log
 
     def attach_disk(self, instance_id: str, disk: VmDisk) -> None:
-        node, path = disks.checked(disk)
+        node, location = disks.checked(disk)
         with self.dirs.exclusive(instance_id), \
                 self.dirs.qmp(instance_id, timeout=30) as qmp:
             if block_node(qmp, node) is not None:
@@ -47,10 +47,9 @@ class QemuHotPlug:
                                    "instance to attach more disks")
             added: list[str] = []
             try:
-                qmp.cmd("blockdev-add", disks.file_node(node, path))
-                added.append(f"f-{node}")
-                qmp.cmd("blockdev-add", disks.qcow2_node(node))
-                added.append(node)
+                for blockdev in disks.nodes(node, location):
+                    qmp.cmd("blockdev-add", blockdev)
+                    added.append(blockdev["node-name"])
                 qmp.cmd("device_add", disks.device(node, ports[0]))
             except QmpCommandError as exc:
                 for name in reversed(added):
@@ -58,7 +57,7 @@ class QemuHotPlug:
                         qmp.cmd("blockdev-del", {"node-name": name})
                 raise ComputeError(f"attach {node} to {instance_id}: {exc}") from exc
             vm = self.dirs.vm(instance_id)
-            vm.setdefault("disks", {})[node] = path
+            vm.setdefault("disks", {})[node] = location
             self.dirs.save_vm(instance_id, vm)
         self.log.info("VM %s: disk %s attached on %s", instance_id, node, ports[0])
         # the demo guest mounts it by itself (uevent); wait for that, best effort

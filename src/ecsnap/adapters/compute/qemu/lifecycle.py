@@ -61,10 +61,10 @@ def command_line(qemu: str, spec: VmSpec, accel: str, run: Path) -> list[str]:
         cmd += ["-device", f"pcie-root-port,id=rp{n},chassis={n},slot={n}"]
     direct = spec.boot_mode == "direct"
     for n, disk in enumerate(spec.disks):
-        node, path = disks.checked(disk)
-        cmd += ["-blockdev", json.dumps(disks.file_node(node, path)),
-                "-blockdev", json.dumps(disks.qcow2_node(node)),
-                "-device", json.dumps(disks.device(node, f"rp{n}" if n else None,
+        node, location = disks.checked(disk)
+        for blockdev in disks.nodes(node, location):
+            cmd += ["-blockdev", json.dumps(blockdev)]
+        cmd += ["-device", json.dumps(disks.device(node, f"rp{n}" if n else None,
                                                    None if direct or n else 1))]
     if direct:
         if not spec.kernel_path:
@@ -143,7 +143,7 @@ class QemuLifecycle:
                 "instance_id": iid, "accel": accel, "accel_reason": self.accelerator.reason(),
                 "vcpus": spec.vcpus, "memory_mib": spec.memory_mib,
                 "boot_mode": spec.boot_mode,
-                "disks": {d.disk_id: str(Path(d.path).resolve()) for d in spec.disks},
+                "disks": dict(disks.checked(d) for d in spec.disks),
                 "system_disk": spec.disks[0].disk_id, "started_at": utc_timestamp()})
             started = time.monotonic()
             try:

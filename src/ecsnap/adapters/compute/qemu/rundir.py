@@ -34,6 +34,7 @@ from ecsnap.adapters.compute.filelock import flock_until
 from ecsnap.adapters.compute.qemu.agent import AgentSession
 from ecsnap.adapters.compute.qemu.qmp import QmpSession
 from ecsnap.adapters.compute.qemu.session import CommandHook
+from ecsnap.filemodes import FILE_MODE, private_dir
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SOCKETS = ("qmp.sock", "qga.sock", "serial.sock", "qemu.pid")  # gone with the process
@@ -101,7 +102,9 @@ class RunDirs:
     def save_vm(self, instance_id: str, vm: dict[str, Any]) -> None:
         path = self.dir(instance_id) / "vm.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(vm, indent=2) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)  # owner-only
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(vm, indent=2) + "\n")
         os.replace(tmp, path)
 
     def remove_sockets(self, instance_id: str) -> None:
@@ -120,9 +123,9 @@ class RunDirs:
         if not lock.acquire(timeout=timeout):
             raise ComputeError(f"{instance_id} is busy (another operation holds it)")
         try:
-            run = self.dir(instance_id)
-            run.mkdir(parents=True, exist_ok=True)
-            with open(run / "lock", "a") as handle:
+            run = private_dir(self.dir(instance_id))  # 0700: its sockets are the VM's
+            fd = os.open(run / "lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+            with os.fdopen(fd, "a") as handle:
                 if not flock_until(handle, deadline, 0.05):
                     raise ComputeError(f"{instance_id} is busy (another process holds it)")
                 try:
