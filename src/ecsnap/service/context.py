@@ -24,7 +24,7 @@ log = logging.getLogger("ecsnap.service")
 class ServiceContext:
     settings: Settings
     uow: Callable[..., UnitOfWork]  # uow(readonly=True) for reads that never write
-    storage_for: Callable[[str], StorageBackend]  # storage pool directory -> backend
+    storage_for: Callable[[str], StorageBackend]  # a region's storage_pool -> its backend
     compute: ComputeDriver
     image_builder: GuestImageBuilder | None = None
     image_import: ImageImport | None = None
