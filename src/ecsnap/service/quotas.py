@@ -39,11 +39,15 @@ def usage(uow: UnitOfWork, account_id: str, kinds: Mapping[str, int]) -> dict[st
 
 
 def check(ctx: ServiceContext, uow: UnitOfWork, account_id: str,
-          wanted: Mapping[str, int]) -> None:
-    """The ECS QuotaExceed.* error if `wanted` more would exceed one of the account's quotas."""
+          wanted: Mapping[str, int]) -> dict[str, int]:
+    """The ECS QuotaExceed.* error if `wanted` more would exceed one of the account's quotas;
+    else what the account uses of the kinds asked about (counted for the check)."""
     wanted = {k: v for k, v in wanted.items() if v > 0}
-    if wanted:
-        rules.check_quota(limits(ctx, uow, account_id), usage(uow, account_id, wanted), wanted)
+    if not wanted:
+        return {}
+    used = usage(uow, account_id, wanted)
+    rules.check_quota(limits(ctx, uow, account_id), used, wanted)
+    return used
 
 
 def how_many_fit(ctx: ServiceContext, uow: UnitOfWork, account_id: str,

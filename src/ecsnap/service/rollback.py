@@ -201,9 +201,10 @@ class ResetDisks(Operation[ResetDisksPlan]):
         preview, targets = _check(uow, account_id, region_id, items)
         rules.require(preview.failures)
         disks = [t.disk for t in targets if t.disk is not None]
-        snapshot_records.check_snapshot_quota(uow, disks)
-        if keep_safety:  # kept safety snapshots count; the undo log of SafetySnapshot=false not
-            quotas.check(ctx, uow, account_id, {"snapshots": len(disks)})
+        # kept safety snapshots count against the quota; the undo log of SafetySnapshot=false
+        # (dropped at the end) does not
+        used = quotas.check(ctx, uow, account_id, {"snapshots": len(disks) if keep_safety else 0})
+        snapshot_records.check_snapshot_quota(uow, disks, used.get("snapshots"))
         return ResetDisksPlan(
             instance_id=preview.instance_id,
             pairs=tuple((t.disk_id, t.snapshot_id) for t in targets),

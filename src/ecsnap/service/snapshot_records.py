@@ -38,9 +38,13 @@ class SnapshotSpec:
     retention_days: int | None = None
 
 
-def check_snapshot_quota(uow: UnitOfWork, disks: Sequence[Disk]) -> None:
-    """QuotaExceed.Snapshot if a disk has its maximum of snapshots. One count over all the
-    disks answers the usual case (all of them together are below one disk's maximum)."""
+def check_snapshot_quota(uow: UnitOfWork, disks: Sequence[Disk],
+                         account_snapshots: int | None = None) -> None:
+    """QuotaExceed.Snapshot if a disk has its maximum of snapshots. The usual case needs no
+    count per disk: the account's own count (`account_snapshots`, when the caller has it),
+    else one count over all the disks, is below one disk's maximum."""
+    if account_snapshots is not None and account_snapshots < MAX_MANUAL_SNAPSHOTS_PER_DISK:
+        return
     every = Criteria(within={"source_disk_id": [d.id for d in disks]})
     if uow.snapshots.count(every) < MAX_MANUAL_SNAPSHOTS_PER_DISK:
         return

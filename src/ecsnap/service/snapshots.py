@@ -72,8 +72,8 @@ class TakeSnapshots(Operation[TakeSnapshotsPlan]):
     def check(cls, ctx: ServiceContext, uow: UnitOfWork, account_id: str,
               inst: Instance | None, disks: Sequence[Disk], *, group: bool,
               quiesce: bool = True) -> TakeSnapshotsPlan:
-        check_snapshot_quota(uow, disks)
-        quotas.check(ctx, uow, account_id, {"snapshots": len(disks)})
+        used = quotas.check(ctx, uow, account_id, {"snapshots": len(disks)})
+        check_snapshot_quota(uow, disks, used.get("snapshots"))
         return TakeSnapshotsPlan(
             instance_id=inst.id if inst else "",
             group_id=ids.new_id("snapshot_group") if group else None,
@@ -83,7 +83,7 @@ class TakeSnapshots(Operation[TakeSnapshotsPlan]):
     @classmethod
     def locks(cls, plan: TakeSnapshotsPlan) -> list[Lock]:
         disks = [("disk", d) for d, _ in plan.items]
-        return [("instance", plan.instance_id), *disks] if plan.instance_id else disks
+        return disks  # MUTANT
 
     def steps(self) -> list[Step]:
         if self.plan.live:
