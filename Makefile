@@ -43,6 +43,7 @@ test: deps venv lint
 FAST_TESTS := tests/fast tests/test_contracts.py tests/test_layers.py tests/domain tests/api \
               tests/store tests/storage tests/compute tests/console \
               tests/service/test_accounts.py tests/service/test_task_runner.py \
+              tests/service/test_plans.py tests/test_logs.py tests/test_cli_admin.py \
               --ignore=tests/compute/test_guest_image.py
 test-fast: venv
 	@command -v qemu-img >/dev/null || { echo "make test-fast needs qemu-img (apt-get install qemu-utils, or make deps)"; exit 1; }
