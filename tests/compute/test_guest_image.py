@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -76,10 +75,8 @@ def test_root_file_system(rootfs_raw: Path) -> None:
 def test_building_again_reuses_the_outputs(demo_image: DemoImage) -> None:
     out = demo_image.kernel_path.parent
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
-    started = time.monotonic()
     again = build_demo_image(out, CACHE / "debs")
-    assert time.monotonic() - started < 3
-    assert again == demo_image
+    assert again == demo_image  # nothing was built again: every output is untouched
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
 
 

@@ -52,16 +52,20 @@ def api(server: LiveServer) -> ApiClient:
 
 
 def guest_run(client: ApiClient, instance_id: str, command: str) -> str:
+    """Run a command in the guest (again while the agent does not answer yet, right after
+    a boot); its output. Every wait has a deadline."""
     deadline = time.monotonic() + 120
     while True:
         body = client.call("RunCommand", {"Type": "RunShellScript", "InstanceId.1": instance_id,
-                                          "CommandContent": command})
+                                          "CommandContent": command, "Timeout": 60})
+        ends = time.monotonic() + 90  # the command's own 60 s, and some
         while True:
             res = client.call("DescribeInvocationResults", {"InvokeId": body["InvokeId"],
                                                             "ContentEncoding": "PlainText"})
             row = res["Invocation"]["InvocationResults"]["InvocationResult"][0]
             if row["InvokeRecordStatus"] != "Running":
                 break
+            assert time.monotonic() < ends, f"the command still runs: {row}"
             time.sleep(0.3)
         if not row["ErrorCode"] or time.monotonic() > deadline:
             assert not row["ErrorCode"], row
@@ -139,9 +143,12 @@ def test_seed_flow_in_the_browser(server: LiveServer, demo_image: str, browser: 
     dialog = page.locator("#rollback-dialog")
     precautions = dialog.locator("#precautions").inner_text()
     assert "cannot be undone" in precautions and "must be Stopped" in precautions
-    for disk in (story["system"], story["d1"], story["d2"]):
+    # the per-disk preview: exactly the figure the preview API gives, for every disk
+    figures = written_since(api(server), story, ("system", "d1", "d2"))
+    for disk, figure in figures.items():
+        assert figure > 0, figures  # new markers were written after the snapshot
         written = dialog.locator(f"tr[data-disk={disk}] td.written").inner_text()
-        assert re.search(r"\d", written), written  # the per-disk preview
+        assert written.strip() == human_bytes(figure), (disk, written, figure)
     dialog.get_by_label("Start Instance Immediately after Rollback").check()
     dialog.get_by_label(f"Roll back {story['d2']}").uncheck()  # 2 of 3 disks
     assert dialog.get_by_label("Create a safety snapshot first (recommended)").is_checked()
@@ -165,6 +172,31 @@ def test_seed_flow_in_the_browser(server: LiveServer, demo_image: str, browser: 
     shot(page, "connect")
     # the whole flow (region selector, task page reloads, xterm.js) ran under the CSP
     assert refused == []
+
+
+def written_since(client: ApiClient, story: dict[str, Any],
+                  roles: tuple[str, ...]) -> dict[str, int]:
+    """PreviewResetDisks' BytesWrittenSinceSnapshot of the story's disks against the
+    story's instance snapshot (what a rollback to it would lose), by disk."""
+    group = client.call("DescribeSnapshotGroups", {"SnapshotGroupId.1": story["group"]})[
+        "SnapshotGroups"]["SnapshotGroup"][0]
+    snaps = {s["SourceDiskId"]: s["SnapshotId"] for s in group["Snapshots"]["Snapshot"]}
+    params: dict[str, object] = {}
+    for n, role in enumerate(roles, 1):
+        params[f"Disk.{n}.DiskId"] = story[role]
+        params[f"Disk.{n}.SnapshotId"] = snaps[story[role]]
+    body = client.call("PreviewResetDisks", params)
+    return {d["DiskId"]: int(d["BytesWrittenSinceSnapshot"]) for d in body["Disks"]["Disk"]}
+
+
+def human_bytes(n: int) -> str:
+    """A byte count as the console writes it: 512 B, 1.5 KiB, 3.0 MiB, ..."""
+    if n < 1024:
+        return f"{n} B"
+    value, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{value:.1f} {units[0]}"
 
 
 def read_terminal_until(page: Any, text: str, *, timeout: float, send: str | None = None,
@@ -202,13 +234,27 @@ def test_disabled_disk_undo_and_tenancy(server: LiveServer, demo_image: str,
     assert "detached" in d2.inner_text() and "IncorrectDiskStatus" in d2.inner_text()
     assert "StopCharging" in dialog.locator("#stop-charging-note").inner_text()
     shot(page, "rollback-dialog-disabled-disk")
+    before = written_since(client, story, ("system", "d1"))
+    assert all(n > 0 for n in before.values()), before
     dialog.get_by_role("button", name="OK Rollback").click()
     page.wait_for_selector("#task-result", timeout=120_000)
     assert "finished" in page.inner_text("#task-result")
+    # after the rollback: the two disks are their snapshot again, d2 (disabled) untouched
+    assert written_since(client, story, ("system", "d1")) == dict.fromkeys(before, 0)
+    client.call("StartInstance", {"InstanceId": story["instance"]})
+    wait(lambda: status(client, story["instance"]) == "Running", what="Running")
+    out = guest_run(client, story["instance"], "cat /root/marker /mnt/" + story["d1"] +
+                    "/marker")
+    assert out.split() == ["old-sys", "old-d1"]
+    client.call("StopInstance", {"InstanceId": story["instance"],
+                                 "StoppedMode": "StopCharging"})
+    wait(lambda: status(client, story["instance"]) == "Stopped", what="Stopped")
     page.get_by_role("button", name="Undo rollback").click()
     page.wait_for_selector("#task-result", timeout=120_000)
     assert "finished" in page.inner_text("#task-result")
     shot(page, "undo-rollback")
+    # after the undo: the data written since the snapshot is back, exactly
+    assert written_since(client, story, ("system", "d1")) == before
     # the undo brought the newer data back: start and read it through the agent
     client.call("StartInstance", {"InstanceId": story["instance"]})
     wait(lambda: status(client, story["instance"]) == "Running", what="Running")

@@ -35,6 +35,14 @@ def reset(api: ApiClient, items: list[tuple[str, str]], **extra: object) -> dict
     return {**body, "Result": task["Result"]}
 
 
+def written_since(api: ApiClient, disk_id: str, snapshot_id: str) -> int:
+    """PreviewResetDisks' BytesWrittenSinceSnapshot: 0 when the disk is its snapshot."""
+    body = api.call("PreviewResetDisks", {"Disk.1.DiskId": disk_id,
+                                          "Disk.1.SnapshotId": snapshot_id})
+    [disk] = body["Disks"]["Disk"]
+    return int(disk["BytesWrittenSinceSnapshot"])
+
+
 def test_real_rollback_undo_and_refusals(server: LiveServer, demo_image: str) -> None:
     api = ApiClient(load_credentials(server.data_dir))
     body = api.call("RunInstances", {"ImageId": demo_image, "InstanceType": "ecs.t5-lc2m1.nano",
@@ -79,7 +87,9 @@ def test_real_rollback_undo_and_refusals(server: LiveServer, demo_image: str) ->
         "Snapshots"]["Snapshot"], what="snapshot deleted")
     code, http, message = refused(api, [(d1, snaps[d1]), (d2, snaps[d2])])
     assert (code, http) == ("InvalidSnapshotId.NotFound", 404) and d2 in message
+    assert written_since(api, d1, snaps[d1]) > 0  # the undo brought new-d1 back
     reset(api, [(d1, snaps[d1])])
+    assert written_since(api, d1, snaps[d1]) == 0  # d1 is its snapshot again
 
     # the system disk replaced: its old snapshot no longer rolls the instance back
     new_system = api.call("ReplaceSystemDisk", {"InstanceId": iid,
@@ -89,8 +99,10 @@ def test_real_rollback_undo_and_refusals(server: LiveServer, demo_image: str) ->
          what="new system disk")
     code, http, message = refused(api, [(new_system, snaps[system])])
     assert (code, http) == ("InvalidParameter.Mismatch", 403) and "replaced" in message
-    code, http, _ = refused(api, [(system, snaps[system])])
-    assert code in ("InvalidDiskId.NotFound", "InvalidParameter.Mismatch")
+    code, http, message = refused(api, [(system, snaps[system])])
+    # the old system disk is released (the first failure), and no longer the system disk
+    assert (code, http) == ("InvalidDiskId.NotFound", 404)
+    assert "InvalidParameter.Mismatch" in message and "replaced" in message
     # the old snapshot is still listed, with its SourceDiskId
     listed = api.call("DescribeSnapshots", {"SnapshotIds": f'["{snaps[system]}"]'})
     assert listed["Snapshots"]["Snapshot"][0]["SourceDiskId"] == system

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from ecsnap.domain import ids
@@ -17,7 +19,7 @@ from ecsnap.domain.model import (
     SnapshotStatus,
     TaskStatus,
 )
-from ecsnap.service import disks, instances, rollback, snapshots
+from ecsnap.service import disks, instances, regions, rollback, snapshots
 from ecsnap.service.context import ServiceContext, attached_disks
 from tests import qcow
 from tests.conftest import ACCOUNT, OTHER, REGION
@@ -234,7 +236,6 @@ def test_a_disk_at_its_snapshot_quota_refuses_the_group(ctx: ServiceContext,
 
 
 def test_stop_charging_gives_capacity_away(ctx: ServiceContext, image: Image) -> None:
-    big = "ecs.g6.xlarge"  # 4 vCPU, 16 GiB: the region has 8 vCPU, 8 GiB
     small = make_instance(ctx, image, instance_type="ecs.g6.large")  # 2 vCPU, 8 GiB
     group_id = snapshot_everything(ctx, small)
     instances.wait_task(ctx, instances.stop_instance(ctx, ACCOUNT, small,
@@ -255,10 +256,44 @@ def test_stop_charging_gives_capacity_away(ctx: ServiceContext, image: Image) ->
     assert task.status == TaskStatus.FINISHED
     assert task.result["start_error"]["Code"] == "OperationDenied.NoStock"
     assert status(ctx, small) == InstanceStatus.STOPPED
-    # KeepCharging keeps the reservation: stop, the capacity stays held
-    with pytest.raises(EcsError):
-        instances.run_instances(ctx, ACCOUNT, REGION, instances.InstanceRequest(
-            image_id=image.id, instance_type=big))
+    # KeepCharging keeps the reservation, StopCharging gives it back. The region has
+    # 8 vCPU and 8 GiB; `other` holds all of the memory.
+    assert reserved(ctx) == (2, 8192)
+    finished(ctx, instances.stop_instance(ctx, ACCOUNT, other, stopped_mode="KeepCharging"))
+    assert status(ctx, other) == InstanceStatus.STOPPED
+    assert reserved(ctx) == (2, 8192)  # still held by the stopped `other`
+    assert no_stock(lambda: instances.start_instance(ctx, ACCOUNT, small))
+    assert no_stock(lambda: instances.run_instances(  # 2 vCPU, 4 GiB: no room for it
+        ctx, ACCOUNT, REGION, instances.InstanceRequest(image_id=image.id,
+                                                        instance_type="ecs.c6.large")))
+    finished(ctx, instances.start_instance(ctx, ACCOUNT, other))  # its room was kept
+    assert status(ctx, other) == InstanceStatus.RUNNING
+    finished(ctx, instances.stop_instance(ctx, ACCOUNT, other, stopped_mode="StopCharging"))
+    assert reserved(ctx) == (0, 0)  # given back
+    finished(ctx, instances.start_instance(ctx, ACCOUNT, small))  # so `small` fits again
+    assert status(ctx, small) == InstanceStatus.RUNNING
+    assert reserved(ctx) == (2, 8192)
+    assert no_stock(lambda: instances.start_instance(ctx, ACCOUNT, other))
+    assert status(ctx, other) == InstanceStatus.STOPPED
+
+
+def reserved(ctx: ServiceContext) -> tuple[int, int]:
+    capacity = regions.region_capacity(ctx, REGION)
+    return capacity.vcpus_used, capacity.memory_mib_used
+
+
+def no_stock(call: Callable[[], object]) -> bool:
+    """The call is refused for want of capacity, with ECS's code."""
+    with pytest.raises(EcsError) as caught:
+        call()
+    assert (caught.value.code, caught.value.http_status) == ("OperationDenied.NoStock", 403)
+    return True
+
+
+def finished(ctx: ServiceContext, task_id: str | None) -> None:
+    assert task_id
+    task = instances.wait_task(ctx, task_id)
+    assert task.status == TaskStatus.FINISHED, (task.error_code, task.error_message)
 
 
 def test_failed_revert_restores_every_disk(ctx: ServiceContext, image: Image) -> None:
@@ -335,13 +370,15 @@ def test_pagination_both_styles(ctx: ServiceContext, image: Image) -> None:
     made = [snapshot_everything(ctx, instance_id) for _ in range(7)]
     seen: list[str] = []
     token: str | None = None
-    while True:
+    for _ in range(10):  # 3 pages; a token that never ends must not hang the test
         page = snapshots.describe_snapshot_groups(ctx, ACCOUNT, REGION, next_token=token,
                                                   max_results=3)
         seen += [v.group.id for v in page.items]
         if not page.next_token:
             break
         token = page.next_token
+    else:
+        raise AssertionError(f"NextToken never ended: {seen}")
     assert sorted(seen) == sorted(made) and len(seen) == 7
     page2 = snapshots.describe_snapshots(ctx, ACCOUNT, REGION, page_number=2, page_size=5)
     assert page2.total == 7 and len(page2.items) == 2

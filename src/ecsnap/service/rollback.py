@@ -305,8 +305,10 @@ class ResetDisks(Operation[ResetDisksPlan]):
         if inst is not None and inst.status == InstanceStatus.STARTING:
             inst.mark_stopped()
         if not (self.done("safety") and self.plan.keep_safety):
+            # a group the user was never told of (SafetySnapshot=false) goes; one that was
+            # named in the answer stays, failed
             snapshot_records.drop(uow, self.plan.items, self.plan.safety_group_id,
-                                  group_too=False)
+                                  group_too=not self.plan.keep_safety)
 
     def resume(self) -> Resume:
         # No disk is reverted before the journal says every safety snapshot exists: before
