@@ -14,6 +14,27 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DATA_DIR = "~/.local/share/ecsnap"
+LOCAL_DATA_DIR = "var/data"  # `make run`'s, relative to the current directory
+
+
+def find_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data directory: `data_dir` (--data-dir) when given, else $ECSNAP_DATA_DIR, else
+    ./var/data when it exists in the current directory (`make run` made it), else
+    ~/.local/share/ecsnap. Nothing is created here."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("ECSNAP_DATA_DIR"):
+        return Path(os.environ["ECSNAP_DATA_DIR"]).expanduser()
+    if Path(LOCAL_DATA_DIR).is_dir():
+        return Path(LOCAL_DATA_DIR).resolve()
+    return Path(DEFAULT_DATA_DIR).expanduser()
+
+
+def is_initialised(data_dir: Path) -> bool:
+    """Whether `ecsnap init` made `data_dir` (it writes credentials.json and the AccessKey
+    secrets' key; the embedded database lives there too)."""
+    return any((data_dir / name).is_file()
+               for name in ("credentials.json", "secret.key", "ecsnap.db"))
 
 
 @dataclass
@@ -84,8 +105,8 @@ class Settings:
 
 
 def load(data_dir: str | Path | None = None, **overrides: Any) -> Settings:
-    """Settings for `data_dir` (else $ECSNAP_DATA_DIR, else ~/.local/share/ecsnap)."""
-    root = Path(data_dir or os.environ.get("ECSNAP_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+    """Settings for `data_dir` (else the one `find_data_dir` finds)."""
+    root = find_data_dir(data_dir)
     values: dict[str, Any] = {}
     config_file = root / "config.json"
     if config_file.exists():
