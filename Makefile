@@ -44,6 +44,7 @@ FAST_TESTS := tests/fast tests/test_contracts.py tests/test_layers.py tests/doma
               tests/store tests/storage tests/compute tests/console \
               tests/service/test_accounts.py tests/service/test_task_runner.py \
               tests/service/test_plans.py tests/test_logs.py tests/test_cli_admin.py \
+              tests/e2e/test_conformance.py tests/test_readme_actions.py tests/test_cli_tables.py \
               --ignore=tests/compute/test_guest_image.py
 test-fast: venv
 	@command -v qemu-img >/dev/null || { echo "make test-fast needs qemu-img (apt-get install qemu-utils, or make deps)"; exit 1; }

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ecsnap.adapters.compute.base import BuiltImage, ComputeDriver
+from ecsnap.adapters.inspect.base import FileSystemReader
 from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store import sql
 from ecsnap.config import Settings
@@ -24,6 +25,12 @@ def _build_demo_image(out_dir: Path, cache_dir: Path) -> BuiltImage:
     from ecsnap.adapters.compute.guest_image import build_demo_image
 
     return build_demo_image(out_dir, cache_dir)
+
+
+def _inspector(work_dir: Path) -> FileSystemReader:
+    from ecsnap.adapters.inspect.debugfs import DebugfsReader
+
+    return DebugfsReader(work_dir)
 
 
 def build(settings: Settings, *, compute: ComputeDriver | None = None,
@@ -56,7 +63,8 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                                                                         readonly),
                          storage_for=storage_for, compute=compute,
                          image_builder=_build_demo_image,
-                         image_import=Qcow2Backend(str(settings.images_dir)))
+                         image_import=Qcow2Backend(str(settings.images_dir)),
+                         inspector=_inspector(settings.run_dir / "inspect"))
     ctx.extras["engine"] = engine
     ctx.runner = TaskRunner(ctx, OPERATIONS, background=settings.background_tasks
                             if background is None else background,
@@ -64,7 +72,7 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                             command_workers=settings.command_workers)
     if recover:  # start-up of a server: first what a crash or an older release left
         accounts.seal_stored_secrets(ctx)  # AccessKey secrets an older release stored plain
-        report = run_recovery(ctx)
+        report = ctx.extras["recovery"] = run_recovery(ctx)  # for the start-up screen
         if report.forward or report.undone or report.stopped:
             log.warning("recovery: forward %s, undone %s, stopped %s", report.forward,
                         report.undone, report.stopped)

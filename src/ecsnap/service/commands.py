@@ -17,7 +17,7 @@ from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus, Invocation, InvocationStatus, utcnow
 from ecsnap.service.context import ServiceContext, get_instance, get_region
-from ecsnap.service.listing import Page, check_page
+from ecsnap.service.listing import Page, page_list
 
 OUTPUT_CAP = 24 * 1024
 
@@ -132,19 +132,32 @@ def describe_invocation_results(ctx: ServiceContext, account_id: str, region_id:
                                 invoke_id: str | None = None, instance_id: str | None = None,
                                 command_id: str | None = None, record_status: str | None = None,
                                 page_number: int | None = None, page_size: int | None = None,
+                                next_token: str | None = None, max_results: int | None = None,
                                 ) -> Page[Invocation]:
+    """A page of the records, in either paging style."""
+    rows = find_invocations(ctx, account_id, region_id, invoke_id=invoke_id,
+                            instance_id=instance_id, command_id=command_id,
+                            record_status=record_status)
+    return page_list(rows, page_number=page_number, page_size=page_size,
+                     next_token=next_token, max_results=max_results, max_page_size=50)
+
+
+def find_invocations(ctx: ServiceContext, account_id: str, region_id: str, *,
+                     invoke_id: str | None = None, instance_id: str | None = None,
+                     command_id: str | None = None, record_status: str | None = None,
+                     ) -> list[Invocation]:
+    """Every record that matches, oldest first (DescribeInvocations groups them)."""
     criteria = Criteria(equals={"account_id": account_id, "region_id": region_id})
     for column, value in (("invoke_id", invoke_id), ("instance_id", instance_id),
                           ("command_id", command_id)):
         if value:
             criteria.equals[column] = value
-    number, size = check_page(page_number, page_size, max_page_size=50)
     with ctx.uow(readonly=True) as uow:
         get_region(uow, region_id)
         rows = uow.invocations.find(criteria)
     if record_status:
         rows = [r for r in rows if r.record_status == record_status]
-    return Page(rows[(number - 1) * size:number * size], len(rows), number, size, "")
+    return rows
 
 
 def interrupt_running(ctx: ServiceContext) -> int:

@@ -58,6 +58,37 @@ def check_page(page_number: int | None, page_size: int | None,
     return number, size
 
 
+def page_list(rows: list[T], *, page_number: int | None = None, page_size: int | None = None,
+              next_token: str | None = None, max_results: int | None = None,
+              max_page_size: int = 100) -> Page[T]:
+    """A page of `rows`, a list already in memory (and in a stable order), in either style:
+    a NextToken (or MaxResults) selects the token style, whose token is the offset of the
+    next page."""
+    if next_token is not None or max_results is not None:
+        size = max_results or 10
+        if not 1 <= size <= max_page_size:
+            raise EcsError("InvalidParameter.MaxResults",
+                           f"MaxResults must be between 1 and {max_page_size}.", 400)
+        start = _decode_offset(next_token) if next_token else 0
+        more = start + size < len(rows)
+        token = base64.urlsafe_b64encode(f"offset|{start + size}".encode()).decode() \
+            if more else ""
+        return Page(rows[start:start + size], len(rows), 1, size, token.rstrip("="))
+    number, size = check_page(page_number, page_size, max_page_size)
+    return Page(rows[(number - 1) * size:number * size], len(rows), number, size, "")
+
+
+def _decode_offset(token: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        kind, offset = raw.split("|", 1)
+        if kind == "offset" and offset.isdigit():
+            return int(offset)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        pass
+    raise EcsError("InvalidParameter.NextToken", "The specified NextToken is not valid.", 400)
+
+
 def paginate(repo: Repository[T], criteria: Criteria, *, page_number: int | None = None,
              page_size: int | None = None, next_token: str | None = None,
              max_results: int | None = None, max_page_size: int = 100,

@@ -11,7 +11,11 @@ An action states what it reads, e.g. ``p.str("InstanceId", required=True)``,
 ``p.int("PageSize", min=1, max=100)``, ``p.bool("DryRun", default=False)``. Every accessor
 raises only :class:`EcsError` (``MissingParameter`` / ``InvalidParameter`` by default, both
 400, with a message naming the parameter), whatever strings arrive. Parameters nobody asks
-for are ignored.
+for are ignored by this class; an action's parameter policy (``actions.Policy``) refuses
+those that would change the meaning of the call (``UnsupportedParameter``).
+
+Every accessor notes the name it reads (``read_names``, list indices written ``N``:
+``DataDisk.N.Size``), so tests can tell which parameters an action reads.
 
 Decisions where the docs are silent: list indices must be written ``1``, ``2``… without
 leading zeros (``X.0`` or ``X.01`` are unknown parameters and ignored); gaps are allowed
@@ -30,20 +34,30 @@ from typing import Literal, overload
 from ecsnap.domain.errors import EcsError, invalid_parameter, missing_parameter
 
 _INDEX = re.compile(r"[1-9][0-9]{0,5}")
+_INDEX_SEGMENT = re.compile(r"(?<=\.)[1-9][0-9]{0,5}(?=\.|$)")
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
+_DECIMAL = re.compile(r"-?[0-9]{1,18}(\.[0-9]{1,18})?")
 MAX_JSON_LENGTH = 256 * 1024
 
 Str = builtins.str
 Object = dict[Str, Str | builtins.list[Str]]
 
 
+def pattern(name: Str) -> Str:
+    """A parameter's name with its list indices written ``N``: ``DataDisk.2.Size`` is
+    ``DataDisk.N.Size``, ``InstanceId.1`` is ``InstanceId.N``."""
+    return _INDEX_SEGMENT.sub("N", name)
+
+
 class Params:
     """A read-only view of the request parameters, optionally scoped under a prefix
     (the view of ``DataDisk.2.`` names its parameters ``DataDisk.2.Size`` in errors)."""
 
-    def __init__(self, values: Mapping[Str, Str], prefix: Str = "") -> None:
+    def __init__(self, values: Mapping[Str, Str], prefix: Str = "",
+                 reads: builtins.set[Str] | None = None) -> None:
         self._values = dict(values)
         self._prefix = prefix
+        self._reads: builtins.set[Str] = set() if reads is None else reads
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[Str, Str]]) -> Params:
@@ -65,8 +79,21 @@ class Params:
         """The parameter's name as the client wrote it (prefix included)."""
         return self._prefix + name
 
+    def _note(self, name: Str) -> None:
+        self._reads.add(pattern(self._prefix + name))
+
+    def read_names(self) -> frozenset[Str]:
+        """The parameters read so far (by this view and those scoped from it), as patterns
+        (``DataDisk.N.Size``)."""
+        return frozenset(self._reads)
+
+    def given(self) -> builtins.list[tuple[Str, Str]]:
+        """Every parameter sent with a value that is not blank, ``(name, value)`` by name."""
+        return sorted((k, v) for k, v in self._values.items() if v != "")
+
     def raw(self, name: Str) -> Str | None:
         """The value as received, blank kept; None when absent."""
+        self._note(name)
         return self._values.get(name)
 
     def _missing(self, name: Str) -> EcsError:
@@ -80,6 +107,7 @@ class Params:
                               f"valid. {why}".strip(), status)
 
     def _typed(self, name: Str, required: builtins.bool) -> Str | None:
+        self._note(name)
         value = self._values.get(name)
         if value is None or value == "":
             if required:
@@ -101,6 +129,7 @@ class Params:
             default: Str | None = None) -> Str | None:
         """A string; a blank value is returned as ``""`` (``MissingParameter`` if
         ``required``); ``default`` when absent."""
+        self._note(name)
         value = self._values.get(name)
         if value is None or (required and value == ""):
             if required:
@@ -137,6 +166,20 @@ class Params:
             high = "" if max is None else f" at most {max}"
             joint = " and" if low and high else ""
             raise self._invalid(name, f"It must be{low}{joint}{high}.", code)
+        return number
+
+    def float(self, name: Str, *, min: builtins.float | None = None,
+              max: builtins.float | None = None) -> builtins.float | None:
+        """A decimal number (``0.5``, ``512``; no exponent, no ``nan``); None when absent or
+        blank."""
+        value = self._typed(name, False)
+        if value is None:
+            return None
+        if not _DECIMAL.fullmatch(value):
+            raise self._invalid(name, "It must be a number.")
+        number = builtins.float(value)
+        if (min is not None and number < min) or (max is not None and number > max):
+            raise self._invalid(name, f"It must be within {min} and {max}.")
         return number
 
     @overload
@@ -202,6 +245,7 @@ class Params:
     def list(self, name: Str, *, max_items: builtins.int | None = None) -> builtins.list[Str]:
         """The repeat list ``name.1``, ``name.2``… in index order (empty when absent);
         blank items are kept."""
+        self._note(name + ".1")
         items = sorted((i, v) for i, rest, v in self._indexed(name) if not rest)
         self._limit(name, len(items), max_items)
         return [value for _, value in items]
@@ -216,7 +260,8 @@ class Params:
             if rest:
                 groups.setdefault(index, {})[rest] = value
         self._limit(name, len(groups), max_items)
-        return [Params(groups[i], f"{self._prefix}{name}.{i}.") for i in sorted(groups)]
+        return [Params(groups[i], f"{self._prefix}{name}.{i}.", self._reads)
+                for i in sorted(groups)]
 
     def objects(self, name: Str, fields: Iterable[Str], *,
                 max_items: builtins.int | None = None) -> builtins.list[Object]:
@@ -225,6 +270,8 @@ class Params:
         carry none of the fields are left out."""
         wanted = tuple(fields)
         result: builtins.list[Object] = []
+        for field in wanted:
+            self._note(f"{name}.1.{field}")
         for item in self.items(name):
             found: Object = {}
             for field in wanted:
@@ -278,6 +325,8 @@ class Params:
         without a key is ``MissingParameter``, a key given twice ``InvalidParameter``.
         Key and value rules are the domain's (``rules.check_tags``)."""
         result: dict[Str, Str] = {}
+        for field in ("Key", "Value", "key", "value"):
+            self._note(f"{name}.1.{field}")
         for item in self.items(name):
             key = item.raw("Key")
             if key is None:

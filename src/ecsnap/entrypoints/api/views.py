@@ -11,6 +11,7 @@ from ecsnap.domain.model import (
     Image,
     Instance,
     InstanceStatus,
+    InstanceType,
     Invocation,
     Region,
     Snapshot,
@@ -35,12 +36,14 @@ def tags(values: dict[str, str]) -> dict[str, Any]:
     return {"Tag": [{"TagKey": k, "TagValue": v} for k, v in sorted(values.items())]}
 
 
-def page_fields(page: Page[Any], token_style: bool) -> dict[str, Any]:
-    fields: dict[str, Any] = {"TotalCount": page.total}
-    if token_style:
-        fields.update(NextToken=page.next_token, MaxResults=page.page_size)
-    else:
-        fields.update(PageNumber=page.page_number, PageSize=page.page_size)
+def page_fields(page: Page[Any], next_token: bool) -> dict[str, Any]:
+    """TotalCount, PageNumber and PageSize in either paging style (in the token style,
+    PageSize is MaxResults), and NextToken ("" on the last page, and in the page style) for
+    the lists whose answer has one."""
+    fields: dict[str, Any] = {"TotalCount": page.total, "PageNumber": page.page_number,
+                              "PageSize": page.page_size}
+    if next_token:
+        fields["NextToken"] = page.next_token
     return fields
 
 
@@ -175,6 +178,36 @@ def task(t: Task) -> dict[str, Any]:
             "CreationTime": iso(t.created), "FinishedTime": iso(t.finished),
             "SupportCancel": "false", "TaskProcess": f"{t.progress}%",
             "ResourceId": t.resource_id}
+
+
+def instance_type(t: InstanceType) -> dict[str, Any]:
+    return {"InstanceTypeId": t.name, "InstanceTypeFamily": t.family, "CpuCoreCount": t.vcpus,
+            "MemorySize": round(t.memory_mib / 1024, 3), "CpuArchitecture": "X86",
+            "EniQuantity": 1, "LocalStorageCategory": "", "GPUAmount": 0, "GPUSpec": ""}
+
+
+def invocation(invoke_id: str, rows: list[Invocation], encoding: str,
+               with_output: bool) -> dict[str, Any]:
+    """One RunCommand (DescribeInvocations) from its records, one per instance."""
+    first = rows[0]
+    statuses = {r.status.value for r in rows}
+    overall = "Running" if "Running" in statuses else (
+        "Success" if statuses == {"Success"} else "Failed")
+    content = first.command_content
+    if encoding == "Base64":
+        content = base64.b64encode(content.encode()).decode()
+    return {"InvokeId": invoke_id, "CommandId": first.command_id,
+            "CommandType": first.command_type, "CommandName": first.name,
+            "CommandContent": content, "InvocationStatus": overall, "InvokeStatus": overall,
+            "CreationTime": iso(first.created), "Timed": False, "Frequency": "",
+            "RepeatMode": "Once", "InvokeInstances": {"InvokeInstance": [
+                {"InstanceId": r.instance_id, "InvocationStatus": r.status.value,
+                 "InstanceInvokeStatus": r.record_status,
+                 "ExitCode": r.exit_code if r.exit_code is not None else 0,
+                 "Output": invocation_result(r, encoding)["Output"] if with_output else "",
+                 "Dropped": r.dropped, "ErrorCode": r.error_code, "ErrorInfo": r.error_info,
+                 "StartTime": iso(r.started), "FinishTime": iso(r.finished),
+                 "CreationTime": iso(r.created), "Repeats": 1} for r in rows]}}
 
 
 def invocation_result(v: Invocation, encoding: str) -> dict[str, Any]:

@@ -1,37 +1,108 @@
-"""Client commands of `ecsnap`: they call the API (signed), never the services directly."""
+"""Client commands of `ecsnap`: they call the API (signed), never the services directly.
+
+Listings print a table for people (`--output table`, the default) or the API's answer as
+JSON (`--output json`). In a table IDs are never cut or folded: the other columns fold, and
+when the terminal is too narrow even for that, the least useful columns are left out (a
+note on stderr names them; `--output json` has everything)."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
+from ecsnap import config
 from ecsnap.domain.errors import EcsError
 from ecsnap.entrypoints.cli.client import ApiClient, load_credentials
-from ecsnap.entrypoints.cli.common import DataDir, err, fail, out
+from ecsnap.entrypoints.cli.common import (
+    DataDir,
+    Output,
+    OutputFormat,
+    err,
+    fail,
+    human_bytes,
+    not_initialised,
+    out,
+)
 
 groups_app = typer.Typer(help="Instance snapshots (snapshot groups).", no_args_is_help=True)
 
-Output = Annotated[str, typer.Option("--output", "-o", help="table or json")]
-
 
 def client(data_dir: Path | None) -> ApiClient:
-    return ApiClient(load_credentials(data_dir))
+    """A client with the credentials of the data directory (config.find_data_dir), else of
+    ~/.config/ecsnap/config.json or the environment (ECSNAP_ACCESS_KEY_ID...)."""
+    found = config.find_data_dir(data_dir)
+    if config.is_initialised(found):
+        return ApiClient(load_credentials(found))
+    if data_dir is not None:  # named on purpose (--data-dir or ECSNAP_DATA_DIR): say so
+        raise not_initialised(found)
+    try:
+        return ApiClient(load_credentials(None))
+    except EcsError as exc:
+        raise EcsError(exc.code, f"No credentials: {not_initialised(found).message} Or "
+                       "write ~/.config/ecsnap/config.json (AccessKeyId, AccessKeySecret, "
+                       "RegionId, Endpoint).", exc.http_status) from exc
 
 
-def show(rows: list[dict[str, Any]], columns: list[str], output: str, raw: Any) -> None:
-    if output == "json":
+@dataclass(frozen=True)
+class Col:
+    """A column of a table: `key` in the API's items, `header` for people."""
+
+    key: str
+    header: str
+    ident: bool = False  # IDs (one a line): never cut, never folded
+    min_width: int = 8  # folded down to this width at most; narrower, it is left out
+    drop: int = 0  # > 0: may be left out when the terminal is too narrow, highest first
+
+
+GAP = 2  # between two columns
+
+
+def show(rows: list[dict[str, Any]], columns: list[Col], output: str, raw: Any) -> None:
+    if output == OutputFormat.json:
         print(json.dumps(raw, indent=2, ensure_ascii=False))
         return
-    table = Table(*columns, show_lines=False)
-    for row in rows:
-        table.add_row(*[_cell(row.get(c, "")) for c in columns])
+    cells = [[_cell(row.get(c.key, "")) for c in columns] for row in rows]
+    natural = [max([len(c.header)] + [len(line) for r in cells for line in r[i].split("\n")])
+               for i, c in enumerate(columns)]
+    least = [n if c.ident else min(n, c.min_width) for c, n in zip(columns, natural,
+                                                                   strict=True)]
+    keep = list(range(len(columns)))
+    for i in sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i:
+                    -columns[i].drop):
+        if sum(least[k] for k in keep) + GAP * (len(keep) - 1) <= out.width:
+            break
+        keep.remove(i)
+    # the widths are set here, not by Rich: a Rich min_width makes it fold a cell at one
+    # width and crop it to another (characters lost); the widest foldable column gives first
+    widths = {i: natural[i] for i in keep}
+    excess = sum(widths.values()) + GAP * (len(keep) - 1) - out.width
+    while excess > 0:
+        foldable = [k for k in keep if widths[k] > least[k]]
+        if not foldable:
+            break
+        widths[max(foldable, key=lambda k: widths[k])] -= 1
+        excess -= 1
+    table = Table(*[Column(columns[i].header, no_wrap=columns[i].ident, overflow="fold",
+                           width=widths[i]) for i in keep],
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,
+                  collapse_padding=True)
+    for row in cells:
+        table.add_row(*[row[i] for i in keep])
     out.print(table)
+    if not rows:
+        err.print("(none)", highlight=False)
+    left_out = [columns[i].header for i in range(len(columns)) if i not in keep]
+    if left_out:
+        err.print(f"(not shown at {out.width} columns: {', '.join(left_out)}; use a wider "
+                  "terminal or --output json)", highlight=False)
 
 
 def _cell(value: Any) -> str:
@@ -73,55 +144,72 @@ def _check_task(t: dict[str, Any]) -> None:
         raise EcsError(op["ErrorCode"], op["ErrorMsg"], 400)
 
 
-def instances(data_dir: DataDir = None, output: Output = "table") -> None:
+def _all_pages(data_dir: Path | None, action: str, params: dict[str, Any],
+               items: str) -> dict[str, Any]:
+    """Every page of a list (NextToken), as one answer: {"<Items>": {"<Item>": [...]}}."""
+    api = client(data_dir)
+    outer, inner = items.split(".")
+    rows: list[dict[str, Any]] = []
+    token = None
+    while True:
+        body = api.call(action, {**params, "MaxResults": 100, "NextToken": token})
+        rows += body[outer][inner]
+        token = body.get("NextToken")
+        if not token:
+            return {outer: {inner: rows}, "TotalCount": len(rows)}
+
+
+def instances(data_dir: DataDir = None, output: Output = OutputFormat.table) -> None:
     """List instances."""
-    body = _run(lambda: client(data_dir).call("DescribeInstances", {"PageSize": 100}))
-    rows = body["Instances"]["Instance"]
-    show(rows, ["InstanceId", "InstanceName", "Status", "StoppedMode", "InstanceType",
-                "ImageId"], output, body)
+    body = _run(lambda: _all_pages(data_dir, "DescribeInstances", {}, "Instances.Instance"))
+    rows = [{**row,  # an unnamed instance is named by its ID: not twice in a table
+             "Name": "" if row["InstanceName"] == row["InstanceId"] else row["InstanceName"],
+             "Mode": row["StoppedMode"] if row["Status"] == "Stopped" else ""}
+            for row in body["Instances"]["Instance"]]
+    show(rows, [Col("InstanceId", "Instance", ident=True), Col("Status", "Status"),
+                Col("Mode", "Stopped mode", drop=2), Col("InstanceType", "Type", min_width=17),
+                Col("ImageId", "Image", ident=True, drop=3), Col("Name", "Name", drop=1)],
+         output, body)
 
 
 def disks(data_dir: DataDir = None, instance: Annotated[str | None, typer.Option()] = None,
-          output: Output = "table") -> None:
-    """List disks."""
-    body = _run(lambda: client(data_dir).call("DescribeDisks", {"PageSize": 100,
-                                                               "InstanceId": instance}))
-    show(body["Disks"]["Disk"], ["DiskId", "Type", "Size", "Status", "InstanceId", "Device"],
-         output, body)
+          output: Output = OutputFormat.table) -> None:
+    """List disks (of one instance with --instance)."""
+    body = _run(lambda: _all_pages(data_dir, "DescribeDisks", {"InstanceId": instance},
+                                   "Disks.Disk"))
+    show(body["Disks"]["Disk"], [
+        Col("DiskId", "Disk", ident=True), Col("InstanceId", "Instance", ident=True, drop=2),
+        Col("Type", "Type", min_width=6), Col("Size", "GiB", min_width=5),
+        Col("Status", "Status"), Col("Device", "Device", drop=1)], output, body)
 
 
 def snapshots(data_dir: DataDir = None, disk: Annotated[str | None, typer.Option()] = None,
-              output: Output = "table") -> None:
-    """List snapshots."""
-    body = _run(lambda: client(data_dir).call("DescribeSnapshots", {"PageSize": 100,
-                                                                   "DiskId": disk}))
-    show(body["Snapshots"]["Snapshot"], ["SnapshotId", "SnapshotName", "SourceDiskId",
-                                         "SourceDiskType", "Status", "SnapshotGroupId"],
-         output, body)
+              output: Output = OutputFormat.table) -> None:
+    """List snapshots (of one disk with --disk)."""
+    body = _run(lambda: _all_pages(data_dir, "DescribeSnapshots", {"DiskId": disk},
+                                   "Snapshots.Snapshot"))
+    show(body["Snapshots"]["Snapshot"], [
+        Col("SnapshotId", "Snapshot", ident=True), Col("SourceDiskId", "Disk", ident=True),
+        Col("SourceDiskType", "Disk type", min_width=6),
+        Col("Status", "Status", min_width=12),
+        Col("SnapshotName", "Name", drop=1),
+        Col("SnapshotGroupId", "Instance snapshot", ident=True, drop=2)], output, body)
 
 
 @groups_app.command("list")
 def groups_list(data_dir: DataDir = None, instance: Annotated[str | None, typer.Option()] = None,
-                output: Output = "table") -> None:
-    """List instance snapshots (walks every page)."""
-    def fetch() -> dict[str, Any]:
-        api = client(data_dir)
-        rows: list[dict[str, Any]] = []
-        token = None
-        while True:
-            body = api.call("DescribeSnapshotGroups", {"MaxResults": 100, "NextToken": token,
-                                                       "InstanceId": instance})
-            rows += body["SnapshotGroups"]["SnapshotGroup"]
-            token = body.get("NextToken")
-            if not token:
-                return {"SnapshotGroups": {"SnapshotGroup": rows}}
-
-    body = _run(fetch)
-    rows = body["SnapshotGroups"]["SnapshotGroup"]
-    for row in rows:
-        row["Disks"] = " ".join(s["SourceDiskId"] for s in row["Snapshots"]["Snapshot"])
-    show(rows, ["SnapshotGroupId", "Name", "InstanceId", "Status", "ConsistencyLevel", "Disks",
-                "CreationTime"], output, body)
+                output: Output = OutputFormat.table) -> None:
+    """List instance snapshots (of one instance with --instance)."""
+    body = _run(lambda: _all_pages(data_dir, "DescribeSnapshotGroups",
+                                   {"InstanceId": instance}, "SnapshotGroups.SnapshotGroup"))
+    rows = [{**row, "Disks": "\n".join(s["SourceDiskId"] for s in row["Snapshots"]["Snapshot"])}
+            for row in body["SnapshotGroups"]["SnapshotGroup"]]
+    show(rows, [Col("SnapshotGroupId", "Instance snapshot", ident=True),
+                Col("Name", "Name"), Col("Status", "Status", min_width=12),
+                Col("Disks", "Disks", ident=True),
+                Col("InstanceId", "Instance", ident=True, drop=2),
+                Col("CreationTime", "Created", min_width=20, drop=1),
+                Col("ConsistencyLevel", "Consistency", drop=3)], output, body)
 
 
 @groups_app.command("create")
@@ -129,7 +217,7 @@ def groups_create(instance: str, data_dir: DataDir = None,
                   name: Annotated[str | None, typer.Option()] = None,
                   description: Annotated[str | None, typer.Option()] = None,
                   exclude: Annotated[list[str] | None, typer.Option("--exclude")] = None,
-                  output: Output = "table") -> None:
+                  output: Output = OutputFormat.table) -> None:
     """Take an instance snapshot of INSTANCE (all disks, less --exclude)."""
     def run() -> dict[str, Any]:
         api = client(data_dir)
@@ -165,7 +253,7 @@ def rollback(group: str, data_dir: DataDir = None,
              no_safety: Annotated[bool, typer.Option("--no-safety",
                                                      help="no safety snapshot")] = False,
              preview: Annotated[bool, typer.Option("--preview", help="check only")] = False,
-             output: Output = "table") -> None:
+             output: Output = OutputFormat.table) -> None:
     """Roll disks back from instance snapshot GROUP (ResetDisks)."""
     def run() -> dict[str, Any]:
         api = client(data_dir)
@@ -198,11 +286,10 @@ def rollback(group: str, data_dir: DataDir = None,
         return
     if preview:
         for d in body["Disks"]["Disk"]:
-            written = d["BytesWrittenSinceSnapshot"]
+            written = human_bytes(d["BytesWrittenSinceSnapshot"])
             state = "ok" if d["Allowed"] else "; ".join(
                 f"{f['Code']}: {f['Message']}" for f in d["Failures"]["Failure"])
-            out.print(f"{d['DiskId']} <- {d['SnapshotId']}: "
-                      f"{'unknown' if written < 0 else f'{written} bytes'} written since; "
+            out.print(f"{d['DiskId']} <- {d['SnapshotId']}: {written} written since; "
                       f"{state}", highlight=False)
         for f in body["InstanceFailures"]["Failure"]:
             out.print(f"instance: {f['Code']}: {f['Message']}", highlight=False)
@@ -223,7 +310,7 @@ def rollback(group: str, data_dir: DataDir = None,
 
 def run(instance: str, command: Annotated[list[str], typer.Argument(help="-- COMMAND ...")],
         data_dir: DataDir = None, timeout: Annotated[int, typer.Option()] = 60,
-        output: Output = "table") -> None:
+        output: Output = OutputFormat.table) -> None:
     """Run a shell command in a Running instance (Cloud Assistant RunCommand)."""
     def go() -> dict[str, Any]:
         api = client(data_dir)

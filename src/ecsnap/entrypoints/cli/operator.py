@@ -324,13 +324,16 @@ def serve(data_dir: DataDir = None,
     from ecsnap.entrypoints.api.app import create_app
 
     restrict_umask()  # before anything is created: the database, disks, sockets, logs
-    logs.configure()
-    # the schema migrations' INFO lines (alembic) say nothing an operator needs at start-up
+    # start-up says what the screen below says, and warnings: no INFO line (the schema
+    # migrations', alembic's, nor recovery's, which the screen sums up); then one INFO line
+    # per request
+    logs.configure(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     host, _, port = listen.rpartition(":")
-    ctx = _context(data_dir, background=True)
-    report = _recover(ctx)
+    ctx = _context(data_dir, recover=True, background=True)
+    report: RecoveryReport = ctx.extras["recovery"]
     out.print(_start_up_screen(ctx, listen, report), highlight=False)
+    logging.getLogger().setLevel(logging.INFO)
 
     def stopped(signum: int, _frame: object) -> None:
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
@@ -350,15 +353,6 @@ def serve(data_dir: DataDir = None,
         err.print("ecsnap stopped", highlight=False)
 
 
-def _recover(ctx: ServiceContext) -> RecoveryReport:
-    """What bootstrap.build(recover=True) does at a server's start-up, its report kept for
-    the start-up screen: secrets an older release stored plain are sealed, then recovery."""
-    from ecsnap.service import recovery
-
-    accounts.seal_stored_secrets(ctx)
-    return recovery.recover(ctx)
-
-
 def _start_up_screen(ctx: ServiceContext, listen: str, report: RecoveryReport) -> str:
     """What an operator needs once the server is up, and nothing else."""
     s = ctx.settings
@@ -374,6 +368,7 @@ def _start_up_screen(ctx: ServiceContext, listen: str, report: RecoveryReport) -
         f"  data         {s.data_dir}",
         f"  accelerator  {_accelerator(ctx)}",
         f"  recovery     {_recovery_summary(report)}",
+        f"  VMs          {_vms(ctx)}",
     ])
 
 
@@ -396,6 +391,12 @@ def _recovery_summary(report: RecoveryReport) -> str:
         ("task(s) given up: see the ERROR lines and the tag ecsnap:needs-attention",
          report.failed)) if ids]
     return "; ".join(parts) if parts else "nothing to recover"
+
+
+def _vms(ctx: ServiceContext) -> str:
+    running = ctx.compute.running()
+    return f"{len(running)} running (they outlive ecsnap; reattached)" if running else \
+        "none running"
 
 
 def quiet_garbage_collector() -> None:
