@@ -60,7 +60,7 @@ bench: deps venv
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 
 # the reliability soak: 210 kill -9 crash trials, 6 rounds of 50 concurrent calls, 10,000
-# fuzzed requests (about 30 min); results in docs/reliability.md (bench/soak.py)
+# fuzzed requests (10-15 min on 2 cores); results in docs/reliability.md (bench/soak.py)
 soak: deps venv
 	$(BIN)/python -m bench.soak --out docs/reliability.md
 

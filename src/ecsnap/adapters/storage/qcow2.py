@@ -23,13 +23,14 @@ import resource
 import stat
 import struct
 import subprocess
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ecsnap.adapters.storage import qcow2meta
 from ecsnap.adapters.storage.base import SnapshotInfo, StorageError
+from ecsnap.adapters.storage.parallel import side_by_side
 from ecsnap.filemodes import private_dir
 
 T = TypeVar("T")
@@ -43,15 +44,23 @@ class Qcow2Backend:
     # ------------------------------------------------------------ plumbing
 
     def _run(self, *args: str) -> str:
+        """`qemu-img ARGS`. A disk whose image lock another qemu-img holds is waited for,
+        up to LOCK_WAIT_S: after a kill -9 of ecsnap its qemu-img children may still be
+        finishing when recovery undoes their work (seen in the soak's crash trials)."""
         cmd = [self.qemu_img, *args]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as exc:
-            raise StorageError(f"{' '.join(cmd)}: {exc}") from exc
-        if proc.returncode != 0:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:
+                raise StorageError(f"{' '.join(cmd)}: {exc}") from exc
+            if proc.returncode == 0:
+                return proc.stdout
             why = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
-            raise StorageError(f"{' '.join(cmd)}: {why}")
-        return proc.stdout
+            if "Failed to get" not in why or "lock" not in why or \
+                    time.monotonic() > deadline:
+                raise StorageError(f"{' '.join(cmd)}: {why}")
+            time.sleep(0.1)
 
     def _info_of(self, path: str) -> dict[str, Any]:
         return dict(json.loads(self._run("info", "-U", "--output=json", path)))
@@ -188,7 +197,7 @@ class Qcow2Backend:
                     self._run("snapshot", "-c", snapshot_id, self.path(d))
                     made.append((d, snapshot_id))
 
-        failed = [exc for _, exc in _side_by_side(take, list(dict.fromkeys(d for d, _ in items)))
+        failed = [exc for _, exc in side_by_side(take, list(dict.fromkeys(d for d, _ in items)))
                   if exc is not None]
         if not failed:
             return
@@ -224,7 +233,7 @@ class Qcow2Backend:
         failure after all ran (each revert is idempotent: the caller may retry or undo)."""
         if len({d for d, _ in items}) != len(items):
             raise StorageError("a disk can be reverted to one snapshot only")
-        for _, exc in _side_by_side(lambda item: self.revert(*item), items):
+        for _, exc in side_by_side(lambda item: self.revert(*item), items):
             if exc is not None:
                 raise exc
 
@@ -244,22 +253,8 @@ class Qcow2Backend:
             raise StorageError(f"{disk_id}: {exc}") from exc
 
 
-def _side_by_side(fn: Callable[[T], object], items: Sequence[T],
-                  ) -> list[tuple[T, BaseException | None]]:
-    """Run `fn` on every item at once (one thread each: the work is in child processes);
-    every item's outcome, in order, once all have ended."""
-    def outcome(item: T) -> tuple[T, BaseException | None]:
-        try:
-            fn(item)
-            return item, None
-        except (StorageError, OSError, ValueError) as exc:
-            return item, exc
-
-    if len(items) <= 1:
-        return [outcome(item) for item in items]
-    with ThreadPoolExecutor(max_workers=len(items)) as pool:
-        return list(pool.map(outcome, items))
-
+# How long a qemu-img call waits for an image lock that another qemu-img holds.
+LOCK_WAIT_S = 10.0
 
 # Image import: what `qemu-img info` may use on a file nobody vouches for (OpenStack's
 # limits since its image-format CVEs), and how much of the file's start is read to find a
