@@ -7,6 +7,7 @@ rollback. Nothing run here submits work to this pool again, so it cannot deadloc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -15,7 +16,21 @@ from ecsnap.adapters.storage.base import StorageError
 
 T = TypeVar("T")
 
-_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="storage")
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="storage")
+
+
+_POOL = _new_pool()
+
+
+def _after_fork_in_child() -> None:
+    # a forked child has none of the parent's threads, but the pool would believe its idle
+    # ones are there and wait for them for ever: the child gets a pool of its own
+    global _POOL
+    _POOL = _new_pool()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def side_by_side(fn: Callable[[T], object], items: Sequence[T],
