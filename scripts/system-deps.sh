@@ -3,8 +3,10 @@
 set -euo pipefail
 # ceph-*, python3-rbd/rados, qemu-block-extra (QEMU's rbd driver): the RBD storage backend
 # and its tests (a throwaway single-node cluster, tests/ceph.py); the Makefile makes the
-# venv from /usr/bin/python3 so that it sees python3-rbd
-PACKAGES=(qemu-utils qemu-system-x86 postgresql e2fsprogs fakeroot chromium
+# venv from /usr/bin/python3 so that it sees python3-rbd. libnbd-bin (nbdfuse) and fuse3
+# (fusermount3): looking inside disks, a read-only qemu-nbd export shown as a FUSE file that
+# e2fsprogs' debugfs reads (adapters/inspect/debugfs.py)
+PACKAGES=(qemu-utils qemu-system-x86 postgresql e2fsprogs fakeroot chromium libnbd-bin fuse3
           python3-venv btrfs-progs xfsprogs gcc libc6-dev
           ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra
           ${ECSNAP_EXTRA_PACKAGES:-})

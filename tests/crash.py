@@ -11,6 +11,10 @@ step boundary, recover in a fresh context, and check what must hold after any cr
 - `check_invariants`: nothing left Processing or locked; every disk file and internal
   snapshot known to the database and the other way round; instances Running or Stopped
   as their VMs are, each VM with exactly its instance's In_use disks; capacity = recount.
+  A disk of a region on a Ceph RBD pool: its current volume exists, its snapshots (on any
+  of its volumes) are the database's, and every other volume of it holds a snapshot or
+  has a clone (no orphan volume: what a rollback by clone and swap makes is either the
+  disk's volume or gone).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from pathlib import Path
 from typing import Any, cast
 
 from ecsnap import bootstrap, config
+from ecsnap.adapters.storage.rbd import RbdBackend
 from ecsnap.domain import rules
 from ecsnap.domain.model import (
+    Disk,
     DiskStatus,
     DiskType,
     Instance,
     InstanceStatus,
+    Snapshot,
     SnapshotStatus,
     StoppedMode,
     Task,
@@ -71,6 +78,14 @@ class Lab:
         return cls(data_dir, ctx, compute)
 
     def close(self) -> None:
+        """The database engine and the Ceph connections (a parent forks its children
+        holding none)."""
+        with self.ctx.uow(readonly=True) as uow:
+            pools = [r.storage_pool for r in uow.regions.find()]
+        for pool in pools:
+            close = getattr(self.ctx.storage_for(pool), "close", None)
+            if close is not None:
+                close()
         self.ctx.extras["engine"].dispose()
 
     @property
@@ -79,6 +94,13 @@ class Lab:
 
     def path(self, disk_id: str) -> str:
         return str(self.pool / f"{disk_id}.qcow2")
+
+    def disk_path(self, disk_id: str) -> str:
+        """Where the disk's current content is, in its region's pool (a qcow2 file, or the
+        `rbd:` path of its current volume)."""
+        with self.ctx.uow(readonly=True) as uow:
+            disk = uow.disks.load(disk_id)
+            return self.ctx.storage(uow, disk.region_id).path(disk.current_volume)
 
     def tasks(self, action: str) -> list[Task]:
         with self.ctx.uow(readonly=True) as uow:
@@ -169,26 +191,31 @@ def check_invariants(lab: Lab) -> None:
         disks = uow.disks.find()
         snaps = uow.snapshots.find()
         groups = uow.snapshot_groups.find()
-        region = uow.regions.load(REGION)
+        all_regions = uow.regions.find()
+        rbd_regions = {r.id for r in all_regions if r.storage_pool.startswith("rbd:")}
     if processing:
         problems.append(f"tasks left Processing: {processing}")
     locks = [(i.id, i.lock_task_id) for i in instances] + [(d.id, d.lock_task_id) for d in disks]
     problems += [f"lock left on {obj} by {task}" for obj, task in locks if task is not None]
 
-    # disk files and snapshots: no orphan either way
+    # disk files and snapshots: no orphan either way (RBD volumes: check_volumes)
     disk_by_id = {d.id: d for d in disks}
-    files = sorted(p.name for p in lab.pool.iterdir())
+    problems += check_volumes(lab, [d for d in disks if d.region_id in rbd_regions], snaps)
+    all_disks, disks = disks, [d for d in disks if d.region_id not in rbd_regions]
+    files = sorted(p.name for p in lab.pool.iterdir()) if lab.pool.exists() else []
     for name in files:
         disk_id = name.removesuffix(".qcow2")
         if not name.endswith(".qcow2") or disk_id not in disk_by_id:
             problems.append(f"orphan file in the pool: {name}")
     snaps_of: dict[str, set[str]] = {}
     for snap in snaps:
+        if snap.source_disk_id not in disk_by_id:
+            problems.append(f"snapshot {snap.id} of a disk with no row {snap.source_disk_id}")
+        if snap.region_id in rbd_regions:
+            continue
         snaps_of.setdefault(snap.source_disk_id, set()).add(snap.id)
         if snap.status != SnapshotStatus.ACCOMPLISHED:
             problems.append(f"snapshot {snap.id} left {snap.status.value}")
-        if snap.source_disk_id not in disk_by_id:
-            problems.append(f"snapshot {snap.id} of a disk with no row {snap.source_disk_id}")
     for disk in disks:
         exists = os.path.exists(lab.path(disk.id))
         if not disk.released and not exists:
@@ -222,6 +249,7 @@ def check_invariants(lab: Lab) -> None:
                             "snapshots")
 
     # instances and disks: stable states, as the hypervisor has them
+    disks = all_disks
     running = set(lab.compute.running())
     inst_ids = {i.id for i in instances}
     problems += [f"a VM runs for {i}, which has no instance" for i in running - inst_ids]
@@ -240,7 +268,7 @@ def check_invariants(lab: Lab) -> None:
             problems.append(f"instance {inst.id} has {len(systems)} system disks")
         if inst.id in running:
             in_vm = lab.compute.vm_disks(inst.id)
-            wanted = {d.id: lab.path(d.id) for d in attached}
+            wanted = {d.id: lab.disk_path(d.id) for d in attached}
             if in_vm != wanted:
                 problems.append(f"the VM of {inst.id} has disks {sorted(in_vm)}, its "
                                 f"instance {sorted(wanted)}")
@@ -256,15 +284,57 @@ def check_invariants(lab: Lab) -> None:
         elif disk.instance_id and disk.instance_id not in inst_ids:
             problems.append(f"disk {disk.id} is attached to a gone instance {disk.instance_id}")
 
-    # capacity: what the region counts as reserved is a recount of the statuses
-    used = regions.region_capacity(lab.ctx, REGION)
-    recount = reserved_recount(instances)
-    if (used.vcpus_used, used.memory_mib_used) != recount or rules.reserved(instances) != recount:
-        problems.append(f"reserved {used.vcpus_used} vCPU / {used.memory_mib_used} MiB, a "
-                        f"recount says {recount}")
-    if recount[0] > region.vcpu_capacity or recount[1] > region.memory_mib_capacity:
-        problems.append(f"more reserved than the region has: {recount}")
+    # capacity: what each region counts as reserved is a recount of the statuses
+    for region in all_regions:
+        mine = [i for i in instances if i.region_id == region.id]
+        used = regions.region_capacity(lab.ctx, region.id)
+        recount = reserved_recount(mine)
+        if (used.vcpus_used, used.memory_mib_used) != recount or \
+                rules.reserved(mine) != recount:
+            problems.append(f"{region.id}: reserved {used.vcpus_used} vCPU / "
+                            f"{used.memory_mib_used} MiB, a recount says {recount}")
+        if recount[0] > region.vcpu_capacity or recount[1] > region.memory_mib_capacity:
+            problems.append(f"{region.id}: more reserved than the region has: {recount}")
     assert not problems, "invariants broken after recovery:\n  " + "\n  ".join(problems)
+
+
+def check_volumes(lab: Lab, disks: Sequence[Disk], snaps: Sequence[Snapshot]) -> list[str]:
+    """The invariants of disks on a Ceph RBD pool (see the module docstring)."""
+    import rbd
+
+    problems: list[str] = []
+    for disk in disks:
+        backend = lab.ctx.storage_of(disk.region_id)
+        assert isinstance(backend, RbdBackend)
+        volumes = backend.volumes(disk.id)
+        known = {s.id for s in snaps if s.source_disk_id == disk.id}
+        problems += [f"snapshot {s.id} left {s.status.value}" for s in snaps
+                     if s.source_disk_id == disk.id and s.status != SnapshotStatus.ACCOMPLISHED]
+        if disk.released and not known:
+            problems.append(f"released disk {disk.id} kept its row with no snapshot")
+        if not volumes:
+            if not disk.released or known:
+                problems.append(f"disk {disk.id} has no volume")
+            continue
+        if disk.current_volume not in volumes and not disk.released:
+            problems.append(f"disk {disk.id} is on {disk.current_volume}, which is gone")
+        held = {s.name for s in backend.list_snapshots(disk.id)}
+        if INITIAL not in held:
+            problems.append(f"{disk.id}: no {INITIAL} snapshot")
+        if held - known - {INITIAL}:
+            problems.append(f"{disk.id}: orphan snapshots {held - known - {INITIAL}}")
+        if known - held:
+            problems.append(f"{disk.id}: snapshots the database lists are on no volume: "
+                            f"{known - held}")
+        for volume in volumes:
+            if volume == disk.current_volume:
+                continue
+            with rbd.Image(backend._io(), volume, read_only=True) as image:
+                needed = list(image.list_snaps()) or list(image.list_children2())
+            if not needed:
+                problems.append(f"{disk.id}: orphan volume {volume} (not current, no "
+                                "snapshot, no clone)")
+    return problems
 
 
 # ---------------------------------------------------------------- guest data

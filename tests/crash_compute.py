@@ -43,6 +43,13 @@ def _snapshots(path: str) -> list[str]:
     return [s["name"] for s in json.loads(out.stdout).get("snapshots", [])]
 
 
+def _exists(path: str) -> bool:
+    """A disk file, or an RBD image (its `rbd:` path) that qemu-img can open."""
+    if not path.startswith("rbd:"):
+        return os.path.exists(path)
+    return subprocess.run(["qemu-img", "info", "-U", path], capture_output=True).returncode == 0
+
+
 def _qemu_img_snapshot(flag: str, name: str, path: str) -> None:
     out = subprocess.run(["qemu-img", "snapshot", flag, name, path],
                          capture_output=True, text=True)
@@ -97,7 +104,7 @@ class JsonFileCompute:
         if not spec.disks or not spec.disks[0].system:
             raise ComputeError(f"{spec.instance_id}: a VM boots from its system disk, first")
         for disk in spec.disks:
-            if not os.path.exists(disk.path):
+            if not _exists(disk.path):
                 raise ComputeError(f"could not open disk {disk.path}: no such file")
         disks = {d.disk_id: d.path for d in spec.disks}
         state["vms"][spec.instance_id] = {"disks": disks, "system": spec.disks[0].disk_id}
@@ -165,7 +172,7 @@ class JsonFileCompute:
         vm = state["vms"].get(instance_id)
         path = vm["disks"].get(disk_id) if vm else \
             state["last_disks"].get(instance_id, {}).get(disk_id)
-        if not path or not os.path.exists(path):
+        if not path or not _exists(path):
             return False
         return snapshot_id in _snapshots(path)
 
@@ -179,7 +186,7 @@ class JsonFileCompute:
         vm = self._vm(state, instance_id)
         if disk.disk_id in vm["disks"]:
             return
-        if not os.path.exists(disk.path):
+        if not _exists(disk.path):
             raise ComputeError(f"could not open disk {disk.path}: no such file")
         vm["disks"][disk.disk_id] = disk.path
         state["last_disks"][instance_id] = dict(vm["disks"])

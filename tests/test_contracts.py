@@ -22,6 +22,9 @@ import pytest
 from ecsnap.adapters.compute import base as compute_base
 from ecsnap.adapters.compute import guest_image
 from ecsnap.adapters.compute.qemu import QemuDriver
+from ecsnap.adapters.inspect import base as inspect_base
+from ecsnap.adapters.inspect import debugfs
+from ecsnap.adapters.inspect.debugfs import DebugfsReader
 from ecsnap.adapters.storage import base as storage_base
 from ecsnap.adapters.storage.qcow2 import Qcow2Backend
 from ecsnap.adapters.storage.rbd import RbdBackend
@@ -32,15 +35,18 @@ from tests.fakes.compute import InMemoryCompute
 from tests.fakes.storage import InMemoryStorage
 from tests.fakes.store import InMemoryUnitOfWork, MemoryKeyedRepository, MemoryRepository
 
-BASE_MODULES: tuple[ModuleType, ...] = (compute_base, storage_base, store_base)
+BASE_MODULES: tuple[ModuleType, ...] = (compute_base, storage_base, store_base, inspect_base)
 
 # Protocol -> what implements it: classes, or functions for a Protocol that is a __call__
 IMPLEMENTED: list[tuple[type, list[Any]]] = [
     (storage_base.StorageBackend, [Qcow2Backend, RbdBackend, InMemoryStorage]),
     (storage_base.ImageImport, [Qcow2Backend, InMemoryStorage]),
+    (storage_base.CloneRevert, [RbdBackend]),
     (compute_base.ComputeDriver, [QemuDriver, InMemoryCompute, FileBackedCompute]),
     (compute_base.BuiltImage, [guest_image.DemoImage]),
     (compute_base.GuestImageBuilder, [guest_image.build_demo_image]),
+    (inspect_base.FileSystemReader, [DebugfsReader]),
+    (inspect_base.OpenDisk, [debugfs._Opened]),
     (store_base.UnitOfWork, [SqlUnitOfWork, InMemoryUnitOfWork]),
     (store_base.Repository, [SqlRepository, MemoryRepository]),
     (store_base.KeyedRepository, [SqlRepository, MemoryKeyedRepository]),

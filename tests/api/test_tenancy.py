@@ -274,6 +274,9 @@ CASES: dict[str, list[Case]] = {
     "CreateSnapshot": [nf("d", lambda i: {"DiskId": i["stop_d1"]}),
                        nf("d", lambda i: {"DiskId": i["run_d1"]}),
                        nf("d", lambda i: {"DiskId": i["spare"]})],
+    "DescribeSnapshotFiles": [nf("s", lambda i: {"SnapshotId": i["snap"]}),
+                              nf("s", lambda i: {"SnapshotId": i["stop_d1_snap"],
+                                                 "Path": "/etc"})],
     "DescribeSnapshots": [
         empty("Snapshots.Snapshot", lambda i: {"SnapshotIds": json.dumps([i["snap"]])}),
         empty("Snapshots.Snapshot", lambda i: {"DiskId": i["run_d1"]}),

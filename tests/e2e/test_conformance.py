@@ -821,6 +821,9 @@ SPECS: dict[str, Spec] = {
               description="a snapshot", retention_days=3, tag=_tag("CreateSnapshotRequestTag"),
               client_token=lambda w: f"token-{time.monotonic_ns()}"),
     )),
+    "DescribeSnapshotFiles": Spec(lambda w: {"RegionId": REGION,
+                                             "SnapshotId": _reset_items(w)[1][0][1]},
+                                  extension=True),
     "DescribeSnapshots": Spec(_region, (
         _with(_region, snapshot_ids=lambda w: _json_ids([]), disk_id="d-x", instance_id="i-x",
               status="accomplished", snapshot_name="s", source_disk_type="Data",

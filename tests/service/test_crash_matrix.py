@@ -14,20 +14,27 @@ recovers in a fresh context, as `ecsnap serve` does at start-up, and checks:
 
 Each scenario's world is built once, at the path its cases use, and copied back for each
 case (one data dir per case, cheap). Real QEMU crash tests: test_crash_recovery.py.
+
+The `rbd` scenarios run in a region on a Ceph RBD pool (the throwaway cluster of
+tests/ceph.py), where a rollback or a re-initialisation clones and swaps volumes and
+CollectVolumes flattens and collects them; a pool cannot be copied back, so their world is
+built again for each case (its disks have new IDs: cases never see each other's volumes).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ecsnap.adapters.storage.rbd import RbdBackend
 from ecsnap.domain.model import (
     GIB,
     Disk,
@@ -80,11 +87,14 @@ from ecsnap.service.snapshots import (
     TakeSnapshots,
     TakeSnapshotsPlan,
 )
+from ecsnap.service.volumes import MAX_CLONE_DEPTH, CollectVolumes, CollectVolumesPlan
 from tests import crash
+from tests.ceph import CephCluster, shared
 from tests.conftest import ACCOUNT, REGION
 from tests.crash import Lab
 
 World = dict[str, Any]  # the IDs a scenario's set-up made (JSON values)
+RBD_REGION = "ceph-1"  # the region of the `rbd` scenarios, on the Ceph pool
 NANO = "ecs.t5-lc2m1.nano"
 NO_CRASH = "none"
 OLD, NEW, DIRTY = (0xA1, 0xA2), (0xB1, 0xB2), 0xC1
@@ -143,7 +153,8 @@ def new_instance(lab: Lab, world: World, *, data: tuple[bool, ...] = (True,),
     """An instance (system disk + one data disk per `data`: its DeleteWithInstance)."""
     req = InstanceRequest(image_id=world["image"], instance_type=NANO,
                           data_disks=[DataDiskSpec(20, delete_with_instance=d) for d in data])
-    [instance_id] = instances.run_instances(lab.ctx, ACCOUNT, REGION, req, start=running)
+    [instance_id] = instances.run_instances(lab.ctx, ACCOUNT, world.get("region", REGION), req,
+                                            start=running)
     with lab.ctx.uow(readonly=True) as uow:
         disk_ids = [d.id for d in attached_disks(uow, instance_id)]
     return instance_id, disk_ids
@@ -153,8 +164,9 @@ def new_disk(lab: Lab) -> str:
     return disks.create_disk(lab.ctx, ACCOUNT, REGION, size_gib=20)
 
 
-def group_of(lab: Lab, instance_id: str) -> tuple[str, list[tuple[str, str]]]:
-    group_id, _ = snapshots.create_snapshot_group(lab.ctx, ACCOUNT, REGION, instance_id)
+def group_of(lab: Lab, instance_id: str, region: str = REGION,
+             ) -> tuple[str, list[tuple[str, str]]]:
+    group_id, _ = snapshots.create_snapshot_group(lab.ctx, ACCOUNT, region, instance_id)
     view = snapshots.get_snapshot_group(lab.ctx, ACCOUNT, group_id)
     assert view.group.status == SnapshotStatus.ACCOMPLISHED
     return group_id, [(s.source_disk_id, s.id) for s in view.snapshots]
@@ -175,6 +187,7 @@ class Scenario:
     act: Callable[[ServiceContext, World], object]  # in the child
     outcome: Callable[[Lab, World], str]  # "done", "undone", or what is half done
     notes: dict[str, str] = field(default_factory=dict)
+    rbd: bool = False  # in a region on the Ceph pool; its world built for each case
 
     def points(self) -> list[str]:
         return [*crash.crash_points(self.op, self.plan), NO_CRASH]
@@ -335,14 +348,14 @@ def dirty_data_disk(lab: Lab, w: World) -> World:
     survive a ReInitDisk)."""
     world = instance_with_data_disk(False)(lab, w)
     snapshots.create_snapshot(lab.ctx, ACCOUNT, world["disk"])
-    crash.write(lab.path(world["disk"]), DIRTY, 0, FAR)
+    crash.write(lab.disk_path(world["disk"]), DIRTY, 0, FAR)
     return world
 
 
 def reinited(auto_start: bool) -> Callable[[Lab, World], str]:
     def outcome(lab: Lab, w: World) -> str:
         rows = Rows.read(lab)
-        path, status = lab.path(w["disk"]), rows.status(w["instance"])
+        path, status = lab.disk_path(w["disk"]), rows.status(w["instance"])
         blank, dirty = crash.holds(path, 0, 0, FAR), crash.holds(path, DIRTY, 0, FAR)
         in_use = rows.disks[w["disk"]].status == DiskStatus.IN_USE
         started = status.startswith("Running") if auto_start else status.startswith("Stopped")
@@ -426,10 +439,10 @@ def last_snapshot_deleted(lab: Lab, w: World) -> str:
 
 def stopped_written_after_group(lab: Lab, w: World) -> World:
     world = instance_with_data_disk(False)(lab, w)
-    paths = [lab.path(d) for d in world["disks"]]
+    paths = [lab.disk_path(d) for d in world["disks"]]
     for path, pattern in zip(paths, OLD, strict=True):
         crash.write(path, pattern, 0, FAR)
-    group_id, items = group_of(lab, world["instance"])
+    group_id, items = group_of(lab, world["instance"], w.get("region", REGION))
     for path, pattern in zip(paths, NEW, strict=True):
         crash.write(path, pattern, 0, FAR)
     return {**world, "group": group_id, "items": items}
@@ -438,7 +451,7 @@ def stopped_written_after_group(lab: Lab, w: World) -> World:
 def rolled_back(keep_safety: bool, auto_start: bool) -> Callable[[Lab, World], str]:
     def outcome(lab: Lab, w: World) -> str:
         rows = Rows.read(lab)
-        data = crash.data_state([lab.path(d) for d in w["disks"]],
+        data = crash.data_state([lab.disk_path(d) for d in w["disks"]],
                                 {"done": OLD, "undone": NEW}, 0, FAR)
         status = rows.status(w["instance"])
         safety = [g for g in rows.groups.values() if g.id != w["group"]
@@ -450,7 +463,83 @@ def rolled_back(keep_safety: bool, auto_start: bool) -> Callable[[Lab, World], s
     return outcome
 
 
+def on_volumes(outcome: Callable[[Lab, World], str]) -> Callable[[Lab, World], str]:
+    """`outcome` of a clone and swap: done, every disk is on a new volume and its old one
+    (its ID's) still holds what it held before; undone, every disk is on its old volume."""
+    def check(lab: Lab, w: World) -> str:
+        verdict_ = outcome(lab, w)
+        rows = Rows.read(lab)
+        moved = [rows.disks[d].current_volume != d for d in w["moved"]]
+        if verdict_ == "done" and not all(moved):
+            return f"done on the old volumes: {moved}"
+        if verdict_ == "done" and not all(crash.holds(lab.ctx.storage_of(RBD_REGION).path(d),
+                                                      w["old_data"][d], 0, FAR)
+                                          for d in w["moved"]):
+            return "done, but an old volume was written"
+        if verdict_ == "undone" and any(moved):
+            return f"undone on new volumes: {moved}"
+        return verdict_
+    return check
+
+
+def rbd_world(setup: Callable[[Lab, World], World]) -> Callable[[Lab, World], World]:
+    """The set-up in the RBD region. `moved` (for `on_volumes`): the disks the action
+    moves to new volumes, and `old_data` the pattern their old ones hold at 0 and FAR."""
+    def run(lab: Lab, w: World) -> World:
+        world = setup(lab, {**w, "region": RBD_REGION})
+        return {"moved": [], "old_data": {}, **world}
+    return run
+
+
+def written_after_group_rbd(lab: Lab, w: World) -> World:
+    world = stopped_written_after_group(lab, w)
+    return {**world, "moved": world["disks"], "old_data": dict(zip(world["disks"], NEW,
+                                                                    strict=True))}
+
+
+def deep_and_dirty(lab: Lab, w: World) -> World:
+    """For CollectVolumes: the system disk three clones deep (the next rollback goes one
+    deeper, and is flattened), the data disk on a clone that holds nothing once the next
+    rollback (SafetySnapshot=false) leaves it: garbage."""
+    world = instance_with_data_disk(False)(lab, w)
+    system, data = world["disks"]
+    for d, pattern in zip(world["disks"], OLD, strict=True):
+        crash.write(lab.disk_path(d), pattern, 0, FAR)
+    _, items = group_of(lab, world["instance"], RBD_REGION)
+    finish(lab, rollback.reset_disks(lab.ctx, ACCOUNT, RBD_REGION, items,
+                                     safety_snapshot=False).task_id)
+    for _ in range(MAX_CLONE_DEPTH - 2):  # its template, the group's clone, and these
+        snap = snapshots.create_snapshot(lab.ctx, ACCOUNT, system)
+        finish(lab, rollback.reset_disks(lab.ctx, ACCOUNT, RBD_REGION, [(system, snap)],
+                                         safety_snapshot=False).task_id)
+    rows = Rows.read(lab)
+    storage = lab.ctx.storage_of(RBD_REGION)
+    assert isinstance(storage, RbdBackend)
+    assert storage.clone_depth(rows.disks[system].current_volume) == MAX_CLONE_DEPTH
+    last = snapshots.create_snapshot(lab.ctx, ACCOUNT, system)
+    return {**world, "items": [(system, last), *(i for i in items if i[0] == data)],
+            "garbage": rows.disks[data].current_volume, "system": system}
+
+
+def finish(lab: Lab, task_id: str) -> None:
+    task = instances.wait_task(lab.ctx, task_id)
+    assert task.status == TaskStatus.FINISHED, task.error_message
+
+
+def collected(lab: Lab, w: World) -> str:
+    rows = Rows.read(lab)
+    storage = lab.ctx.storage_of(RBD_REGION)
+    assert isinstance(storage, RbdBackend)
+    depth = storage.clone_depth(rows.disks[w["system"]].current_volume)
+    gone = w["garbage"] not in storage.volumes(w["disks"][1])
+    data = crash.data_state([lab.disk_path(d) for d in w["disks"]], {"rolled back": OLD},
+                            0, FAR)
+    return verdict(depth <= MAX_CLONE_DEPTH and gone and data == "rolled back", False,
+                   f"depth {depth}, garbage gone {gone}, data {data}")
+
+
 P2 = (("d-1", "s-1"), ("d-2", "s-2"))  # two (disk, snapshot) pairs
+V2 = (("d-1", "d-1", "d-1.t"), ("d-2", "d-2", "d-2.t"))  # (disk, old, new volume)
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("RunInstances", RunInstance, RunInstancePlan("i", ("d-1", "d-2"), True, "t"),
@@ -547,6 +636,29 @@ SCENARIOS: tuple[Scenario, ...] = (
                                                  [tuple(i) for i in w["items"]],
                                                  auto_start=True, safety_snapshot=False),
              rolled_back(False, True)),
+    Scenario("ResetDisks-rbd", ResetDisks,
+             ResetDisksPlan("i", P2, P2, "g", True, False, V2),
+             rbd_world(written_after_group_rbd),
+             lambda ctx, w: rollback.reset_disks(ctx, ACCOUNT, RBD_REGION,
+                                                 [tuple(i) for i in w["items"]]),
+             on_volumes(rolled_back(True, False)), rbd=True),
+    Scenario("ResetDisks-rbd-nosafety-autostart", ResetDisks,
+             ResetDisksPlan("i", P2, P2, "g", False, True, V2),
+             rbd_world(written_after_group_rbd),
+             lambda ctx, w: rollback.reset_disks(ctx, ACCOUNT, RBD_REGION,
+                                                 [tuple(i) for i in w["items"]],
+                                                 auto_start=True, safety_snapshot=False),
+             on_volumes(rolled_back(False, True)), rbd=True),
+    Scenario("ReInitDisk-rbd", ReInitDisk, ReInitDiskPlan("d", "i", False, "d", "d.t"),
+             rbd_world(dirty_data_disk),
+             lambda ctx, w: disks.reinit_disk(ctx, ACCOUNT, w["disk"]), reinited(False),
+             rbd=True),
+    Scenario("CollectVolumes-rbd", CollectVolumes, CollectVolumesPlan(("d-1", "d-2")),
+             rbd_world(deep_and_dirty),
+             lambda ctx, w: rollback.reset_disks(ctx, ACCOUNT, RBD_REGION,
+                                                 [tuple(i) for i in w["items"]],
+                                                 safety_snapshot=False),
+             collected, rbd=True),
 )
 
 
@@ -571,20 +683,31 @@ def cases() -> list[Any]:
 
 class Worlds:
     """Each scenario's world, built once at the data dir its cases use and kept as a
-    golden copy; `fresh` puts the copy back."""
+    golden copy; `fresh` puts the copy back (an `rbd` scenario's: built again, with
+    `ceph` set)."""
 
     def __init__(self, root: Path, template: Path) -> None:
         self.root, self.template = root, template
         self.built: dict[str, World] = {}
+        self.ceph: CephCluster | None = None
 
     def fresh(self, scenario: Scenario) -> tuple[Path, World]:
         data_dir = self.root / scenario.name / "data"
         golden = self.root / scenario.name / "golden"
+        if scenario.rbd:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            self.built.pop(scenario.name, None)
         if scenario.name not in self.built:
             lab = Lab.open(data_dir, recover=False)
             try:
                 regions.ensure_region(lab.ctx, REGION, vcpus=8, memory_mib=8192)
-                image = images.register_image(lab.ctx, REGION, name="tiny", os_name="Tiny",
+                region = REGION
+                if scenario.rbd:
+                    assert self.ceph is not None
+                    region = RBD_REGION
+                    regions.ensure_region(lab.ctx, region, vcpus=8, memory_mib=8192,
+                                          storage_pool=self.ceph.spec())
+                image = images.register_image(lab.ctx, region, name="tiny", os_name="Tiny",
                                               template=self.template, size_gib=1)
                 world: World = {"image": image.id}
                 world.update(scenario.setup(lab, world))
@@ -606,6 +729,19 @@ def worlds(tmp_path_factory: pytest.TempPathFactory, template: Path) -> Worlds:
     return Worlds(tmp_path_factory.mktemp("crash-matrix"), template)
 
 
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    with shared(tmp_path_factory) as cluster:
+        yield cluster
+
+
+def remove_volumes_of(lab: Lab) -> None:
+    """An `rbd` case's images: its world's disks, every volume (the pool is shared)."""
+    for disk in Rows.read(lab).disks.values():
+        if disk.region_id == RBD_REGION:
+            lab.ctx.storage_of(RBD_REGION).delete(disk.id)
+
+
 # ---------------------------------------------------------------- the tests
 
 
@@ -620,8 +756,10 @@ def test_every_operation_has_a_scenario() -> None:
 
 @pytest.mark.parametrize(("scenario", "point"), cases())
 def test_kill_at_every_step_then_recover(worlds: Worlds, scenario: Scenario | None,
-                                        point: str) -> None:
+                                        point: str, request: pytest.FixtureRequest) -> None:
     assert scenario is not None, f"{point} has no crash scenario: add one to SCENARIOS"
+    if scenario.rbd:
+        worlds.ceph = request.getfixturevalue("ceph")
     data_dir, world = worlds.fresh(scenario)
     crash_at = "" if point == NO_CRASH else f"{scenario.op.action}:{point}"
     code, log = crash.crash_in_child(data_dir, crash_at, lambda ctx: scenario.act(ctx, world))
@@ -640,4 +778,6 @@ def test_kill_at_every_step_then_recover(worlds: Worlds, scenario: Scenario | No
                                     f"the outcome is: {outcome}"
         print(f"{scenario.name} {point}: {outcome} ({task.status.value})")
     finally:
+        if scenario.rbd:
+            remove_volumes_of(lab)
         lab.close()

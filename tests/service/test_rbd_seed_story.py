@@ -57,9 +57,11 @@ def holds(path: str, pattern: int) -> bool:
 
 
 def disk_paths(ctx: ServiceContext, instance_id: str) -> dict[str, str]:
+    """Where each disk's current content is: its current volume (a rollback clones the
+    snapshot into a new one)."""
     with ctx.uow() as uow:
         storage = ctx.storage(uow, RBD_REGION)
-        return {d.id: storage.path(d.id) for d in attached_disks(uow, instance_id)}
+        return {d.id: storage.path(d.current_volume) for d in attached_disks(uow, instance_id)}
 
 
 def group_items(ctx: ServiceContext, group_id: str) -> list[tuple[str, str]]:
@@ -123,8 +125,11 @@ def test_seed_story_on_rbd(ctx: ServiceContext, rbd_image: Image) -> None:
     with ctx.uow() as uow:
         inst = uow.instances.get(instance_id)
         assert inst is not None and inst.status == InstanceStatus.RUNNING
+    before, paths = paths, disk_paths(ctx, instance_id)
     assert holds(paths[data1], OLD) and holds(paths[data2], OLD)
-    assert holds(paths[system], NEW)
+    assert holds(paths[system], NEW) and paths[system] == before[system]
+    # cloned into new volumes: the old ones are as they were (the safety snapshots' data)
+    assert paths[data1] != before[data1] and holds(before[data1], NEW)
     preview = rollback.preview_reset_disks(ctx, ACCOUNT, RBD_REGION, chosen)
     assert [d.bytes_written_since for d in preview.disks] == [0, 0]
 
@@ -138,6 +143,7 @@ def test_seed_story_on_rbd(ctx: ServiceContext, rbd_image: Image) -> None:
     undo = rollback.reset_disks(ctx, ACCOUNT, RBD_REGION,
                                 group_items(ctx, result.safety_group_id))
     finished(ctx, undo.task_id)
+    paths = disk_paths(ctx, instance_id)
     assert all(holds(p, NEW) for p in paths.values())
 
     # the instance goes; its disks' images stay while their snapshots do (as in ECS)

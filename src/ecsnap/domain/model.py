@@ -284,10 +284,18 @@ class Disk:
     attached_time: datetime | None = None
     detached_time: datetime | None = None
     released_time: datetime | None = None
+    # the storage volume holding the disk's current content: "" is the volume named by the
+    # disk ID (every disk at birth); a rollback by clone and swap moves it to a new one
+    volume: str = ""
 
     @property
     def serial_number(self) -> str:
         return self.id.removeprefix("d-")
+
+    @property
+    def current_volume(self) -> str:
+        """What the storage backend is given for the disk's current content."""
+        return self.volume or self.id
 
     _FROM: ClassVar[dict[StrEnum, tuple[StrEnum, ...]]] = {
         DiskStatus.AVAILABLE: (DiskStatus.CREATING, DiskStatus.ATTACHING, DiskStatus.DETACHING,

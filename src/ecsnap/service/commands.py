@@ -16,7 +16,7 @@ from ecsnap.adapters.store.base import Criteria, UnitOfWork
 from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus, Invocation, InvocationStatus, utcnow
-from ecsnap.service.context import ServiceContext, get_instance, get_region
+from ecsnap.service.context import ServiceContext, get_instance
 from ecsnap.service.listing import Page, page_list
 
 OUTPUT_CAP = 24 * 1024
@@ -56,7 +56,7 @@ def run_command(ctx: ServiceContext, account_id: str, region_id: str, *, command
     command_id, invoke_id = ids.new_id("command"), ids.new_id("task")
     records = []
     with ctx.uow() as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         for instance_id in instance_ids:
             inst = get_instance(uow, account_id, instance_id, region_id)
             rules.require_instance_status(inst, InstanceStatus.RUNNING)
@@ -153,7 +153,7 @@ def find_invocations(ctx: ServiceContext, account_id: str, region_id: str, *,
         if value:
             criteria.equals[column] = value
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         rows = uow.invocations.find(criteria)
     if record_status:
         rows = [r for r in rows if r.record_status == record_status]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ecsnap.adapters.compute.base import ComputeDriver, GuestImageBuilder
+from ecsnap.adapters.inspect.base import FileSystemReader
 from ecsnap.adapters.storage.base import ImageImport, StorageBackend
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.config import Settings
@@ -28,6 +29,7 @@ class ServiceContext:
     compute: ComputeDriver
     image_builder: GuestImageBuilder | None = None
     image_import: ImageImport | None = None
+    inspector: FileSystemReader | None = None  # reads guest file systems (service.inspect)
     runner: TaskRunner = field(init=False)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -43,6 +45,12 @@ class ServiceContext:
                 raise errors.not_found("region", region_id)
             pool = self._pools[region_id] = region.storage_pool
         return self.storage_for(pool)
+
+    def check_region(self, uow: UnitOfWork, region_id: str | None) -> None:
+        """MissingParameter or InvalidRegionId.NotFound unless the region exists. Regions
+        are never removed, so one seen once needs no query again."""
+        if not region_id or region_id not in self._pools:
+            self._pools[region_id or ""] = get_region(uow, region_id).storage_pool
 
     def storage_of(self, region_id: str) -> StorageBackend:
         """`storage` outside a unit of work (a task step)."""

@@ -8,6 +8,7 @@ A released disk keeps its file while any of its snapshots exist, as ECS keeps sn
 
 from __future__ import annotations
 
+from ecsnap.adapters.storage.base import CloneRevert
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain.model import GIB, Disk
 from ecsnap.service.context import ServiceContext
@@ -49,12 +50,15 @@ def mark_released(uow: UnitOfWork, disk: Disk) -> None:
 
 def delete_internal_snapshot(ctx: ServiceContext, region_id: str, disk_id: str,
                              snapshot_id: str) -> None:
-    """Remove an internal snapshot wherever the disk is open (idempotent)."""
+    """Remove an internal snapshot wherever the disk is open (idempotent). On a backend
+    that reverts by clone and swap the snapshot may be on an older volume of the disk,
+    which the VM does not have open: the backend removes it from there."""
     with ctx.uow(readonly=True) as uow:
         disk = uow.disks.get(disk_id)
         storage = ctx.storage(uow, region_id)
         instance_id = disk.instance_id if disk and disk.instance_id else ""
     if vm_running(ctx, instance_id):
         ctx.compute.delete_disk_snapshot(instance_id, disk_id, snapshot_id)
-    else:
-        storage.delete_snapshot(disk_id, snapshot_id)
+        if not isinstance(storage, CloneRevert):
+            return
+    storage.delete_snapshot(disk_id, snapshot_id)

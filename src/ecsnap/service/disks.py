@@ -29,12 +29,18 @@ from ecsnap.service.context import (
     get_disk,
     get_image,
     get_instance,
-    get_region,
-)
+    )
 from ecsnap.service.disk_files import INITIAL, make_disk_file, mark_released, release_disk_file
 from ecsnap.service.listing import Page, paginate
 from ecsnap.service.operation import Lock, Operation, Plan, Step
 from ecsnap.service.vms import boot
+from ecsnap.service.volumes import (
+    clone_revert,
+    current_volumes,
+    new_volume,
+    schedule_collect,
+    switch,
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
 
     def run() -> dict[str, str]:
         with ctx.uow() as uow:
-            get_region(uow, region_id)
+            ctx.check_region(uow, region_id)
             zone = zone_id or f"{region_id}-a"
             z = uow.zones.get(zone)
             if z is None or z.region_id != region_id:
@@ -146,8 +152,9 @@ class AttachDisk(Operation[AttachDiskPlan]):
 
     def hotplug(self) -> None:
         storage = self.ctx.storage_of(self.task.region_id)
+        [volume] = current_volumes(self.ctx, [self.plan.disk_id]).values()
         self.ctx.compute.attach_disk(self.plan.instance_id, VmDisk(
-            self.plan.disk_id, storage.path(self.plan.disk_id), False))
+            self.plan.disk_id, storage.path(volume), False))
 
     def finish(self, uow: UnitOfWork) -> None:
         uow.disks.load(self.plan.disk_id).attach(
@@ -293,8 +300,9 @@ class ResizeDisk(_OnDisk):
     def resize(self) -> None:
         storage = self.ctx.storage_of(self.task.region_id)
         wanted = self.plan.size_gib * GIB
-        if storage.virtual_size(self.plan.disk_id) < wanted:
-            storage.resize(self.plan.disk_id, wanted)
+        [volume] = current_volumes(self.ctx, [self.plan.disk_id]).values()
+        if storage.virtual_size(volume) < wanted:
+            storage.resize(volume, wanted)
 
     def finish(self, uow: UnitOfWork) -> None:
         uow.disks.load(self.plan.disk_id).size_gib = self.plan.size_gib
@@ -332,6 +340,10 @@ def resize_disk(ctx: ServiceContext, account_id: str, disk_id: str, new_size_gib
 class ReInitDiskPlan(DiskPlan):
     instance_id: str = ""
     auto_start: bool = False
+    # clone and swap (a CloneRevert backend): the disk's volume now and the new volume
+    # INITIAL is cloned into; "": INITIAL is reverted to in place
+    old_volume: str = ""
+    new_volume: str = ""
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int, resource_id: str) -> dict[str, Any]:
@@ -339,7 +351,10 @@ class ReInitDiskPlan(DiskPlan):
 
 
 class ReInitDisk(Operation[ReInitDiskPlan]):
-    """ReInitDisk: back to the disk's content at creation, an O(1) revert to INITIAL."""
+    """ReInitDisk: back to the disk's content at creation, an O(1) revert to INITIAL; on a
+    backend that reverts by clone and swap, INITIAL (on the disk's first volume) is cloned
+    into a new volume and the disk switched to it, as a rollback does (service/volumes.py):
+    an undo switches it back and removes the clone."""
 
     action = "ReInitDisk"
     plan_type = ReInitDiskPlan
@@ -352,12 +367,23 @@ class ReInitDisk(Operation[ReInitDiskPlan]):
         uow.disks.load(self.plan.disk_id).mark_reiniting()
 
     def steps(self) -> list[Step]:
-        steps = [Step("reinit", self.reinit)]
+        steps = [Step("clone", self.clone), Step("swap", self.swap)] if self.plan.new_volume \
+            else [Step("reinit", self.reinit)]
         return steps + ([Step("start", self.start)] if self.plan.auto_start else [])
 
     def reinit(self) -> None:
         storage = self.ctx.storage_of(self.task.region_id)
         storage.revert(self.plan.disk_id, INITIAL)
+
+    def clone(self) -> None:
+        storage = self.ctx.storage_of(self.task.region_id)
+        capable = clone_revert(storage)
+        assert capable is not None, "a plan to clone on a backend that cannot"
+        capable.clone_to_volume(self.plan.disk_id, INITIAL, self.plan.new_volume,
+                                storage.virtual_size(self.plan.old_volume))
+
+    def swap(self) -> None:
+        switch(self.ctx, [(self.plan.disk_id, self.plan.old_volume, self.plan.new_volume)])
 
     def start(self) -> None:
         with self.ctx.uow() as uow:
@@ -370,10 +396,18 @@ class ReInitDisk(Operation[ReInitDiskPlan]):
         uow.disks.load(self.plan.disk_id).mark_in_use()
         if self.plan.auto_start:
             uow.instances.load(self.plan.instance_id).mark_running()
+        if self.plan.new_volume:
+            collect = schedule_collect(self.ctx, uow, self.task, [self.plan.disk_id])
+            self.follow_ups += [collect] if collect else []
 
     def compensate(self, error: BaseException) -> None:
         if self.done("start"):
             self.ctx.compute.stop(self.plan.instance_id, force=True)
+        if self.plan.new_volume:
+            switch(self.ctx, [(self.plan.disk_id, self.plan.new_volume, self.plan.old_volume)])
+            capable = clone_revert(self.ctx.storage_of(self.task.region_id))
+            assert capable is not None
+            capable.remove_volumes([self.plan.new_volume])
 
     def failed(self, uow: UnitOfWork) -> None:
         disk = uow.disks.load(self.plan.disk_id)
@@ -398,9 +432,14 @@ def reinit_disk(ctx: ServiceContext, account_id: str, disk_id: str, *,
         if disk.image_id and uow.images.get(disk.image_id) is None:
             raise EcsError("InvalidImageId.NotFound",
                            f"The source image {disk.image_id} of the disk is gone.", 404)
-        task = ctx.runner.journal(uow, ReInitDisk, ReInitDiskPlan(disk.id, inst.id, auto_start),
-                                  account_id=account_id, region_id=disk.region_id,
-                                  resource_id=disk.id)
+        task_id = ids.new_id("task")
+        clone = clone_revert(ctx.storage(uow, disk.region_id)) is not None
+        plan = ReInitDiskPlan(disk.id, inst.id, auto_start,
+                              disk.current_volume if clone else "",
+                              new_volume(disk.id, task_id) if clone else "")
+        task = ctx.runner.journal(uow, ReInitDisk, plan, account_id=account_id,
+                                  region_id=disk.region_id, resource_id=disk.id,
+                                  task_id=task_id)
         uow.commit()
     ctx.runner.submit(task)
     return task.id
@@ -530,7 +569,7 @@ def describe_disks(ctx: ServiceContext, account_id: str, region_id: str, *,
     if disk_ids is not None:
         criteria.within["id"] = list(disk_ids)
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         return paginate(uow.disks, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results,
                         max_page_size=500 if next_token or max_results else 100)

@@ -14,7 +14,7 @@ from ecsnap.adapters.store.base import Criteria
 from ecsnap.domain import ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import GIB, Image
-from ecsnap.service.context import ServiceContext, get_region
+from ecsnap.service.context import ServiceContext
 from ecsnap.service.listing import Page, check_page, paginate
 
 
@@ -37,7 +37,7 @@ def register_image(ctx: ServiceContext, region_id: str, *, name: str, os_name: s
     if boot_mode == "direct" and not (kernel and initrd):
         raise EcsError("MissingParameter", "Direct boot needs a kernel and an initrd.", 400)
     with ctx.uow() as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         same = [i for i in uow.images.find(region_id=region_id, name=name)
                 if i.account_id == account_id]
         if same and unique:
@@ -99,7 +99,7 @@ def describe_images(ctx: ServiceContext, account_id: str, region_id: str, *,
     else:
         criteria.within["account_id"] = [account_id]
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         if owner_alias in (None, ""):
             rows = [i for i in uow.images.find(Criteria(equals={"region_id": region_id},
                                                         within=dict(criteria.within) if
@@ -125,7 +125,7 @@ def build_demo_image(ctx: ServiceContext, region_id: str) -> Image:
     """Build the small demo Linux guest from Debian packages (cached) and register it as a
     system image (direct kernel boot; qemu-guest-agent; data disks at /mnt/<disk id>)."""
     with ctx.uow() as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         found = [i for i in uow.images.find(region_id=region_id, name=DEMO_IMAGE_NAME)
                  if i.account_id is None]
         if found:
@@ -170,7 +170,7 @@ def import_image(ctx: ServiceContext, region_id: str, source: Path, *, name: str
         raise EcsError("InvalidParameter.Format",
                        f"{source} is a qcow2 image; import it as qcow2.", 400)
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         if [i for i in uow.images.find(region_id=region_id, name=name)
                 if i.account_id == account_id]:
             raise duplicated_name(name)

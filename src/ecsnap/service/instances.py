@@ -498,7 +498,7 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
     if name:
         criteria.wildcard["name"] = name
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         return paginate(uow.instances, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
 

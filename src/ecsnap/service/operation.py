@@ -119,6 +119,9 @@ class Operation(Generic[P]):
 
     def __init__(self, ctx: ServiceContext, task: Task, plan: P) -> None:
         self.ctx, self.task, self.plan = ctx, task, plan
+        # tasks `finish` journaled in its transaction (a follow-up in the background, such
+        # as collecting storage volumes): the runner submits them once that is committed
+        self.follow_ups: list[Task] = []
 
     @classmethod
     def locks(cls, plan: P) -> Sequence[Lock]:

@@ -27,6 +27,7 @@ from ecsnap.service.instances import (
 from ecsnap.service.operation import Operation
 from ecsnap.service.rollback import ResetDisks
 from ecsnap.service.snapshots import DeleteSnapshots, TakeSnapshots
+from ecsnap.service.volumes import CollectVolumes
 
 OPERATIONS: tuple[type[Operation[Any]], ...] = (
     RunInstance,
@@ -44,4 +45,5 @@ OPERATIONS: tuple[type[Operation[Any]], ...] = (
     TakeSnapshots,
     DeleteSnapshots,
     ResetDisks,
+    CollectVolumes,
 )

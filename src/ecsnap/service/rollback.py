@@ -16,6 +16,22 @@ If a revert fails, the disks are restored from the safety snapshots and the task
 After a crash, recovery drives the task forward once every safety snapshot exists (all
 disks end at the snapshot's data), and undoes it otherwise (no disk was touched yet).
 Rolling back never deletes a snapshot.
+
+On a backend that reverts by clone and swap (`CloneRevert`: Ceph RBD; service/volumes.py)
+step 2 is two steps, and no disk's data is ever rewritten:
+
+2a. `clone`   clone each target snapshot into a new volume of its disk, `{disk}.{task}`,
+              side by side (O(1): no data copied; idempotent: a clone a crash left is made
+              again);
+2b. `swap`    one transaction switches every disk to its new volume: all disks or none
+              (idempotent). The safety snapshots are on the old volumes, which are kept
+              as they were: undoing through the safety group is a clone again.
+
+Before `swap` undoing removes the clones; after it, the disks are switched back to their
+old volumes (never modified) and the clones removed. Recovery goes forward once the safety
+snapshots exist, as above: `clone` is redone, `swap` is one transaction. Once the task is
+finished, a CollectVolumes task flattens deep clone chains and removes the volumes nothing
+needs any more.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ from ecsnap.domain.model import (
     iso,
     utcnow,
 )
-from ecsnap.service import quotas, snapshot_records
+from ecsnap.service import inspect, quotas, snapshot_records, volumes
 from ecsnap.service.context import ServiceContext, attached_disks, get_group, get_region
 from ecsnap.service.operation import Lock, Operation, Pair, Plan, Resume, Step
 from ecsnap.service.snapshot_records import GroupSpec
@@ -54,6 +70,7 @@ class DiskPreview:
     disk_type: str
     failures: list[CheckFailure] = field(default_factory=list)
     bytes_written_since: int | None = None
+    files: inspect.FileChanges | None = None  # the file level, when asked for
 
     @property
     def ok(self) -> bool:
@@ -148,9 +165,11 @@ def _check(uow: UnitOfWork, account_id: str, region_id: str | None,
 
 
 def preview_reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
-                        items: Sequence[tuple[str, str]]) -> ResetPreview:
+                        items: Sequence[tuple[str, str]], *,
+                        file_changes: int | None = None) -> ResetPreview:
     """Every failed check per disk and the bytes each disk has had written since its
-    snapshot (what a rollback would lose). Changes nothing."""
+    snapshot (what a rollback would lose); with `file_changes` (how many paths to list),
+    the files it would change too (service.inspect). Changes nothing."""
     with ctx.uow() as uow:
         preview, targets = _check(uow, account_id, region_id, items)
         inst = uow.instances.load(preview.instance_id)
@@ -160,14 +179,18 @@ def preview_reset_disks(ctx: ServiceContext, account_id: str, region_id: str | N
                 not target.disk.released and target.snapshot.source_disk_id == target.disk_id:
             try:
                 disk_preview.bytes_written_since = storage.bytes_written_since(
-                    target.disk_id, target.snapshot_id)
+                    target.disk.current_volume, target.snapshot_id)
             except Exception:  # a preview never fails for want of a figure
                 disk_preview.bytes_written_since = None
+    if file_changes is not None:
+        inspect.add_file_changes(ctx, storage, preview.instance_status, preview.disks,
+                                 targets, limit=file_changes)
     return preview
 
 
 def preview_group_rollback(ctx: ServiceContext, account_id: str, group_id: str,
-                           disk_ids: Sequence[str] | None = None) -> ResetPreview:
+                           disk_ids: Sequence[str] | None = None, *,
+                           file_changes: int | None = None) -> ResetPreview:
     """The preview of rolling back (some of) the disks of an instance snapshot."""
     with ctx.uow(readonly=True) as uow:
         group = get_group(uow, account_id, group_id)
@@ -175,7 +198,7 @@ def preview_group_rollback(ctx: ServiceContext, account_id: str, group_id: str,
                        key=lambda s: (s.source_disk_type.value != "system", s.created, s.id))
     items = [(s.source_disk_id, s.id) for s in snaps
              if disk_ids is None or s.source_disk_id in disk_ids]
-    return preview_reset_disks(ctx, account_id, None, items)
+    return preview_reset_disks(ctx, account_id, None, items, file_changes=file_changes)
 
 
 @dataclass(frozen=True)
@@ -186,6 +209,9 @@ class ResetDisksPlan(Plan):
     safety_group_id: str
     keep_safety: bool
     auto_start: bool
+    # clone and swap (a CloneRevert backend): (disk, its volume now, the new volume the
+    # snapshot is cloned into); empty: the disks are reverted in place
+    volumes: tuple[tuple[str, str, str], ...] = ()
 
 
 class ResetDisks(Operation[ResetDisksPlan]):
@@ -197,7 +223,9 @@ class ResetDisks(Operation[ResetDisksPlan]):
     @classmethod
     def check(cls, ctx: ServiceContext, uow: UnitOfWork, account_id: str,
               region_id: str | None, items: Sequence[tuple[str, str]], *, keep_safety: bool,
-              auto_start: bool) -> ResetDisksPlan:
+              auto_start: bool, task_id: str = "") -> ResetDisksPlan:
+        """The plan; `task_id` (the task it will be journaled as) names the new volumes
+        on a backend that reverts by clone and swap."""
         preview, targets = _check(uow, account_id, region_id, items)
         rules.require(preview.failures)
         disks = [t.disk for t in targets if t.disk is not None]
@@ -205,18 +233,26 @@ class ResetDisks(Operation[ResetDisksPlan]):
         # (dropped at the end) does not
         used = quotas.check(ctx, uow, account_id, {"snapshots": len(disks) if keep_safety else 0})
         snapshot_records.check_snapshot_quota(uow, disks, used.get("snapshots"))
+        region = uow.instances.load(preview.instance_id).region_id
+        clone = bool(task_id) and volumes.clone_revert(ctx.storage(uow, region)) is not None
         return ResetDisksPlan(
             instance_id=preview.instance_id,
             pairs=tuple((t.disk_id, t.snapshot_id) for t in targets),
             items=snapshot_records.new_items(disks), safety_group_id=ids.new_id(
-                "snapshot_group"), keep_safety=keep_safety, auto_start=auto_start)
+                "snapshot_group"), keep_safety=keep_safety, auto_start=auto_start,
+            volumes=tuple((d.id, d.current_volume, volumes.new_volume(d.id, task_id))
+                          for d in disks) if clone else ())
 
     @classmethod
     def locks(cls, plan: ResetDisksPlan) -> list[Lock]:
         return [("instance", plan.instance_id), *(("disk", d) for d, _ in plan.items)]
 
     def steps(self) -> list[Step]:
-        steps = [Step("safety", self.safety), Step("revert", self.revert)]
+        steps = [Step("safety", self.safety)]
+        if self.plan.volumes:
+            steps += [Step("clone", self.clone), Step("swap", self.swap)]
+        else:
+            steps.append(Step("revert", self.revert))
         if not self.plan.keep_safety:
             steps.append(Step("drop_safety", self.drop_safety))
         if self.plan.auto_start:
@@ -226,16 +262,36 @@ class ResetDisks(Operation[ResetDisksPlan]):
     def _storage(self) -> StorageBackend:
         return self.ctx.storage_of(self.task.region_id)
 
+    def _on_volumes(self, pairs: Sequence[Pair]) -> list[Pair]:
+        """(disk, snapshot) pairs with each disk's current volume (the disks are locked)."""
+        current = volumes.current_volumes(self.ctx, [d for d, _ in pairs])
+        return [(current[d], s) for d, s in pairs]
+
     def safety(self) -> None:
         if vm_running(self.ctx, self.plan.instance_id):
             raise errors.incorrect_instance_status(self.plan.instance_id, "Running", "Stopped")
-        self._storage().create_snapshots(list(self.plan.items))
+        old = {d: v for d, v, _ in self.plan.volumes}
+        if old:  # the volumes the disks are on until `swap`
+            self._storage().create_snapshots([(old[d], s) for d, s in self.plan.items])
+        else:
+            self._storage().create_snapshots(self._on_volumes(self.plan.items))
         with self.ctx.uow() as uow:
             snapshot_records.complete(uow, self.plan.items, self.plan.safety_group_id)
             uow.commit()
 
     def revert(self) -> None:
-        self._storage().revert_many(list(self.plan.pairs))
+        self._storage().revert_many(self._on_volumes(self.plan.pairs))
+
+    def clone(self) -> None:
+        storage = self._storage()
+        capable = volumes.clone_revert(storage)
+        assert capable is not None, "a plan to clone on a backend that cannot"
+        target = dict(self.plan.pairs)
+        capable.clone_many([(d, target[d], new, storage.virtual_size(old))
+                            for d, old, new in self.plan.volumes])
+
+    def swap(self) -> None:
+        volumes.switch(self.ctx, self.plan.volumes)
 
     def drop_safety(self) -> None:
         storage = self._storage()
@@ -284,6 +340,10 @@ class ResetDisks(Operation[ResetDisksPlan]):
         if not self.plan.keep_safety:
             snapshot_records.drop(uow, self.plan.items, self.plan.safety_group_id,
                                   group_too=True)
+        if self.plan.volumes:
+            collect = volumes.schedule_collect(self.ctx, uow, self.task,
+                                               [d for d, _, _ in self.plan.volumes])
+            self.follow_ups += [collect] if collect else []
         if self.plan.auto_start and not self.task.result.get("start_error"):
             uow.instances.load(self.plan.instance_id).mark_running()
         self.task.note(SafetySnapshotGroupId=self.plan.safety_group_id
@@ -291,11 +351,19 @@ class ResetDisks(Operation[ResetDisksPlan]):
 
     def compensate(self, error: BaseException) -> None:
         storage = self._storage()
-        if self.done("safety"):
+        if self.plan.volumes:
+            if self.done("start") or vm_running(self.ctx, self.plan.instance_id):
+                self.ctx.compute.stop(self.plan.instance_id, force=True)
+            # back to the old volumes, which nothing wrote; then the clones go
+            volumes.switch(self.ctx, [(d, new, old) for d, old, new in self.plan.volumes])
+            capable = volumes.clone_revert(storage)
+            assert capable is not None
+            capable.remove_volumes([new for _, _, new in self.plan.volumes])
+        elif self.done("safety"):
             if self.done("start") or vm_running(self.ctx, self.plan.instance_id):
                 self.ctx.compute.stop(self.plan.instance_id, force=True)
             # back to the state before the rollback
-            storage.revert_many(list(self.plan.items))
+            storage.revert_many(self._on_volumes(self.plan.items))
         if not self.done("safety") or not self.plan.keep_safety:
             for disk_id, snap_id in self.plan.items:
                 storage.delete_snapshot(disk_id, snap_id)
@@ -321,10 +389,11 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                 items: Sequence[tuple[str, str]], *, auto_start: bool = False,
                 safety_snapshot: bool = True, dry_run: bool = False) -> ResetResult:
     """ResetDisks: roll the disks back to their snapshots, all or none."""
+    task_id = ids.new_id("task")
     with ctx.uow() as uow:
         plan = ResetDisks.check(ctx, uow, account_id, region_id, items,
                                 keep_safety=safety_snapshot,
-                                auto_start=auto_start)
+                                auto_start=auto_start, task_id=task_id)
         require_free_space(ctx, uow, uow.instances.load(plan.instance_id).region_id,
                            [d for d, _ in plan.items], snapshots_per_disk=2)
         if dry_run:
@@ -344,7 +413,8 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
         snapshot_records.add_rows(uow, account_id, inst.id, disks, plan.items, group=spec,
                                   group_id=plan.safety_group_id)
         task = ctx.runner.journal(uow, ResetDisks, plan, account_id=account_id,
-                                  region_id=inst.region_id, resource_id=inst.id)
+                                  region_id=inst.region_id, resource_id=inst.id,
+                                  task_id=task_id)
         uow.commit()
     # with AutoStartInstance the VM boots: that goes on in the background
     ctx.runner.submit(task, wait_up_to=0.0 if auto_start else SHORT_TASK_S)

@@ -34,7 +34,6 @@ from ecsnap.service.context import (
     get_disk,
     get_group,
     get_instance,
-    get_region,
     get_snapshot,
 )
 from ecsnap.service.disk_files import delete_internal_snapshot
@@ -44,6 +43,7 @@ from ecsnap.service.snapshot_records import GroupSpec, SnapshotSpec, check_snaps
 from ecsnap.service.space import require_free_space
 from ecsnap.service.tasks import SHORT_TASK_S
 from ecsnap.service.vms import vm_running
+from ecsnap.service.volumes import current_volumes, schedule_collect
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class TakeSnapshots(Operation[TakeSnapshotsPlan]):
     @classmethod
     def locks(cls, plan: TakeSnapshotsPlan) -> list[Lock]:
         disks = [("disk", d) for d, _ in plan.items]
-        return disks  # MUTANT
+        return [("instance", plan.instance_id), *disks] if plan.instance_id else disks
 
     def steps(self) -> list[Step]:
         if self.plan.live:
@@ -97,7 +97,8 @@ class TakeSnapshots(Operation[TakeSnapshotsPlan]):
             raise EcsError("IncorrectInstanceStatus",
                            "The instance was started while its disks were being snapshotted.",
                            403)
-        storage.create_snapshots(list(self.plan.items))
+        current = current_volumes(self.ctx, [d for d, _ in self.plan.items])
+        storage.create_snapshots([(current[d], s) for d, s in self.plan.items])
 
     def transaction(self) -> None:
         result = self.ctx.compute.snapshot_disks(self.plan.instance_id, list(self.plan.items),
@@ -140,7 +141,7 @@ def create_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
     rules.check_description(description)
     rules.check_tags(tags or {})
     with ctx.uow() as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         inst = get_instance(uow, account_id, instance_id, region_id)
         disks = rules.select_group_disks(inst, attached_disks(uow, inst.id), disk_ids=disk_ids,
                                          exclude_disk_ids=exclude_disk_ids)
@@ -266,6 +267,11 @@ class DeleteSnapshots(Operation[DeleteSnapshotsPlan]):
             if group is not None:
                 uow.snapshot_groups.delete(group)
         self.task.note(deleted=[s for _, s in self.plan.items])
+        # a disk that has moved to another volume may have left one with no snapshot now
+        moved = [d.id for d in (uow.disks.get(i) for i in dict.fromkeys(
+            disk_id for disk_id, _ in self.plan.items)) if d is not None and d.volume]
+        collect = schedule_collect(self.ctx, uow, self.task, moved)
+        self.follow_ups += [collect] if collect else []
 
 
 def _journal_deletes(ctx: ServiceContext, uow: UnitOfWork, account_id: str,
@@ -356,7 +362,7 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
     if snapshot_ids is not None:
         criteria.within["id"] = list(snapshot_ids)
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         return paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
 
@@ -393,7 +399,7 @@ def describe_snapshot_groups(ctx: ServiceContext, account_id: str, region_id: st
     if name:
         criteria.equals["name"] = name
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         page = paginate(uow.snapshot_groups, criteria, next_token=next_token,
                         max_results=max_results, token_only=True)
         members: dict[str, list[Snapshot]] = {g.id: [] for g in page.items}

@@ -85,16 +85,18 @@ class TaskRunner:
 
     # -- journal
     def journal(self, uow: UnitOfWork, op_type: type[Operation[P]], plan: P, *,
-                account_id: str, region_id: str, resource_id: str) -> Task:
+                account_id: str, region_id: str, resource_id: str,
+                task_id: str | None = None) -> Task:
         """Write the task of `plan`, take its locks and let the operation record what users
-        see at once, in the caller's transaction (not committed here).
+        see at once, in the caller's transaction (not committed here). `task_id`: the ID
+        the plan was made for (names derived from it), a new one when None.
 
         Raises Operation.Conflict if any lock is held by another task."""
         if self.operations.get(op_type.action) is not op_type:
             raise ValueError(f"{op_type.__name__} is not in the runner's registry")
         locks = list(op_type.locks(plan))
-        task = Task(id=ids.new_id("task"), account_id=account_id, region_id=region_id,
-                    action=op_type.action, resource_id=resource_id)
+        task = Task(id=task_id or ids.new_id("task"), account_id=account_id,
+                    region_id=region_id, action=op_type.action, resource_id=resource_id)
         op = op_type(self.ctx, task, plan)
         task.plan = {**plan.to_journal(), "steps": [s.name for s in op.steps()],
                      "locks": [list(lock) for lock in locks]}
@@ -153,9 +155,11 @@ class TaskRunner:
                 self._release_locks(uow, fresh)
                 uow.commit()
             log.info("task %s %s finished", task.id, task.action)
-            return fresh
         except Exception as exc:  # every failure ends the task; nothing is left half done
             return self.fail(task.id, exc)
+        for follow_up in op.follow_ups:  # journaled by finish; recovery drives them if lost
+            self.submit(follow_up)
+        return fresh
 
     def fail(self, task_id: str, exc: BaseException) -> Task:
         code, message = ("InternalError", f"{type(exc).__name__}: {exc}")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ecsnap.adapters.store.base import Criteria
 from ecsnap.domain import errors
 from ecsnap.domain.model import Task
-from ecsnap.service.context import ServiceContext, get_region
+from ecsnap.service.context import ServiceContext
 from ecsnap.service.listing import Page, paginate
 
 
@@ -32,5 +32,5 @@ def describe_tasks(ctx: ServiceContext, account_id: str, region_id: str, *,
     if status in ("Finished", "Processing", "Failed"):
         criteria.equals["status"] = status
     with ctx.uow(readonly=True) as uow:
-        get_region(uow, region_id)
+        ctx.check_region(uow, region_id)
         return paginate(uow.tasks, criteria, page_number=page_number, page_size=page_size)

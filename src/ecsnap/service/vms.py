@@ -15,7 +15,7 @@ from ecsnap.service.context import ServiceContext, attached_disks, get_region
 def vm_spec(uow: UnitOfWork, ctx: ServiceContext, inst: Instance) -> VmSpec:
     image = uow.images.get(inst.image_id)
     storage = ctx.storage(uow, inst.region_id)
-    disks = [VmDisk(d.id, storage.path(d.id), d.type == DiskType.SYSTEM)
+    disks = [VmDisk(d.id, storage.path(d.current_volume), d.type == DiskType.SYSTEM)
              for d in attached_disks(uow, inst.id) if d.status == DiskStatus.IN_USE]
     boot = dict(boot_mode=image.boot_mode, kernel_path=image.kernel_path,
                 initrd_path=image.initrd_path, kernel_args=image.kernel_args) if image else {}

@@ -3,13 +3,23 @@
 A backend serves one storage pool (one region). Every method is idempotent: calling it
 again after a crash, with the same arguments, converges to the same state. Errors are
 raised as `StorageError`; the services turn them into ECS errors.
+
+Volumes: a disk's content lives in a *volume*, at first the one named by the disk ID. A
+backend with the `CloneRevert` capability reverts a disk by cloning the snapshot into a new
+volume of the disk, `{disk_id}.{task_id}`, and the service switches the disk to it (the
+disk's `current_volume`); the old volumes stay while their snapshots do. So wherever a
+method below means "the disk's current content" (`path`, `exists`, `resize`,
+`virtual_size`, `create_snapshots`, `revert`, `bytes_written_since`) the service passes
+the current volume, which is the disk ID on a backend without the capability (qcow2).
+Snapshot lookups (`delete_snapshot`, `has_snapshot`, `list_snapshots`) and `delete`,
+`allocated_bytes` take the disk ID or any of its volumes and cover every volume.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class StorageError(Exception):
@@ -165,6 +175,57 @@ class ChangeTracking(Protocol):
 
 class StorageBackend(DiskLifecycle, DiskSnapshots, RevertToSnapshot, ChangeTracking, Protocol):
     """Everything the services need from a pool."""
+
+
+def volume_name(disk_id: str, task_id: str) -> str:
+    """The volume a task's clone of a disk's snapshot goes into."""
+    return f"{disk_id}.{task_id}"
+
+
+def disk_of_volume(volume: str) -> str:
+    """The disk a volume belongs to (a disk ID is its own first volume)."""
+    return volume.partition(".")[0]
+
+
+@runtime_checkable
+class CloneRevert(Protocol):
+    """Revert in O(1) by clone and swap (Ceph RBD): a snapshot of a disk is cloned into a
+    new volume of the disk, and the service switches the disk to it in one transaction. The
+    old volumes are never written again; they stay while they hold snapshots or have clones.
+    A backend without it reverts in place (`RevertToSnapshot`)."""
+
+    def volumes(self, disk_id: str) -> list[str]:
+        """The disk's volumes in the pool (the disk ID's own first, if it is there)."""
+        ...
+
+    def clone_to_volume(self, disk_id: str, snapshot_id: str, volume: str,
+                        size_bytes: int) -> None:
+        """Make `volume` a clone of the disk's snapshot (on whichever volume of the disk
+        holds it), grown to `size_bytes` when the snapshot is smaller. Idempotent: a volume
+        of that name left by a crash is removed and made again, if it holds no snapshot and
+        has no clone; otherwise StorageError."""
+        ...
+
+    def clone_many(self, items: Sequence[tuple[str, str, str, int]]) -> None:
+        """`clone_to_volume` of every (disk_id, snapshot_id, volume, size_bytes), side by
+        side; raises the first failure after all ran."""
+        ...
+
+    def remove_volumes(self, volumes: Sequence[str]) -> list[str]:
+        """Remove each volume that holds no snapshot (of any kind) and has no clone; the
+        others are kept, a missing one is no error. Returns the ones removed. The caller
+        names only volumes nothing refers to (neither a disk's current volume nor one a
+        running task made)."""
+        ...
+
+    def clone_depth(self, volume: str) -> int:
+        """How many parents the volume's data is read through (0: it holds all of it)."""
+        ...
+
+    def flatten(self, volume: str) -> None:
+        """Copy into the volume (and its snapshots) what it reads from its parents, so it
+        has none; nothing visible changes. A volume with no parent is left alone."""
+        ...
 
 
 class ImageImport(Protocol):

@@ -18,10 +18,18 @@ set at creation). Disk IDs are the image names; snapshot IDs are the RBD snapsho
   then renamed to the template's name; the loser of a race removes its copy.
 - Snapshots of several disks are taken side by side (one thread per disk), all or
   nothing: on a failure the snapshots this call made are removed again.
-- Revert is `rollback_to_snap`, which rewrites every object written since the snapshot
-  (O(data written), not O(1) as on qcow2). NEXT INCREMENT: clone-and-swap generations
-  (revert = clone the snapshot into a new image and switch the disk to it, O(1)), with
-  flattening and garbage collection of the generations and templates no disk needs.
+- Revert by clone and swap (`CloneRevert`): a disk's content lives in a *volume*, at
+  first the image named by the disk ID; a rollback clones the snapshot (clone v2, O(1):
+  no data is copied) into a new image `{disk}.{task}` and the service switches the disk to
+  it. The old volume is never written again and stays while it holds snapshots (the
+  safety snapshot of that rollback, among others) or has clones. A snapshot that has
+  clones and is deleted goes to RBD's trash namespace (clone v2 does that by itself): it
+  is gone for the user at once, and Ceph removes it when its last clone is removed or
+  flattened. Volumes whose clone depth exceeds a bound are flattened, volumes nothing
+  needs are removed (`flatten`, `remove_volumes`; the service's CollectVolumes task).
+  Snapshots are found on whichever volume of the disk holds them. `revert`
+  (`rollback_to_snap`, O(data written since the snapshot)) is still there for a snapshot
+  on the volume itself.
 - Bytes written since a snapshot: librbd's `diff_iterate` (guest writes, zeroes and
   discards alike), first whole objects through the fast-diff object map, then exact
   extents within the objects that changed, so the cost follows the data written. An
@@ -31,7 +39,10 @@ set at creation). Disk IDs are the image names; snapshot IDs are the RBD snapsho
   cannot tell from guest writes; so each revert to S leaves a hidden marker snapshot
   `ecsnap-reverted.S` (the previous marker goes), and the bytes written since S are
   counted from the marker: exact after a revert, as on qcow2. Since any other snapshot
-  the objects the rollback rewrote count too (an upper bound).
+  the objects the rollback rewrote count too (an upper bound). Across volumes (a snapshot
+  on an ancestor volume) the changed extents are those each volume on the way wrote
+  itself (`include_parent=False`), with the difference between the two points on the
+  common volume; a volume flattened since has no ancestry left to follow (None).
 - `path()` is QEMU's rbd filename (`RbdLocation`); the QEMU driver opens it as an `rbd`
   blockdev node. Snapshots of an image a VM has open are allowed (crash-consistent: the
   exclusive-lock owner takes them); a revert or delete of an image another client has
@@ -52,7 +63,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
-from ecsnap.adapters.storage.base import RbdLocation, SnapshotInfo, StorageError
+from ecsnap.adapters.storage.base import (
+    RbdLocation,
+    SnapshotInfo,
+    StorageError,
+    disk_of_volume,
+)
 
 T = TypeVar("T")
 
@@ -253,6 +269,138 @@ class RbdBackend:
         with self._errors(f"create {self.pool}/{disk_id}"):
             make(ioctx, rbd)
 
+    # ------------------------------------------------------------ volumes (CloneRevert)
+
+    def volumes(self, disk_id: str) -> list[str]:
+        """The images of the disk: its ID, and `{disk_id}.{task}` for each clone."""
+        _, rbd = _bindings()
+        disk = disk_of_volume(disk_id)
+        with self._errors(f"list {self.pool}"):
+            names = list(rbd.RBD().list(self._io()))
+        return sorted((n for n in names if n == disk or n.startswith(disk + ".")),
+                      key=lambda n: (n != disk, n))
+
+    def _holder(self, name: str, snapshot_id: str) -> str | None:
+        """The volume of the disk that holds the user snapshot (`name` looked at first)."""
+        volumes = [name, *(v for v in self.volumes(name) if v != name)]
+        for volume in volumes:
+            with self._image(volume, read_only=True, missing_ok=True) as image:
+                if image is not None and any(s["name"] == snapshot_id
+                                             for s in self._snaps(image)):
+                    return volume
+        return None
+
+    def clone_to_volume(self, disk_id: str, snapshot_id: str, volume: str,
+                        size_bytes: int) -> None:
+        _, rbd = _bindings()
+        _check_image_name(volume)
+        if disk_of_volume(volume) != disk_of_volume(disk_id) or volume == disk_of_volume(volume):
+            raise StorageError(f"{volume} cannot be a new volume of {disk_id}")
+        source = self._holder(disk_id, snapshot_id)
+        if source is None:
+            raise StorageError(f"{disk_id}: no snapshot {snapshot_id} on any of its volumes")
+        with self._image(volume, missing_ok=True) as image:
+            if image is not None:  # left by a crash: made again, unless something uses it
+                with self._errors(f"inspect {volume}"):
+                    used = bool(list(image.list_snaps())) or bool(list(image.list_children2()))
+                if used:
+                    raise StorageError(f"{self.pool}/{volume} exists and holds snapshots or "
+                                       "clones: it is not a clone left by a crash")
+        if image is not None:
+            self._remove_image(volume)
+        with self._errors(f"clone {source}@{snapshot_id} to {volume}"):
+            rbd.RBD().clone(self._io(), source, snapshot_id, self._io(), volume,
+                            features=self.features)
+        with self._image(volume) as image, self._errors(f"resize {volume}"):
+            if image.size() < size_bytes:
+                image.resize(size_bytes)
+
+    def clone_many(self, items: Sequence[tuple[str, str, str, int]]) -> None:
+        for _, exc in _side_by_side(lambda item: self.clone_to_volume(*item), items):
+            if exc is not None:
+                raise exc
+
+    def remove_volumes(self, volumes: Sequence[str]) -> list[str]:
+        _, rbd = _bindings()
+        removed = []
+        for volume in volumes:
+            with self._image(volume, missing_ok=True) as image:
+                if image is None:
+                    continue
+                with self._errors(f"inspect {volume}"):
+                    if list(image.list_snaps()) or list(image.list_children2()) or \
+                            len(list(image.watchers_list())) > 1:
+                        continue
+            with self._errors(f"remove {self.pool}/{volume}"):
+                try:
+                    rbd.RBD().remove(self._io(), volume)
+                except (rbd.ImageNotFound, rbd.ImageHasSnapshots, rbd.ImageBusy):
+                    continue  # gone meanwhile, or in use after all: kept
+            removed.append(volume)
+        return removed
+
+    def _parent(self, image: Any) -> tuple[str, str] | None:
+        """(image, snapshot) the open image is a clone of, in this pool; None if none."""
+        _, rbd = _bindings()
+        try:
+            spec = image.get_parent_image_spec()
+        except rbd.ImageNotFound:
+            return None
+        if spec["pool_name"] != self.pool or spec.get("pool_namespace"):
+            return None  # another pool: not one of ours to follow
+        return str(spec["image_name"]), str(spec["snap_name"])
+
+    def clone_depth(self, volume: str) -> int:
+        depth, name = 0, volume
+        while depth < 1000:
+            with self._image(name, read_only=True) as image, \
+                    self._errors(f"parent of {name}"):
+                parent = self._parent(image)
+            if parent is None:
+                return depth
+            depth, name = depth + 1, parent[0]
+        raise StorageError(f"{volume}: a clone chain without end")
+
+    def flatten(self, volume: str) -> None:
+        """librbd's flatten, after `_copy_up_claimed` (which makes it safe to run again
+        after a flatten was cut short)."""
+        _, rbd = _bindings()
+        with self._image(volume) as image, self._errors(f"flatten {volume}"):
+            if self._parent(image) is None:
+                return
+            self._copy_up_claimed(image)
+            try:
+                image.flatten()
+            except rbd.InvalidArgument:  # flattened meanwhile
+                if self._parent(image) is not None:
+                    raise
+
+    def _copy_up_claimed(self, image: Any) -> None:
+        """Copy up from the parent every object the object map says the clone has but
+        RADOS does not. A flatten (librbd 16) marks an object in the map before it copies
+        it up, and skips the objects the map marks: after a flatten cut short (a kill -9)
+        flattening again would leave those objects as zeroes once the parent is detached.
+        The copy-up is RBD's own atomic class method: it writes only if the object is still
+        missing (a guest write meanwhile copied it up itself), and with no snapshot context,
+        so the clone's snapshots see the parent's data too, as a deep flatten makes them."""
+        rados, _ = _bindings()
+        overlap = int(image.overlap())
+        object_size = 1 << int(image.stat()["order"])
+        claimed: list[int] = []
+        image.diff_iterate(0, overlap, None,
+                           lambda offset, _, exists: claimed.append(offset) if exists else 0,
+                           include_parent=False, whole_object=True)
+        prefix, ioctx = image.block_name_prefix(), self._io()
+        for offset in sorted({o - o % object_size for o in claimed}):
+            name = f"{prefix}.{offset // object_size:016x}"
+            try:
+                ioctx.stat(name)
+                continue
+            except rados.ObjectNotFound:
+                pass
+            data = image.read(offset, min(object_size, overlap - offset))  # the parent's
+            ioctx.execute(name, "rbd", "copyup", data)
+
     def import_template(self, image_path: str) -> tuple[str, int]:
         """The pool image holding the template file `image_path` (a standalone qcow2, or
         raw), written once: (its name, its size). Its snapshot TEMPLATE_SNAP is what disks
@@ -306,7 +454,7 @@ class RbdBackend:
             finally:
                 if staging:
                     with contextlib.suppress(StorageError):
-                        self.delete(staging)
+                        self._remove_image(staging)
         found = self._template_size(name)
         if found is None:
             raise StorageError(f"template {name} vanished right after its import")
@@ -327,7 +475,19 @@ class RbdBackend:
                 image.resize(size_bytes)
 
     def delete(self, disk_id: str) -> None:
-        """Remove the image and its snapshots; a missing one is not an error."""
+        """Remove every volume of the disk (`disk_id` or any of its volumes) with its
+        snapshots, clones before what they were cloned from; a missing one is no error."""
+        depth: dict[str, int] = {}
+        for volume in self.volumes(disk_id):
+            try:
+                depth[volume] = self.clone_depth(volume)
+            except StorageError:  # removed meanwhile
+                depth[volume] = 0
+        for volume in sorted(depth, key=lambda v: -depth[v]):
+            self._remove_image(volume)
+
+    def _remove_image(self, disk_id: str) -> None:
+        """Remove one image and its snapshots; a missing one is not an error."""
         _, rbd = _bindings()
         with self._image(disk_id, missing_ok=True) as image:
             if image is None:
@@ -348,9 +508,13 @@ class RbdBackend:
             return int(image.size())
 
     def allocated_bytes(self, disk_id: str) -> int:
-        """Bytes the image and its snapshots hold in the pool, layer by layer as `rbd du`
-        counts them (the data each snapshot, and the head, added; the template a clone
-        shares is not counted); 0 for a missing disk."""
+        """Bytes the disk's volumes and their snapshots hold in the pool, layer by layer as
+        `rbd du` counts them (the data each snapshot, and the head, added; what a clone
+        reads from its parent, a template or an older volume, is not counted again); 0 for
+        a missing disk."""
+        return sum(self._allocated(v) for v in self.volumes(disk_id))
+
+    def _allocated(self, disk_id: str) -> int:
         with self._image(disk_id, read_only=True, missing_ok=True) as image:
             if image is None:
                 return 0
@@ -367,20 +531,21 @@ class RbdBackend:
     # ------------------------------------------------------------ snapshots
 
     def list_snapshots(self, disk_id: str) -> list[SnapshotInfo]:
-        with self._image(disk_id, read_only=True, missing_ok=True) as image:
-            if image is None:
-                return []
-            with self._errors(f"snapshots of {disk_id}"):
-                return [SnapshotInfo(s["name"], 0,
-                                     int(image.get_snap_timestamp(s["id"]).timestamp()))
-                        for s in self._snaps(image)]
+        """The snapshots on every volume of the disk, oldest first."""
+        found: list[SnapshotInfo] = []
+        for volume in self.volumes(disk_id):
+            with self._image(volume, read_only=True, missing_ok=True) as image:
+                if image is None:
+                    continue
+                with self._errors(f"snapshots of {volume}"):
+                    found += [SnapshotInfo(s["name"], 0,
+                                           int(image.get_snap_timestamp(s["id"]).timestamp()))
+                              for s in self._snaps(image)]
+        return sorted(found, key=lambda s: s.date_sec)
 
     def has_snapshot(self, disk_id: str, snapshot_id: str) -> bool:
-        with self._image(disk_id, read_only=True, missing_ok=True) as image:
-            if image is None:
-                return False
-            with self._errors(f"snapshots of {disk_id}"):
-                return any(s["name"] == snapshot_id for s in self._snaps(image))
+        with self._errors(f"snapshots of {disk_id}"):
+            return self._holder(disk_id, snapshot_id) is not None
 
     def create_snapshots(self, items: Sequence[tuple[str, str]]) -> None:
         _, rbd = _bindings()
@@ -417,13 +582,16 @@ class RbdBackend:
             from failed[0]
 
     def delete_snapshot(self, disk_id: str, snapshot_id: str) -> None:
-        """Remove the snapshot (and its revert marker, if it has one)."""
+        """Remove the snapshot (and its revert marker, if it has one) from whichever volume
+        of the disk holds it. One that has clones (a later volume of the disk) goes to
+        RBD's trash namespace: gone for the user, removed by Ceph with its last clone."""
         _, rbd = _bindings()
-        with self._image(disk_id, missing_ok=True) as image:
+        holder = self._holder(disk_id, snapshot_id) or disk_id
+        with self._image(holder, missing_ok=True) as image:
             if image is None:
                 return
             for name in (MARKER + snapshot_id, snapshot_id):
-                with self._errors(f"delete snapshot {name} of {disk_id}"), \
+                with self._errors(f"delete snapshot {name} of {holder}"), \
                         contextlib.suppress(rbd.ImageNotFound):
                     image.remove_snap(name)
 
@@ -465,17 +633,86 @@ class RbdBackend:
     # ------------------------------------------------------------ change tracking
 
     def bytes_written_since(self, disk_id: str, snapshot_id: str) -> int | None:
+        if snapshot_id.startswith(MARKER):
+            return None
         with self._image(disk_id, read_only=True, missing_ok=True) as image:
             if image is None:
                 return None
             with self._errors(f"changes of {disk_id} since {snapshot_id}"):
                 names = {s["name"] for s in self._user_snaps(image)}
-                if snapshot_id not in names or snapshot_id.startswith(MARKER):
-                    return None
-                since = MARKER + snapshot_id if MARKER + snapshot_id in names \
-                    else snapshot_id
-                return _diff_bytes(image, since, existing_only=False, include_parent=True,
-                                   whole_object=False)
+                if snapshot_id in names:
+                    since = MARKER + snapshot_id if MARKER + snapshot_id in names \
+                        else snapshot_id
+                    return _diff_bytes(image, since, existing_only=False,
+                                       include_parent=True, whole_object=False)
+        with self._errors(f"changes of {disk_id} since {snapshot_id}"):
+            return self._written_across(disk_id, snapshot_id)
+
+    def _written_across(self, volume: str, snapshot_id: str) -> int | None:
+        """Bytes written on `volume` since a snapshot on another volume of its disk: the
+        extents each volume between the two points wrote itself, and what changed on the
+        volume both descend from between the two points there (None: no common one)."""
+        holder = self._holder(volume, snapshot_id)
+        if holder is None:
+            return None
+        with self._image(holder, read_only=True) as image:
+            snap_id = next(int(s["id"]) for s in self._snaps(image) if s["name"] == snapshot_id)
+        here, there = self._chain(volume, None), self._chain(holder, snap_id)
+        mine = [v for v, _ in here]
+        meet = next(((i, mine.index(v)) for i, (v, _) in enumerate(there) if v in mine), None)
+        if meet is None:
+            return None
+        i, j = meet
+        extents: list[tuple[int, int]] = []
+        for name, at in [*here[:j], *there[:i]]:
+            extents += self._own_extents(name, at)
+        extents += self._between(there[i][0], there[i][1], here[j][1])
+        return sum(length for _, length in _merged(extents))
+
+    def _chain(self, volume: str, at: int | None) -> list[tuple[str, int | None]]:
+        """The point (volume, snapshot ID; None for the head) and each point it was cloned
+        from, up through the volumes of its disk (a template is not followed)."""
+        disk = disk_of_volume(volume)
+        out: list[tuple[str, int | None]] = [(volume, at)]
+        name = volume
+        while len(out) < 1000:
+            with self._image(name, read_only=True) as image:
+                parent = self._parent(image)
+            if parent is None or disk_of_volume(parent[0]) != disk:
+                break
+            with self._image(parent[0], read_only=True) as image:
+                snap = next((int(s["id"]) for s in image.list_snaps()
+                             if s["name"] == parent[1]), None)
+            if snap is None:
+                break
+            out.append((parent[0], snap))
+            name = parent[0]
+        return out
+
+    def _own_extents(self, volume: str, at: int | None) -> list[tuple[int, int]]:
+        """What the volume holds itself at the point (not read through its parent)."""
+        with self._image(volume, read_only=True) as image:
+            if at is not None:
+                image.set_snap_by_id(at)
+            return _diff_extents(image, None, existing_only=False, include_parent=False)
+
+    def _between(self, volume: str, a: int | None, b: int | None) -> list[tuple[int, int]]:
+        """The extents that differ on the volume between two of its points."""
+        if a == b:
+            return []
+        older, newer = (a, b) if b is None or (a is not None and a < b) else (b, a)
+        assert older is not None
+        with self._image(volume, read_only=True) as image:
+            snaps = {int(s["id"]): s for s in image.list_snaps()}
+            since = snaps.get(older)
+            if newer is not None:
+                image.set_snap_by_id(newer)
+            if since is None or since.get("namespace", 0) != 0:
+                # the older point is a snapshot in RBD's trash (deleted by its user): all
+                # the volume wrote itself up to the newer one bounds the difference
+                return _diff_extents(image, None, existing_only=False, include_parent=False)
+            return _diff_extents(image, str(since["name"]), existing_only=False,
+                                 include_parent=True)
 
     # ------------------------------------------------------------ templates' plumbing
 
@@ -499,6 +736,9 @@ def _diff_bytes(image: Any, since: str | None, *, existing_only: bool, include_p
     """Bytes librbd reports changed on the open image (at the snapshot it is set to) since
     the snapshot `since` (None: since the image's creation). Exact extents are asked only
     within the objects the fast-diff object map reports changed."""
+    if not whole_object:
+        return sum(length for _, length in _diff_extents(
+            image, since, existing_only=existing_only, include_parent=include_parent))
     size = int(image.size())
     objects: list[tuple[int, int]] = []
 
@@ -509,20 +749,30 @@ def _diff_bytes(image: Any, since: str | None, *, existing_only: bool, include_p
 
     image.diff_iterate(0, size, since, collect, include_parent=include_parent,
                        whole_object=True)
-    if whole_object:
-        return sum(length for _, length in objects)
-    total = 0
+    return sum(length for _, length in objects)
 
-    def count(offset: int, length: int, exists: bool) -> int:
-        nonlocal total
-        if exists or not existing_only:
-            total += length
-        return 0
 
+def _diff_extents(image: Any, since: str | None, *, existing_only: bool,
+                  include_parent: bool) -> list[tuple[int, int]]:
+    """The extents (offset, length) librbd reports changed on the open image since the
+    snapshot `since`, as `_diff_bytes` counts them, merged: first the objects through the
+    fast-diff object map, then the exact extents within them."""
+    objects: list[tuple[int, int]] = []
+    extents: list[tuple[int, int]] = []
+
+    def collect(into: list[tuple[int, int]]) -> Callable[[int, int, bool], int]:
+        def cb(offset: int, length: int, exists: bool) -> int:
+            if exists or not existing_only:
+                into.append((offset, length))
+            return 0
+        return cb
+
+    image.diff_iterate(0, int(image.size()), since, collect(objects),
+                       include_parent=include_parent, whole_object=True)
     for offset, length in _merged(objects):
-        image.diff_iterate(offset, length, since, count, include_parent=include_parent,
-                           whole_object=False)
-    return total
+        image.diff_iterate(offset, length, since, collect(extents),
+                           include_parent=include_parent, whole_object=False)
+    return _merged(extents)
 
 
 def _merged(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

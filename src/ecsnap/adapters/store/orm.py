@@ -147,6 +147,7 @@ disks = Table(
     Column("attached_time", DateTime, nullable=True),
     Column("detached_time", DateTime, nullable=True),
     Column("released_time", DateTime, nullable=True),
+    Column("volume", String(200), nullable=False, default=""),
     Index("ix_disks_owner", "account_id", "region_id", "created", "id"),
 )
 

@@ -31,6 +31,7 @@ from ecsnap.service import (
     disks,
     idempotency,
     images,
+    inspect,
     instances,
     listing,
     regions,
@@ -430,17 +431,30 @@ def stop_instance(c: Call) -> dict[str, Any]:
     return {}
 
 
-def _batch(c: Call, run: Callable[[str], object]) -> dict[str, Any]:
+def _batch(c: Call, run: Callable[[str, bool], object]) -> dict[str, Any]:
+    """StartInstances / StopInstances: `run(instance_id, dry_run)` for each. AllTogether
+    (the default) acts on none unless every one passes its checks first (a dry run of
+    each), as ECS does; SuccessFirst acts on those it can and reports each outcome."""
     ids_ = c.p.list("InstanceId")
     if not ids_:
         raise EcsError("MissingParameter", "The input parameter \"InstanceId.1\" that is "
                        "mandatory for processing this request is not supplied.", 400)
     together = (c.p.str("BatchOptimization") or "AllTogether") == "AllTogether"
+    dry = _dry_run(c.p)
+    if together:
+        for instance_id in ids_:
+            try:
+                run(instance_id, True)
+            except EcsError as exc:
+                if exc.code != "DryRunOperation":
+                    raise
+        if dry:
+            raise dry_run_passed()
     before = instances.statuses(c.ctx, c.account_id, ids_)
     results = []
     for instance_id in ids_:
         try:
-            run(instance_id)
+            run(instance_id, dry)
             results.append((instance_id, "200", "success"))
         except EcsError as exc:
             if together:
@@ -454,19 +468,17 @@ def _batch(c: Call, run: Callable[[str], object]) -> dict[str, Any]:
 
 @action("StartInstances")
 def start_instances(c: Call) -> dict[str, Any]:
-    dry = _dry_run(c.p)
-    return _batch(c, lambda i: instances.start_instance(c.ctx, c.account_id, i,
-                                                        region_id=c.region, dry_run=dry))
+    return _batch(c, lambda i, dry: instances.start_instance(c.ctx, c.account_id, i,
+                                                             region_id=c.region, dry_run=dry))
 
 
 @action("StopInstances")
 def stop_instances(c: Call) -> dict[str, Any]:
     force = c.p.bool("ForceStop", default=False)
     mode = c.p.enum("StoppedMode", {"KeepCharging", "StopCharging"})
-    dry = _dry_run(c.p)
-    return _batch(c, lambda i: instances.stop_instance(c.ctx, c.account_id, i,
-                                                       region_id=c.region, force=force,
-                                                       stopped_mode=mode, dry_run=dry))
+    return _batch(c, lambda i, dry: instances.stop_instance(c.ctx, c.account_id, i,
+                                                            region_id=c.region, force=force,
+                                                            stopped_mode=mode, dry_run=dry))
 
 
 @action("RebootInstance")
@@ -739,7 +751,17 @@ def reset_disk(c: Call) -> dict[str, Any]:
 
 @action("PreviewResetDisks")
 def preview_reset_disks(c: Call) -> dict[str, Any]:
-    preview = rollback.preview_reset_disks(c.ctx, c.account_id, c.region, _reset_items(c.p))
+    files = c.p.bool("IncludeFileChanges", default=False)  # the file level (README)
+    limit = c.p.int("MaxFileChanges", min=0, max=inspect.MAX_FILES,
+                    default=inspect.DEFAULT_MAX_FILES)
+    preview = rollback.preview_reset_disks(c.ctx, c.account_id, c.region, _reset_items(c.p),
+                                           file_changes=limit if files else None)
+
+    def file_level(d: Any) -> dict[str, Any]:
+        if d.files is None:
+            return {}
+        return {"FileLevel": d.files.file_level.value, "FileLevelReason": d.files.reason,
+                "FileChanges": views.file_changes(d.files)}
 
     def failures(fs: list[Any]) -> dict[str, Any]:
         return {"Failure": [{"Check": f.check, "Code": f.code, "Message": f.message}
@@ -754,7 +776,19 @@ def preview_reset_disks(c: Call) -> dict[str, Any]:
                 "Allowed": d.ok,
                 "BytesWrittenSinceSnapshot": -1 if d.bytes_written_since is None
                 else d.bytes_written_since,
-                "Failures": failures(d.failures)} for d in preview.disks]}}
+                "Failures": failures(d.failures), **file_level(d)} for d in preview.disks]}}
+
+
+@action("DescribeSnapshotFiles")
+def describe_snapshot_files(c: Call) -> dict[str, Any]:
+    """ecsnap extension: a directory's entries or a file's content in a snapshot."""
+    result = inspect.describe_snapshot_files(
+        c.ctx, c.account_id, c.p.str("SnapshotId", required=True), c.p.str("Path") or "/",
+        region_id=c.region, next_token=c.p.str("NextToken") or None,
+        max_results=c.p.int("MaxResults", min=1, max=inspect.MAX_LIST),
+        offset=c.p.int("Offset", min=0), max_bytes=c.p.int("MaxBytes", min=1,
+                                                           max=inspect.MAX_READ_BYTES))
+    return views.snapshot_files(result)
 
 
 # ------------------------------------------------------------------ tasks

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ecsnap.domain.model import (
@@ -20,6 +20,7 @@ from ecsnap.domain.model import (
     Zone,
 )
 from ecsnap.domain.model import iso as model_iso
+from ecsnap.service.inspect import EntryView, FileChanges, SnapshotFiles
 from ecsnap.service.listing import Page
 from ecsnap.service.snapshots import GroupView
 
@@ -221,3 +222,52 @@ def invocation_result(v: Invocation, encoding: str) -> dict[str, Any]:
         "StartTime": iso(v.started), "FinishedTime": iso(v.finished),
         "StopTime": "", "Repeats": 1, "Username": "root",
     }
+
+
+def _ns_iso(ns: int | None) -> str:
+    """An mtime in ns as ISO 8601 UTC with its nanoseconds ("" when unknown)."""
+    if ns is None:
+        return ""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    try:
+        text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return ""
+    return f"{text}.{nanos:09d}Z" if nanos else f"{text}Z"
+
+
+def file_changes(fc: FileChanges) -> dict[str, Any]:
+    """PreviewResetDisks' file level of one disk (ecsnap extension)."""
+    return {"Partial": bool(fc.partial), "PartialReason": fc.partial,
+            "AddedCount": fc.added, "DeletedCount": fc.deleted,
+            "ModifiedCount": fc.modified, "TotalCount": fc.total, "Seconds": fc.seconds,
+            "Notes": {"Note": list(fc.notes)},
+            "Files": {"File": [{
+                "Path": f.path, "Change": f.change.value, "Type": f.type,
+                "Changed": ",".join(f.what),
+                "SizeInSnapshot": -1 if f.size_before is None else f.size_before,
+                "SizeNow": -1 if f.size_after is None else f.size_after,
+                "ModifiedTimeInSnapshot": _ns_iso(f.mtime_before),
+                "ModifiedTimeNow": _ns_iso(f.mtime_after)} for f in fc.files]}}
+
+
+def file_entry(e: EntryView) -> dict[str, Any]:
+    return {"Name": e.name, "Path": e.path, "Type": e.type, "Size": e.size,
+            "Mode": f"{e.mode & 0o7777:04o}", "Uid": e.uid, "Gid": e.gid,
+            "ModifiedTime": iso(e.modified) if e.modified else "",
+            "LinkTarget": e.link_target if e.link_target is not None else ""}
+
+
+def snapshot_files(r: SnapshotFiles) -> dict[str, Any]:
+    """DescribeSnapshotFiles (ecsnap extension): the entry, a directory's page of entries,
+    a regular file's content (base64)."""
+    out = {"SnapshotId": r.snapshot_id, "DiskId": r.disk_id, **file_entry(r.entry)}
+    if r.entry.type == "directory":
+        out.update({"Entries": {"Entry": [file_entry(e) for e in r.entries]},
+                    "TotalCount": r.total, "NextToken": r.next_token})
+    if r.content is not None:
+        out.update({"FileContent": base64.b64encode(r.content).decode("ascii"),
+                    "ContentOffset": r.offset, "ContentLength": len(r.content),
+                    "Truncated": r.truncated})
+    return out
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from ecsnap.entrypoints.cli import client_commands, operator
+from ecsnap.entrypoints.cli import client_commands, files_commands, operator
 
 app = typer.Typer(help="ecsnap: ECS-style instance snapshots and rollback for QEMU VMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -23,6 +23,7 @@ app.add_typer(operator.image_app, name="image")
 app.add_typer(operator.account_app, name="account")
 app.add_typer(operator.accesskey_app, name="accesskey")
 app.add_typer(client_commands.groups_app, name="snapshot-groups")
+app.add_typer(files_commands.files_app, name="files")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,11 +38,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ecsnap.domain.errors import CheckFailure, EcsError
 from ecsnap.domain.model import iso
+from ecsnap.entrypoints.console import files
 from ecsnap.service import (
     accounts,
     console_access,
     disks,
     images,
+    inspect,
     instances,
     regions,
     rollback,
@@ -379,8 +382,12 @@ class Console:
             wanted = request.query_params.get("rollback")
             if wanted:
                 view = snapshots.get_snapshot_group(self.ctx, s.account_id, wanted)
-                preview = rollback.preview_group_rollback(self.ctx, s.account_id, wanted)
-                values["rollback"] = {"group": view.group, "preview": preview}
+                files = request.query_params.get("files") == "1"  # Files that will change
+                preview = rollback.preview_group_rollback(
+                    self.ctx, s.account_id, wanted,
+                    file_changes=inspect.DEFAULT_MAX_FILES if files else None)
+                values["rollback"] = {"group": view.group, "preview": preview,
+                                      "files_listed": files}
                 known = [d.bytes_written_since for d in preview.disks if d.ok]
                 values["total_written"] = None if any(k is None for k in known) else sum(
                     k for k in known if k is not None)
@@ -631,6 +638,10 @@ def create_console(ctx: ServiceContext) -> Starlette:
         Route("/disks/{disk_id}/detach", g(c.disk_detach), name="disk_detach",
               methods=["POST"]),
         Route("/snapshots/", g(c.snapshots_page), name="snapshots"),
+        Route("/snapshots/{snapshot_id}/files", g(partial(files.browse, c)),
+              name="snapshot_files"),
+        Route("/snapshots/{snapshot_id}/files/download", g(partial(files.download, c)),
+              name="snapshot_file_download"),
         Route("/snapshot-groups/{group_id}/rollback", g(c.group_rollback),
               name="group_rollback", methods=["POST"]),
         Route("/snapshot-groups/{group_id}/modify", g(c.group_modify), name="group_modify",

@@ -1,0 +1,1 @@
+"""Looking inside disks without booting their guests (the file-system readers)."""
