@@ -369,9 +369,10 @@ def stop_instance(ctx: ServiceContext, account_id: str, instance_id: str, *,
                   stopped_mode: str | None = None, dry_run: bool = False) -> str:
     """StopInstance: Running -> Stopping -> Stopped, in KeepCharging (default) or StopCharging
     mode. StopCharging gives the instance's vCPUs and memory back to the region."""
-    mode = StoppedMode(stopped_mode or StoppedMode.KEEP_CHARGING)
-    if mode == StoppedMode.NOT_APPLICABLE:
+    if (stopped_mode or StoppedMode.KEEP_CHARGING) not in (StoppedMode.KEEP_CHARGING,
+                                                           StoppedMode.STOP_CHARGING):
         raise errors.invalid_parameter("StoppedMode", "Use KeepCharging or StopCharging.")
+    mode = StoppedMode(stopped_mode or StoppedMode.KEEP_CHARGING)
     return _on_instance(ctx, account_id, instance_id, region_id, StopInstance,
                         lambda u, i: StopInstance.check(i, force=force, mode=mode),
                         dry_run=dry_run)
