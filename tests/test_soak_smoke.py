@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,11 @@ def test_the_fuzz_reads_every_action_s_parameters_from_the_api() -> None:
 def test_the_soak_runs_on_tiny_counts(tmp_path: Path) -> None:
     out = tmp_path / "reliability.md"
     out.write_text("# an earlier run\n\n## 9. stale\n\nold\n\n## Notes\n\nWritten by hand.\n")
+    # a short work dir: VM sockets live under it, and a unix socket's path is at most 107
+    # bytes (pytest's tmp_path can be longer than that allows)
+    work = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp")) / "work"
     proc = subprocess.run([sys.executable, "-m", "bench.soak", "--smoke", "--out", str(out),
-                           "--work", str(tmp_path / "work")],
+                           "--work", str(work)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = out.read_text()
@@ -48,4 +52,5 @@ def test_the_soak_runs_on_tiny_counts(tmp_path: Path) -> None:
     assert "(50 answers): 0 answered 5xx, 0 answers not a result" in report
     assert "**300 requests in" in report and "0 answered 5xx, 0 with a traceback, 0 " \
         "rejected calls that changed state, 0 malformed requests accepted" in report
-    assert not (tmp_path / "work").exists()  # removed when nothing failed
+    assert not work.exists()  # removed when nothing failed
+    work.parent.rmdir()
