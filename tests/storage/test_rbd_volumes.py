@@ -21,6 +21,7 @@ import pytest
 from ecsnap.adapters.storage.base import CloneRevert, StorageError
 from ecsnap.adapters.storage.rbd import RbdBackend
 from tests.ceph import CephCluster
+from tests.storage.conftest import rbd_images
 from tests.storage.guest_data import read, write, write_many
 
 MIB, GIB = 1024**2, 1024**3
@@ -123,6 +124,32 @@ def test_a_deleted_snapshot_with_clones_waits_in_the_trash(rbd_backend: RbdBacke
     assert holds(rbd_backend, "d-v.t-1", 0xA1) and holds(rbd_backend, "d-v.t-1", 0xA1, GIB)
 
 
+def test_only_volumes_nothing_needs_are_removed(rbd_backend: RbdBackend, ceph: CephCluster,
+                                                disk: str) -> None:
+    rbd_backend.clone_to_volume(disk, "s-old", "d-v.t-1", 2 * GIB)
+    rbd_backend.create_snapshots([("d-v.t-1", "s-on-1")])  # t-1: a snapshot, and a clone
+    rbd_backend.clone_to_volume(disk, "s-on-1", "d-v.t-2", 2 * GIB)  # nothing: garbage
+    rbd_backend.clone_to_volume(disk, "s-new", "d-v.t-3", 2 * GIB)  # nothing: garbage
+    rbd_backend.clone_to_volume(disk, "s-new", "d-v.t-4", 2 * GIB)  # the current one
+    listed = rbd_backend.volumes(disk)
+    assert listed == ["d-v", "d-v.t-1", "d-v.t-2", "d-v.t-3", "d-v.t-4"]
+    # the caller names every volume but the current one
+    assert rbd_backend.remove_volumes(listed[:-1]) == ["d-v.t-2", "d-v.t-3"]
+    assert rbd_backend.volumes(disk) == ["d-v", "d-v.t-1", "d-v.t-4"]
+    assert rbd_backend.remove_volumes(["d-v.t-3", "d-v.t-9"]) == []  # missing: no error
+    rbd_backend.delete_snapshot(disk, "s-on-1")  # no clone left: removed for good
+    assert rbd_backend.remove_volumes(["d-v", "d-v.t-1"]) == ["d-v.t-1"]
+    # a volume whose only snapshot is in the trash (deleted, with a clone) stays until the
+    # clone is flattened
+    rbd_backend.create_snapshots([("d-v.t-4", "s-on-4")])
+    rbd_backend.clone_to_volume(disk, "s-on-4", "d-v.t-5", 2 * GIB)  # current now
+    rbd_backend.delete_snapshot(disk, "s-on-4")
+    assert rbd_backend.remove_volumes(["d-v.t-4"]) == []
+    rbd_backend.flatten("d-v.t-5")
+    assert rbd_backend.remove_volumes(["d-v.t-4"]) == ["d-v.t-4"]
+    assert holds(rbd_backend, "d-v.t-5", 0xB2) and holds(rbd_backend, "d-v.t-5", 0xB2, GIB)
+    assert {n for n in rbd_images(ceph, ceph.pool) if n.startswith("d-v")} == \
+        {"d-v", "d-v.t-5"}
 
 
 def test_flatten_bounds_the_clone_depth(rbd_backend: RbdBackend, disk: str) -> None:
@@ -163,6 +190,23 @@ def test_bytes_written_since_across_the_clone_boundary(rbd_backend: RbdBackend,
     assert rbd_backend.bytes_written_since("d-v.t-2", "s-old") is None
 
 
+def test_allocated_bytes_over_all_volumes_and_delete_of_all(rbd_backend: RbdBackend,
+                                                            ceph: CephCluster,
+                                                            disk: str) -> None:
+    before = rbd_backend.allocated_bytes(disk)
+    assert before == 4 * MIB  # two MiB at s-old, two rewritten before s-new
+    rbd_backend.clone_to_volume(disk, "s-old", "d-v.t-1", 2 * GIB)
+    assert rbd_backend.allocated_bytes("d-v.t-1") == before  # the clone shares it all
+    write(rbd_backend.path("d-v.t-1"), 0xC3, 8 * MIB, 4 * MIB)
+    assert rbd_backend.allocated_bytes(disk) == before + 4 * MIB
+    rbd_backend.create_snapshots([("d-v.t-1", "s-on-1")])
+    rbd_backend.clone_to_volume(disk, "s-on-1", "d-v.t-2", 2 * GIB)
+    rbd_backend.delete_snapshot(disk, "s-old")  # trashed: t-1 is its clone
+    rbd_backend.delete("d-v.t-2")  # any volume names the disk: all go, clones first
+    assert rbd_backend.volumes(disk) == []
+    assert not {n for n in rbd_images(ceph, ceph.pool) if n.startswith("d-v")}
+    assert rbd_backend.allocated_bytes(disk) == 0
+    rbd_backend.delete(disk)
 
 
 def test_a_flatten_cut_short_by_kill_9_then_run_again(rbd_backend: RbdBackend,

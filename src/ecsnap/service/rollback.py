@@ -45,6 +45,7 @@ from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import CheckFailure, EcsError
 from ecsnap.domain.model import (
+    GIB,
     DiskType,
     GroupPurpose,
     InstanceStatus,
@@ -283,12 +284,12 @@ class ResetDisks(Operation[ResetDisksPlan]):
         self._storage().revert_many(self._on_volumes(self.plan.pairs))
 
     def clone(self) -> None:
-        storage = self._storage()
-        capable = volumes.clone_revert(storage)
+        capable = volumes.clone_revert(self._storage())
         assert capable is not None, "a plan to clone on a backend that cannot"
         target = dict(self.plan.pairs)
-        capable.clone_many([(d, target[d], new, storage.virtual_size(old))
-                            for d, old, new in self.plan.volumes])
+        with self.ctx.uow(readonly=True) as uow:  # disks never shrink: the size they have
+            size = {d: uow.disks.load(d).size_gib * GIB for d, _, _ in self.plan.volumes}
+        capable.clone_many([(d, target[d], new, size[d]) for d, _, new in self.plan.volumes])
 
     def swap(self) -> None:
         volumes.switch(self.ctx, self.plan.volumes)

@@ -282,13 +282,24 @@ class RbdBackend:
 
     def _holder(self, name: str, snapshot_id: str) -> str | None:
         """The volume of the disk that holds the user snapshot (`name` looked at first)."""
-        volumes = [name, *(v for v in self.volumes(name) if v != name)]
-        for volume in volumes:
+        found = self._find_snap(name, snapshot_id)
+        return found[0] if found else None
+
+    def _find_snap(self, name: str, snapshot_id: str) -> tuple[str, int] | None:
+        """(the volume holding the user snapshot, the snapshot's size); `name` is looked
+        at first, then the disk's other volumes."""
+        def look(volume: str) -> tuple[str, int] | None:
             with self._image(volume, read_only=True, missing_ok=True) as image:
-                if image is not None and any(s["name"] == snapshot_id
-                                             for s in self._snaps(image)):
-                    return volume
-        return None
+                snap = None if image is None else next(
+                    (s for s in self._snaps(image) if s["name"] == snapshot_id), None)
+                return None if snap is None else (volume, int(snap["size"]))
+
+        found = look(name)
+        for volume in [] if found else [v for v in self.volumes(name) if v != name]:
+            found = look(volume)
+            if found:
+                break
+        return found
 
     def clone_to_volume(self, disk_id: str, snapshot_id: str, volume: str,
                         size_bytes: int) -> None:
@@ -296,23 +307,31 @@ class RbdBackend:
         _check_image_name(volume)
         if disk_of_volume(volume) != disk_of_volume(disk_id) or volume == disk_of_volume(volume):
             raise StorageError(f"{volume} cannot be a new volume of {disk_id}")
-        source = self._holder(disk_id, snapshot_id)
-        if source is None:
+        found = self._find_snap(disk_id, snapshot_id)
+        if found is None:
             raise StorageError(f"{disk_id}: no snapshot {snapshot_id} on any of its volumes")
-        with self._image(volume, missing_ok=True) as image:
-            if image is not None:  # left by a crash: made again, unless something uses it
-                with self._errors(f"inspect {volume}"):
-                    used = bool(list(image.list_snaps())) or bool(list(image.list_children2()))
-                if used:
-                    raise StorageError(f"{self.pool}/{volume} exists and holds snapshots or "
-                                       "clones: it is not a clone left by a crash")
-        if image is not None:
+        source, snap_size = found
+
+        def clone() -> bool:
+            with self._errors(f"clone {source}@{snapshot_id} to {volume}"):
+                try:
+                    rbd.RBD().clone(self._io(), source, snapshot_id, self._io(), volume,
+                                    features=self.features)
+                    return True
+                except rbd.ImageExists:
+                    return False
+
+        if not clone():  # left by a crash: made again, unless something uses it
+            with self._image(volume) as image, self._errors(f"inspect {volume}"):
+                used = bool(list(image.list_snaps())) or bool(list(image.list_children2()))
+            if used:
+                raise StorageError(f"{self.pool}/{volume} exists and holds snapshots or "
+                                   "clones: it is not a clone left by a crash")
             self._remove_image(volume)
-        with self._errors(f"clone {source}@{snapshot_id} to {volume}"):
-            rbd.RBD().clone(self._io(), source, snapshot_id, self._io(), volume,
-                            features=self.features)
-        with self._image(volume) as image, self._errors(f"resize {volume}"):
-            if image.size() < size_bytes:
+            if not clone():
+                raise StorageError(f"{self.pool}/{volume} was made again meanwhile")
+        if snap_size < size_bytes:
+            with self._image(volume) as image, self._errors(f"resize {volume}"):
                 image.resize(size_bytes)
 
     def clone_many(self, items: Sequence[tuple[str, str, str, int]]) -> None:
