@@ -41,7 +41,7 @@ def disks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Disks]:
         yield Disks(InMemoryStorage())
         return
     if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
-        pytest.skip("qemu-img and qemu-io are not installed")
+        pytest.fail("qemu-img and qemu-io are not installed (make deps installs them)")
     from ecsnap.adapters.storage.qcow2 import Qcow2Backend
 
     shm = Path("/dev/shm")
