@@ -11,7 +11,11 @@ alternating which goes first in each repeat:
   CollectVolumes it leaves is waited for outside the timing), alternately to G_A and G_B,
   so every rollback changes `size` GiB per disk; against `Image.rollback_to_snap` (what
   `rbd snap rollback` does) of the same 3 disks' first volumes, the 3 side by side,
-  alternately to the same two snapshots;
+  alternately to the same two snapshots; and against RBD's group rollback
+  (`Group.rollback_to_snap`, what `rbd group snap rollback` does) of an RBD group of the
+  same 3 first volumes to group snapshots taken next to G_A and G_B (the bare and the group
+  rollback share those images: each goes to the pattern they do not hold, so every one of
+  them rewrites `size` GiB per disk);
 - snapshot: `CreateSnapshotGroup` of the stopped instance (the disks' current volumes, side
   by side) against `Image.create_snap` of the 3 first volumes, side by side (the
   snapshots made are removed outside the timing).
@@ -23,8 +27,29 @@ slows whatever comes next: every measurement starts after `--settle` seconds of 
 `--propose`: the monitor's paxos_propose_interval (`0.01`, or `default`: Ceph's 1 s),
 which every RBD snapshot waits for.
 
+`--guest`: what a running guest sees, on a real VM of the demo image (QEMU, 1 vCPU) with
+3 RBD disks (system disk cloned from the template, 2 data disks) on the same kind of
+cluster:
+
+- read throughput right after a rollback against after the flatten: a data disk holds
+  `--read-mib` MiB written from the host and a snapshot of them; each repeat clones the
+  snapshot twice into new volumes (what ecsnap's rollback does), flattens the second (what
+  ecsnap's background flatten does past a clone depth), starts the VM with both as data
+  disks and reads each in the guest with `dd iflag=direct bs=4M` (the clone's reads go
+  through to its parent), alternating which is read first. The OSD's caches are dropped
+  before each read (admin socket `cache drop`), so every read comes from the OSD's disk;
+- live instance snapshot of the 3 disks (guest file systems frozen through the agent):
+  the driver's two ways side by side, alternating which goes first: librbd snapshots
+  taken outside QEMU side by side (the default: adapters/compute/qemu/rbd_snapshots.py)
+  against a QMP `transaction` of internal snapshots on the rbd nodes; the window (the
+  driver's `window_ms`: freeze to thawed) and the in-guest time of the first 4 KiB direct
+  write after it (QEMU's librbd takes the image's exclusive lock back from the snapshot's
+  client). Both with the monitor's paxos_propose_interval at 0.01 s and at Ceph's default
+  1 s (set at run time through the monitor's admin socket).
+
 Usage: python -m bench.rbd [--sizes 0.1,1,4] [--repeats 5] [--propose 0.01|default]
        [--settle 2] [--dir /tmp] [--out FILE]   (prints the markdown section; --out too)
+       python -m bench.rbd --guest [--repeats 5] [--read-mib 256] [--dir /tmp] [--out FILE]
 """
 
 from __future__ import annotations
@@ -165,12 +190,23 @@ def bench_size(ctx: ServiceContext, account: str, image_id: str, gib: float,
     with ctx.uow(readonly=True) as uow:
         disks = [d.id for d in attached_disks(uow, instance_id)]
     size = max(CHUNK, int(gib * GIB) // CHUNK * CHUNK)
+    import rbd
+
+    rbd_group = f"bench-{instance_id}"
+    rbd.RBD().group_create(backend._io(), rbd_group)
+    rgroup = rbd.Group(backend._io(), rbd_group)
+    for d in disks:
+        rgroup.add_image(backend._io(), d)
     side_by_side(lambda d: fill(backend, d, 0xA1, size), disks)
     items_a = group(ctx, account, instance_id)
+    rgroup.create_snap("group-a")
     side_by_side(lambda d: fill(backend, d, 0xB2, size), disks)
     items_b = group(ctx, account, instance_id)
+    rgroup.create_snap("group-b")
     snap_of = {d: (dict(items_a)[d], dict(items_b)[d]) for d in disks}
-    out = {k: Series(k) for k in ("rollback", "bare_rollback", "snapshot", "bare_snapshot")}
+    out = {k: Series(k) for k in ("rollback", "bare_rollback", "group_rollback", "snapshot",
+                                  "bare_snapshot")}
+    holds = [1]  # the pattern the first volumes hold now: 0 = A, 1 = B
 
     def ours_rollback(r: int) -> float:
         items = items_a if r % 2 == 0 else items_b
@@ -183,12 +219,24 @@ def bench_size(ctx: ServiceContext, account: str, image_id: str, gib: float,
         return took
 
     def bare_rollback(r: int) -> float:
+        to = 1 - holds[0]
+
         def one(disk: str) -> None:
             with opened(backend, disk) as image:
-                image.rollback_to_snap(snap_of[disk][r % 2])
+                image.rollback_to_snap(snap_of[disk][to])
         start = time.perf_counter()
         side_by_side(one, disks)
-        return time.perf_counter() - start
+        took = time.perf_counter() - start
+        holds[0] = to
+        return took
+
+    def group_rollback(r: int) -> float:
+        to = 1 - holds[0]
+        start = time.perf_counter()
+        rgroup.rollback_to_snap(("group-a", "group-b")[to])
+        took = time.perf_counter() - start
+        holds[0] = to
+        return took
 
     def ours_snapshot(r: int) -> float:
         start = time.perf_counter()
@@ -218,7 +266,8 @@ def bench_size(ctx: ServiceContext, account: str, image_id: str, gib: float,
 
     ours_rollback(1), ours_snapshot(-1)  # warm-up, not counted: to G_B, where the disks are
     for r in range(repeats):
-        pairs = [(out["rollback"], ours_rollback), (out["bare_rollback"], bare_rollback)]
+        pairs = [(out["rollback"], ours_rollback), (out["bare_rollback"], bare_rollback),
+                 (out["group_rollback"], group_rollback)]
         for series, run in pairs if r % 2 == 0 else pairs[::-1]:
             time.sleep(settle)
             series.samples.append(run(r))
@@ -262,17 +311,164 @@ def run(sizes: list[float], repeats: int, propose: float | None, where: Path,
         shutil.rmtree(root, ignore_errors=True)
 
 
+ROOT = Path(__file__).parents[1]
+GVM = "i-rbdbench"
+GSYS, GD1, GD2, GD3 = (f"d-{name:0<20}" for name in ("gsys", "gread", "gdata", "gflat"))
+
+
+def admin_socket(cluster: CephCluster, daemon: str, *args: str) -> str:
+    return subprocess.run(["ceph", "--admin-daemon", str(cluster.root / "run" /
+                                                          f"{daemon}.asok"), *args],
+                          check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def guest_sh(driver: Any, command: str, timeout: float = 300) -> str:
+    result = driver.guest_exec(GVM, command, timeout=timeout)
+    assert result.exit_code == 0, result
+    return str(result.stdout.decode())
+
+
+NOW = "$(grep -m1 'now at' /proc/timer_list | cut -d' ' -f3)"  # the guest's clock, ns
+
+
+def guest_read_mbs(driver: Any, cluster: CephCluster, serial: str, mib: int) -> float:
+    """MB/s of a direct read of the first `mib` MiB of the data disk, timed in the guest."""
+    admin_socket(cluster, "osd.0", "cache", "drop")
+    out = guest_sh(driver, (
+        f"for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = {serial} ] && "
+        f"dev=/dev/${{d##*/}}; done; a={NOW}; "
+        f"dd if=$dev of=/dev/null bs=4M count={mib // 4} iflag=direct 2>/dev/null; "
+        f"b={NOW}; echo $((b - a))"))
+    return mib * MIB / (int(out.split()[-1]) / 1e9) / 1e6
+
+
+def guest_bench(where: Path, repeats: int, read_mib: int) -> dict[str, Series]:
+    from tests.compute.conftest import spec_for, wait_agent
+
+    from ecsnap.adapters.compute.base import VmDisk
+    from ecsnap.adapters.compute.guest_image import build_demo_image
+    from ecsnap.adapters.compute.qemu import QemuDriver
+
+    root = Path(tempfile.mkdtemp(prefix="rbdg-", dir=where))
+    cluster = FileCluster(root / "ceph", block_gib=16, propose_interval=0.01)
+    cluster.start()
+    out: dict[str, Series] = {}
+    driver = QemuDriver(root / "run", accel="auto")
+    backend = RbdBackend(cluster.pool, conf=str(cluster.conf), client="admin")
+    try:
+        demo = build_demo_image(ROOT / ".cache" / "demo-image", ROOT / ".cache" / "debs")
+        backend.create_from_image(GSYS, str(demo.rootfs_path), GIB)
+        backend.create_blank(GD1, GIB)
+        backend.create_blank(GD2, GIB)
+        fill(backend, GD1, 0xC3, read_mib * MIB)
+        backend.create_snapshots([(GD1, "base")])
+        for key in ("read_clone", "read_flat"):
+            out[key] = Series(key)
+        for r in range(repeats):
+            clone, flat = f"{GD1}.a{r}", f"{GD1}.b{r}"
+            for volume in (clone, flat):
+                backend.clone_to_volume(GD1, "base", volume, GIB)
+            backend.flatten(flat)
+            disks = [VmDisk(GSYS, backend.path(GSYS), True),
+                     VmDisk(GD1, backend.path(clone), False),
+                     VmDisk(GD3, backend.path(flat), False)]
+            driver.start(spec_for(demo, GVM, disks, memory_mib=512))
+            try:
+                wait_agent(driver, GVM, timeout=180)
+                order = [("read_clone", GD1), ("read_flat", GD3)]
+                for key, disk in order if r % 2 == 0 else order[::-1]:
+                    out[key].samples.append(guest_read_mbs(driver, cluster, disk[2:],
+                                                           read_mib))
+            finally:
+                driver.stop(GVM, force=True)
+            print(f"read {r}: clone {out['read_clone'].samples[-1]:.0f} MB/s, flat "
+                  f"{out['read_flat'].samples[-1]:.0f} MB/s", file=sys.stderr, flush=True)
+        disks = [VmDisk(d, backend.path(d), d == GSYS) for d in (GSYS, GD1, GD2)]
+        driver.start(spec_for(demo, GVM, disks, memory_mib=512))
+        try:
+            wait_agent(driver, GVM, timeout=180)
+            snapshots = driver._snapshots  # the driver's LiveSnapshots, to pick the way
+            n = 0
+            for propose in ("0.01", "1"):
+                admin_socket(cluster, "mon.a", "config", "set", "paxos_propose_interval",
+                             propose)
+                for way in ("librbd", "qmp"):
+                    for key in (f"window_{way}_{propose}", f"write_{way}_{propose}"):
+                        out[key] = Series(key)
+                for r in range(repeats + 1):  # the first is a warm-up
+                    ways = ["librbd", "qmp"] if r % 2 == 0 else ["qmp", "librbd"]
+                    for way in ways:
+                        time.sleep(1)
+                        snapshots.rbd_via = way
+                        n += 1
+                        result = driver.snapshot_disks(
+                            GVM, [(d, f"live-{n}") for d in (GSYS, GD1, GD2)])
+                        assert result.method == "fsfreeze", result
+                        took = guest_sh(driver, (
+                            f"a={NOW}; dd if=/dev/zero of=/mnt/{GD2}/w bs=4k "
+                            f"count=1 oflag=direct conv=fsync 2>/dev/null; "
+                            f"b={NOW}; echo $((b - a))"))
+                        if r:
+                            out[f"window_{way}_{propose}"].samples.append(
+                                result.window_ms / 1000)
+                            out[f"write_{way}_{propose}"].samples.append(
+                                int(took.split()[-1]) / 1e9)
+                print(f"propose {propose}: " + ", ".join(
+                    f"{k} {v.median * 1000:.0f} ms" for k, v in out.items()
+                    if k.endswith(f"_{propose}")), file=sys.stderr, flush=True)
+        finally:
+            driver.stop(GVM, force=True)
+        return out
+    finally:
+        backend.close()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def guest_section(res: dict[str, Series], repeats: int, read_mib: int) -> str:
+    clone, flat = res["read_clone"], res["read_flat"]
+    ratios = [c / f for c, f in zip(clone.samples, flat.samples, strict=True)]
+
+    def mbs(s: Series) -> str:
+        return f"{statistics.median(s.samples):.0f} MB/s ({min(s.samples):.0f}-" \
+            f"{max(s.samples):.0f})"
+
+    lines = [
+        f"### Guest reads after a rollback, and live snapshots of 3 RBD disks (medians of "
+        f"{repeats}, range)",
+        "",
+        f"| guest direct read of {read_mib} MiB | right after the rollback (through the "
+        "clone's parent) | after the flatten | ratio (per repeat) |",
+        "| --- | --- | --- | --- |",
+        f"| MB/s | {mbs(clone)} | {mbs(flat)} | {statistics.median(ratios):.2f} "
+        f"({min(ratios):.2f}-{max(ratios):.2f}) |",
+        "",
+        "| paxos_propose_interval | way | guest frozen (window) | first 4 KiB direct write "
+        "after the thaw |",
+        "| --- | --- | --- | --- |"]
+    for propose, label in (("0.01", "0.01 s"), ("1", "1 s (default)")):
+        for way, name in (("librbd", "librbd snapshots, side by side, outside QEMU"),
+                          ("qmp", "QMP transaction of internal snapshots")):
+            w, t = res[f"window_{way}_{propose}"], res[f"write_{way}_{propose}"]
+            lines.append(f"| {label} | {name} | {w.median * 1000:.0f} ms ({w.spread}) | "
+                         f"{t.median * 1000:.0f} ms ({t.spread}) |")
+    return "\n".join([*lines, ""])
+
+
 def section(results: dict[float, dict[str, Series]], propose: str, repeats: int) -> str:
     sizes = sorted(results)
     rows = ["| GiB written per disk | ecsnap rollback (3 disks) | bare rollback_to_snap | "
-            "ratio | ecsnap instance snapshot | bare create_snap | ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            "ratio | RBD group rollback | ratio | ecsnap instance snapshot | "
+            "bare create_snap | ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for gib in sizes:
         r = results[gib]
         rows.append(
             f"| {gib:g} | {r['rollback'].median * 1000:.0f} ms ({r['rollback'].spread}) | "
             f"{r['bare_rollback'].median * 1000:.0f} ms ({r['bare_rollback'].spread}) | "
             f"{r['bare_rollback'].median / r['rollback'].median:.1f}x faster | "
+            f"{r['group_rollback'].median * 1000:.0f} ms ({r['group_rollback'].spread}) | "
+            f"{r['group_rollback'].median / r['rollback'].median:.1f}x faster | "
             f"{r['snapshot'].median * 1000:.0f} ms ({r['snapshot'].spread}) | "
             f"{r['bare_snapshot'].median * 1000:.0f} ms ({r['bare_snapshot'].spread}) | "
             f"{r['snapshot'].median / r['bare_snapshot'].median:.1f}x |")
@@ -286,7 +482,11 @@ def section(results: dict[float, dict[str, Series]], propose: str, repeats: int)
         f"ecsnap's rollback at {sizes[-1]:g} GiB / at {sizes[0]:g} GiB: {flat:.2f} "
         f"(flat in the data written: target <= 1.2); against bare rollback_to_snap at "
         f"{sizes[-1]:g} GiB: "
-        f"{results[sizes[-1]]['bare_rollback'].median / hi:.1f}x faster (target >= 10x).",
+        f"{results[sizes[-1]]['bare_rollback'].median / hi:.1f}x faster (target >= 10x), "
+        f"against RBD group rollback {results[sizes[-1]]['group_rollback'].median / hi:.1f}x "
+        f"faster. Instance snapshot / bare create_snap: "
+        + ", ".join(f"{results[g]['snapshot'].median / results[g]['bare_snapshot'].median:.2f}"
+                    f" at {g:g} GiB" for g in sizes) + " (target <= 1.3).",
         ""])
 
 
@@ -298,7 +498,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--propose", default="0.01")
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--out", default="")
+    parser.add_argument("--guest", action="store_true")
+    parser.add_argument("--read-mib", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.guest:
+        text = guest_section(guest_bench(Path(args.dir), args.repeats, args.read_mib),
+                             args.repeats, args.read_mib)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
     sizes = [float(s) for s in args.sizes.split(",")]
     propose = None if args.propose == "default" else float(args.propose)
     results = run(sizes, args.repeats, propose, Path(args.dir), args.settle)

@@ -12,6 +12,11 @@ instead of ~1 s. `propose_interval=None` keeps Ceph's default (for benchmarks th
 both). `set-require-min-compat-client mimic` allows clone v2 (clones of unprotected
 snapshots), which the RBD backend uses.
 
+`auth=True` turns cephx on (the default is `auth ... = none`): the `mon.`, `client.admin`
+and `osd.0` keys are made with ceph-authtool (the OSD's is added to the monitor before
+its mkfs); the admin key is in `keyring` (`client.admin.keyring`), which the ceph.conf
+does not name, so every client must be given it (as an ecsnap region's `keyring=`).
+
 `shared(tmp_path_factory)`: one cluster per pytest process, started by the first session
 fixture that asks for it and stopped when the last one lets go, so that test modules in
 different directories (each with its own session fixture) share one cluster.
@@ -63,8 +68,10 @@ def missing() -> str:
 
 class CephCluster:
     def __init__(self, root: Path, *, pool: str = "rbd", memstore_bytes: int = 2048 * MIB,
-                 propose_interval: float | None = 0.01) -> None:
+                 propose_interval: float | None = 0.01, auth: bool = False) -> None:
         self.root = Path(root)
+        self.auth = auth
+        self.keyring = self.root / "client.admin.keyring"
         self.pool = pool
         self.memstore_bytes = memstore_bytes
         self.propose_interval = propose_interval
@@ -79,13 +86,16 @@ class CephCluster:
         r = self.root
         mon = f"paxos propose interval = {self.propose_interval}\n" \
             if self.propose_interval is not None else ""
+        auth = "cephx" if self.auth else "none"
+        mon += f"keyring = {r}/mon.keyring\n" if self.auth else ""
+        osd = f"keyring = {r}/osd/$name/keyring\n" if self.auth else ""
         self.conf.write_text(f"""[global]
 fsid = {self.fsid}
 mon host = 127.0.0.1:{self.port}
 mon initial members = a
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = {auth}
+auth service required = {auth}
+auth client required = {auth}
 osd pool default size = 1
 osd pool default min size = 1
 mon allow pool size one = true
@@ -105,7 +115,7 @@ ms bind ipv6 = false
 [mon]
 {mon}
 [osd]
-osd max object name len = 256
+{osd}osd max object name len = 256
 osd max object namespace len = 64
 """)
 
@@ -131,12 +141,22 @@ osd max object namespace len = 64
         monmap = str(self.root / "monmap")
         subprocess.run(["monmaptool", "--create", "--add", "a", f"127.0.0.1:{self.port}",
                         "--fsid", self.fsid, monmap], check=True, capture_output=True)
-        self._run("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap)
+        if self.auth:
+            self._keys()
+        self._run("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap,
+                  *(["--keyring", str(self.root / "mon.keyring")] if self.auth else []))
         self._daemon("mon.a", "ceph-mon", "-i", "a")
         try:
             deadline = time.monotonic() + timeout
             osd_id = self.mon_command({"prefix": "osd create"}, timeout=timeout)
             assert str(osd_id).strip() == "0", osd_id
+            if self.auth:  # the OSD's key, known to the monitor before its mkfs
+                key = self.root / "osd/osd.0/keyring"
+                subprocess.run(["ceph-authtool", str(key), "--create-keyring", "--gen-key",
+                                "-n", "osd.0"], check=True, capture_output=True, timeout=60)
+                self.mon_command({"prefix": "auth add", "entity": "osd.0",
+                                  "caps": ["osd", "allow *", "mon", "allow profile osd"]},
+                                 inbuf=key.read_bytes())
             self._run("ceph-osd", "-i", "0", "--mkfs")
             self._daemon("osd.0", "ceph-osd", "-i", "0")
             self.mon_command({"prefix": "osd crush add", "id": 0, "weight": 1.0,
@@ -148,6 +168,18 @@ osd max object namespace len = 64
         except BaseException:
             self.stop()
             raise
+
+    def _keys(self) -> None:
+        """The monitor's key and client.admin's (cephx), with ceph-authtool."""
+        mon, admin = str(self.root / "mon.keyring"), str(self.keyring)
+        for args in (
+                [mon, "--create-keyring", "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"],
+                [admin, "--create-keyring", "--gen-key", "-n", "client.admin",
+                 "--cap", "mon", "allow *", "--cap", "osd", "allow *",
+                 "--cap", "mgr", "allow *"],
+                [mon, "--import-keyring", admin]):
+            subprocess.run(["ceph-authtool", *args], check=True, capture_output=True,
+                           timeout=60)
 
     def create_pool(self, pool: str, pg_num: int = 8) -> None:
         self.mon_command({"prefix": "osd pool create", "pool": pool, "pg_num": pg_num})
@@ -179,23 +211,26 @@ osd max object namespace len = 64
             "rados_osd_op_timeout": str(int(timeout)),
             "rados_mon_op_timeout": str(int(timeout)),
             "client_mount_timeout": str(int(timeout)),
-            "log_file": str(self.root / "log" / "client.test.log")})
+            "log_file": str(self.root / "log" / "client.test.log"),
+            **({"keyring": str(self.keyring)} if self.auth else {})})
         cluster.connect(timeout=int(timeout))
         try:
             yield cluster
         finally:
             cluster.shutdown()
 
-    def mon_command(self, cmd: dict[str, Any], timeout: float = 60.0) -> str:
+    def mon_command(self, cmd: dict[str, Any], timeout: float = 60.0,
+                    inbuf: bytes = b"") -> str:
         with self.connect(timeout) as cluster:
-            ret, out, why = cluster.mon_command(json.dumps(cmd), b"", timeout=int(timeout))
+            ret, out, why = cluster.mon_command(json.dumps(cmd), inbuf, timeout=int(timeout))
         if ret != 0:
             raise RuntimeError(f"ceph {cmd['prefix']}: {why} (error {ret})")
         return bytes(out).decode()
 
     def spec(self, pool: str | None = None) -> str:
         """A region's storage_pool naming this cluster's pool."""
-        return f"rbd:{pool or self.pool}?conf={self.conf}&client=admin"
+        keyring = f"&keyring={self.keyring}" if self.auth else ""
+        return f"rbd:{pool or self.pool}?conf={self.conf}&client=admin{keyring}"
 
     # ------------------------------------------------------------ stop
 

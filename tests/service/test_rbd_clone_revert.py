@@ -7,6 +7,7 @@ was and no clone behind. Crash cases: test_crash_matrix.py (the RBD scenarios)."
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ import pytest
 
 from ecsnap.adapters.storage.base import StorageError
 from ecsnap.adapters.storage.rbd import RbdBackend
+from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import Disk, Image, TaskStatus
-from ecsnap.service import disks, images, instances, regions, rollback, snapshots
+from ecsnap.service import disks, images, inspect, instances, regions, rollback, snapshots
 from ecsnap.service.context import ServiceContext, attached_disks
 from ecsnap.service.volumes import MAX_CLONE_DEPTH
 from tests.ceph import CephCluster, shared
@@ -221,3 +223,96 @@ def test_a_failed_clone_leaves_every_disk_where_it_was(ctx: ServiceContext,
     assert all(d.current_volume == d.id for d in disk_rows(ctx, world["instance"]))
     assert all(backend.volumes(d) == [d] for d in world["disks"])  # no clone left
     assert all(holds(ctx, d, NEW) for d in world["disks"])
+
+
+def test_no_undo_log_snapshots_without_safety_snapshot(ctx: ServiceContext,
+                                                       world: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SafetySnapshot=false on the clone path: the old volumes, never written, are the
+    undo log, so no snapshot is taken (each costs a monitor round, ~1 s by default)."""
+    taken: list[Any] = []
+    backend = storage(ctx)
+    real = backend.create_snapshots
+
+    def spy(items: Any) -> None:
+        taken.append(list(items))
+        real(items)
+
+    monkeypatch.setattr(backend, "create_snapshots", spy)
+    result = rollback.reset_disks(ctx, ACCOUNT, RBD_REGION, world["items"],
+                                  safety_snapshot=False)
+    task = finished(ctx, result.task_id)
+    assert result.safety_group_id is None
+    assert [t for t in taken if t] == []
+    assert all(holds(ctx, f"{d}.{task.id}", OLD) for d in world["disks"])
+    assert all(holds(ctx, d, NEW) for d in world["disks"])  # the old volumes: as they were
+    with ctx.uow(readonly=True) as uow:  # no safety group, not even for a moment
+        assert [g.id for g in uow.snapshot_groups.find()] == [world["group"]]
+    # with it, the safety snapshots are taken
+    kept = rollback.reset_disks(ctx, ACCOUNT, RBD_REGION, world["items"])
+    finished(ctx, kept.task_id)
+    assert [len(t) for t in taken if t] == [3]
+
+
+def test_a_full_pool_refuses_snapshots_and_rollbacks(ctx: ServiceContext,
+                                                     world: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = storage(ctx)
+    assert backend.free_bytes() is None  # the test cluster has no manager: no pool stats
+    monkeypatch.setattr(backend, "free_bytes", lambda: 10 * MIB)  # what `ceph df` says
+    with pytest.raises(EcsError) as refused:
+        snapshots.create_snapshot_group(ctx, ACCOUNT, RBD_REGION, world["instance"])
+    assert refused.value.code == "OperationDenied.NoSpace"
+    with pytest.raises(EcsError) as refused:
+        rollback.reset_disks(ctx, ACCOUNT, RBD_REGION, world["items"])
+    assert refused.value.code == "OperationDenied.NoSpace"
+    with ctx.uow(readonly=True) as uow:  # nothing journaled
+        assert [g.id for g in uow.snapshot_groups.find()] == [world["group"]]
+    monkeypatch.setattr(backend, "free_bytes", lambda: 1024 * MIB)
+    _, task_id = snapshots.create_snapshot_group(ctx, ACCOUNT, RBD_REGION, world["instance"])
+    finished(ctx, task_id)
+
+
+def test_files_of_snapshots_on_any_volume(ctx: ServiceContext, world: dict[str, Any],
+                                          tmp_path: Path) -> None:
+    """DescribeSnapshotFiles and the preview's file level read an RBD snapshot on whichever
+    volume of the disk holds it (a snapshot taken after a rollback is on the clone)."""
+    data = world["disks"][1]
+    first = ext4(tmp_path / "a", {"one": b"1", "both": b"old"})
+    second = ext4(tmp_path / "b", {"two": b"2", "both": b"new"})
+    fs_copy(first, storage(ctx).path(data))
+    s1 = snapshots.create_snapshot(ctx, ACCOUNT, data)
+    finished(ctx, rollback.reset_disks(ctx, ACCOUNT, RBD_REGION, [(data, s1)]).task_id)
+    [row] = [d for d in disk_rows(ctx, world["instance"]) if d.id == data]
+    assert row.volume  # now on a clone
+    fs_copy(second, storage(ctx).path(row.current_volume))
+    s2 = snapshots.create_snapshot(ctx, ACCOUNT, data)
+    assert storage(ctx).snapshot_volume(data, s2) == row.current_volume
+    assert storage(ctx).snapshot_volume(data, s1) == data
+    for snap, names in ((s1, ["both", "one"]), (s2, ["both", "two"])):
+        listed = inspect.describe_snapshot_files(ctx, ACCOUNT, snap, "/")
+        assert sorted(e.name for e in listed.entries if e.name != "lost+found") == names
+    preview = rollback.preview_reset_disks(ctx, ACCOUNT, RBD_REGION, [(data, s1)],
+                                           file_changes=10)
+    files = preview.disks[0].files
+    assert files is not None and files.file_level == inspect.FileLevel.SUPPORTED, files
+    assert {(f.path, f.change) for f in files.files} == {  # since the snapshot
+        ("/two", inspect.Change.ADDED), ("/one", inspect.Change.DELETED),
+        ("/both", inspect.Change.MODIFIED)}
+
+
+def ext4(folder: Path, files: dict[str, bytes]) -> Path:
+    """A 64 MiB raw ext4 image holding `files`."""
+    root = folder / "root"
+    root.mkdir(parents=True)
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    image = folder / "fs.raw"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(image), "64M"],
+                   check=True, capture_output=True)
+    return image
+
+
+def fs_copy(image: Path, location: str) -> None:
+    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image),
+                    location], check=True, capture_output=True)

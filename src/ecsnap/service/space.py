@@ -11,6 +11,10 @@ What they need: a fixed reserve (the database, the journal and the metadata writ
 `qemu-img`, with room to spare for the guests' own writes) plus an estimate per disk
 (a qcow2 internal snapshot copies the L1 table and rewrites the snapshot table and
 refcount blocks: a few clusters; a rollback takes a safety snapshot, then reverts).
+A disk that is not a file (Ceph RBD: `rbd:` locations) is checked against what its
+backend says its pool can still take (`PoolSpace`; an RBD snapshot or clone is metadata
+at first, but a full pool stops the guests' writes; every volume of a disk is in its
+pool, so the disk ID names the right pool).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ecsnap.adapters.storage.base import PoolSpace
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain.errors import EcsError
 from ecsnap.service.context import ServiceContext
@@ -44,13 +49,19 @@ def require_free_space(ctx: ServiceContext, uow: UnitOfWork, region_id: str,
     Call it before journaling: it changes nothing."""
     storage = ctx.storage(uow, region_id)
     disks_by_folder: dict[str, int] = {}
+    pooled = 0  # disks that are not files: their backend tells its free space
     for disk_id in disk_ids:
         path = storage.path(disk_id)
-        if os.path.isabs(path):  # a file (another backend's disk may be `rbd:…`)
+        if os.path.isabs(path):  # a file
             folder = os.path.dirname(path)
             disks_by_folder[folder] = disks_by_folder.get(folder, 0) + 1
-    for folder, disks in disks_by_folder.items():
-        free = free_bytes(folder)
+        else:
+            pooled += 1
+    checks: list[tuple[int | None, int]] = [
+        (free_bytes(folder), disks) for folder, disks in disks_by_folder.items()]
+    if pooled and isinstance(storage, PoolSpace):
+        checks.append((storage.free_bytes(), pooled))
+    for free, disks in checks:
         need = RESERVE_BYTES + PER_DISK_BYTES * disks * max(1, snapshots_per_disk)
         if free is not None and free < need:
             raise EcsError(

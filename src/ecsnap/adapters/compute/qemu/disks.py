@@ -8,6 +8,11 @@ same QMP snapshot commands work on it. Its cache is set explicitly to writeback 
 flushes honoured (`cache.direct` off, which makes QEMU turn librbd's `rbd_cache` on, and
 `no-flush` off, so a guest's flush reaches the cluster): what Ceph recommends for QEMU,
 and safe for snapshots, which librbd takes after flushing its cache.
+QEMU's rbd node takes no keyring path: when the location names a keyring (a cluster with
+cephx), the client's key is read from it (`rbd_key`) and handed to QEMU as a `secret`
+object `key-<disk id>` (`secrets`; the node's `key-secret`): on the command line from an
+owner-only file in the VM's run directory (never in the command line itself), on a hot
+plug through QMP `object-add`.
 Serial scheme: the device's `serial` is the disk ID without its "d-" prefix (ecsnap disk
 IDs are "d-" and 20 characters; virtio-blk keeps 20 bytes of serial); the demo guest
 mounts the disk at `/mnt/d-<serial>`, i.e. `/mnt/<disk id>`.
@@ -16,6 +21,7 @@ mounts the disk at `/mnt/d-<serial>`, i.e. `/mnt/<disk id>`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +48,7 @@ def checked(disk: VmDisk) -> tuple[str, str]:
         raise ComputeError(f"disk {node}: {exc}") from exc
     if rbd is not None:
         if rbd.keyring:
-            raise ComputeError(f"disk {node}: QEMU's rbd node takes no keyring; name it "
-                               f"in the ceph.conf ({rbd.conf or 'the default one'})")
+            rbd_key(rbd)  # now, so that a VM does not start with a disk it cannot open
         return node, disk.path
     path = str(Path(disk.path).resolve())
     if not Path(path).is_file():
@@ -69,7 +74,46 @@ def rbd_node(node: str, rbd: RbdLocation) -> dict[str, Any]:
         out["conf"] = rbd.conf
     if rbd.client:
         out["user"] = rbd.client
+    if rbd.keyring:
+        out["key-secret"] = secret_id(node)
     return out
+
+
+def secret_id(node: str) -> str:
+    """The id of the QEMU `secret` object holding the cephx key of the disk's node."""
+    return f"key-{node}"
+
+
+def secrets(node: str, location: str) -> Iterator[tuple[str, str]]:
+    """(secret object id, base64 cephx key) of the disk, if its node needs one."""
+    rbd = RbdLocation.parse(location)
+    if rbd is not None and rbd.keyring:
+        yield secret_id(node), rbd_key(rbd)
+
+
+_SECTION = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*$")
+_KEY = re.compile(r"^\s*key\s*=\s*([A-Za-z0-9+/]+={0,2})\s*$")
+
+
+def rbd_key(rbd: RbdLocation) -> str:
+    """The base64 cephx key of the location's client (`client.<id>`, default admin) in
+    its keyring file (Ceph's keyring format: `[client.NAME]` sections of `key = ...`),
+    or ComputeError."""
+    entity = f"client.{rbd.client or 'admin'}"
+    try:
+        text = Path(rbd.keyring).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ComputeError(f"cannot read the keyring {rbd.keyring}: {exc}") from exc
+    section = ""
+    for line in text.splitlines():
+        head = _SECTION.match(line)
+        if head:
+            section = head.group(1)
+            continue
+        key = _KEY.match(line)
+        if key and section == entity:
+            return key.group(1)
+    raise ComputeError(f"the keyring {rbd.keyring} has no key for {entity}")
 
 
 def file_node(node: str, path: str) -> dict[str, Any]:
@@ -93,4 +137,5 @@ def device(node: str, bus: str | None, bootindex: int | None = None) -> dict[str
     return dev
 
 
-__all__ = ["checked", "device", "disk_serial", "file_node", "nodes", "qcow2_node", "rbd_node"]
+__all__ = ["checked", "device", "disk_serial", "file_node", "nodes", "qcow2_node", "rbd_key",
+           "rbd_node", "secret_id", "secrets"]

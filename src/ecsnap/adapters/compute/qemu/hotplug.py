@@ -46,7 +46,14 @@ class QemuHotPlug:
                 raise ComputeError(f"{instance_id} has no free hot-plug slot; stop the "
                                    "instance to attach more disks")
             added: list[str] = []
+            secrets: list[str] = []
             try:
+                for secret, key in disks.secrets(node, location):  # a cephx key
+                    with contextlib.suppress(QmpCommandError):  # left by an earlier plug
+                        qmp.cmd("object-del", {"id": secret})
+                    qmp.cmd("object-add", {"qom-type": "secret", "id": secret,
+                                           "data": key, "format": "base64"})
+                    secrets.append(secret)
                 for blockdev in disks.nodes(node, location):
                     qmp.cmd("blockdev-add", blockdev)
                     added.append(blockdev["node-name"])
@@ -55,6 +62,9 @@ class QemuHotPlug:
                 for name in reversed(added):
                     with contextlib.suppress(ComputeError):
                         qmp.cmd("blockdev-del", {"node-name": name})
+                for secret in secrets:
+                    with contextlib.suppress(ComputeError):
+                        qmp.cmd("object-del", {"id": secret})
                 raise ComputeError(f"attach {node} to {instance_id}: {exc}") from exc
             vm = self.dirs.vm(instance_id)
             vm.setdefault("disks", {})[node] = location
@@ -111,6 +121,8 @@ class QemuHotPlug:
                 except QmpCommandError as exc:
                     if block_node(qmp, node) is not None:
                         raise ComputeError(f"detach {disk_id}: {exc}") from exc
+            with contextlib.suppress(QmpCommandError):  # its cephx key, if it had one
+                qmp.cmd("object-del", {"id": disks.secret_id(disk_id)})
             vm = self.dirs.vm(instance_id)
             vm.get("disks", {}).pop(disk_id, None)
             self.dirs.save_vm(instance_id, vm)

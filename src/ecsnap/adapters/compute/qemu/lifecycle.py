@@ -25,6 +25,7 @@ from ecsnap.adapters.compute.base import ComputeError, VmSpec, VmState
 from ecsnap.adapters.compute.qemu import disks
 from ecsnap.adapters.compute.qemu.accel import Accelerator
 from ecsnap.adapters.compute.qemu.rundir import RunDirs, pid_state, utc_timestamp
+from ecsnap.filemodes import FILE_MODE
 
 HOTPLUG_SPARE_PORTS = 8  # free PCIe root ports for disks attached while the VM runs
 MAX_ROOT_PORTS = 26
@@ -34,6 +35,16 @@ SERIAL_LOG_ROTATE = 1024 * 1024
 def _opt(value: str) -> str:
     """A value inside a QEMU key=value option string (commas doubled)."""
     return value.replace(",", ",,")
+
+
+def _key_file(run: Path, secret: str, key: str) -> Path:
+    """An owner-only file in the run directory holding a disk's cephx key (disks.py)."""
+    path = run / f"{secret}.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    os.chmod(path, FILE_MODE)  # an older file keeps its mode through O_CREAT
+    return path
 
 
 def command_line(qemu: str, spec: VmSpec, accel: str, run: Path) -> list[str]:
@@ -62,6 +73,9 @@ def command_line(qemu: str, spec: VmSpec, accel: str, run: Path) -> list[str]:
     direct = spec.boot_mode == "direct"
     for n, disk in enumerate(spec.disks):
         node, location = disks.checked(disk)
+        for secret, key in disks.secrets(node, location):  # a cephx key, from a file
+            cmd += ["-object", f"secret,id={secret},format=base64,"
+                               f"file={_opt(str(_key_file(run, secret, key)))}"]
         for blockdev in disks.nodes(node, location):
             cmd += ["-blockdev", json.dumps(blockdev)]
         cmd += ["-device", json.dumps(disks.device(node, f"rp{n}" if n else None,
