@@ -209,3 +209,7 @@ class JsonFileCompute:
     def guest_exec(self, instance_id: str, command: str, *, timeout: float = 60.0,
                    working_dir: str = "/root") -> ExecResult:
         raise ComputeError("the crash-test double runs no guest")
+
+    def guest_write_file(self, instance_id: str, path: str, data: bytes, *,
+                         timeout: float = 60.0) -> None:
+        raise ComputeError("the crash-test double runs no guest")

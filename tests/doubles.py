@@ -84,6 +84,10 @@ class FileBackedCompute:
                    working_dir: str = "/root") -> ExecResult:
         raise ComputeError("the test double runs no guest")
 
+    def guest_write_file(self, instance_id: str, path: str, data: bytes, *,
+                         timeout: float = 60.0) -> None:
+        raise ComputeError("the test double runs no guest")
+
     def serial_socket(self, instance_id: str) -> str:
         return ""
 

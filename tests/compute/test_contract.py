@@ -26,7 +26,7 @@ def test_compute_driver_is_the_union_of_the_capabilities() -> None:
     assert set().union(*parts) == {
         "start", "stop", "reboot", "state", "running", "serial_socket", "snapshot_disks",
         "delete_disk_snapshot", "has_disk_snapshot", "resume_guest", "attach_disk",
-        "detach_disk", "guest_ping", "guest_exec"}
+        "detach_disk", "guest_ping", "guest_exec", "guest_write_file"}
     assert methods(base.ComputeDriver) == set()  # nothing of its own
     assert all(p in base.ComputeDriver.__mro__ for p in CAPABILITIES)
     for protocol in CAPABILITIES:  # the docstrings are the contract

@@ -58,6 +58,7 @@ class InMemoryCompute:
         self.started: list[str] = []  # every start, in order
         self.stopped: list[tuple[str, bool]] = []  # (instance, force) of every stop
         self.commands: list[tuple[str, str]] = []  # (instance, command) of guest_exec
+        self.guest_files: dict[tuple[str, str], bytes] = {}  # of guest_write_file
         self.snapshots_taken: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         self.agent_up = True
         self.exec_handler: Callable[[str, str], ExecResult] = _no_guest_commands
@@ -211,3 +212,10 @@ class InMemoryCompute:
             raise GuestAgentUnavailable(f"the guest agent of {instance_id} does not answer")
         self.commands.append((instance_id, command))
         return self.exec_handler(instance_id, command)
+
+    def guest_write_file(self, instance_id: str, path: str, data: bytes, *,
+                         timeout: float = 60.0) -> None:
+        self._vm(instance_id)
+        if not self.agent_up:
+            raise GuestAgentUnavailable(f"the guest agent of {instance_id} does not answer")
+        self.guest_files[(instance_id, path)] = data

@@ -60,3 +60,30 @@ def test_files_ls_get_and_changes(ctx: ServiceContext, alice: Caller,
     for path in EXPECTED:
         assert f" {path}" in done.output
     assert "file level Unsupported" in done.output
+
+
+@pytest.mark.usefixtures("cli")
+def test_files_restore(ctx: ServiceContext, alice: Caller, api_world: dict[str, str],
+                       tmp_path: Path) -> None:
+    from tests.inspect.test_restore import current
+
+    w = api_world
+    ok(alice("StopInstance", InstanceId=w["instance"]))
+    disk = Path(ctx.storage_of(REGION).path(w["system"]))
+    change_story(tmp_path, disk)
+    done = runner.invoke(app, ["files", "restore", w["instance"], w["system_snap"],
+                               "/deleted.txt", "/grow.txt"])
+    assert done.exit_code == 0, done.output
+    assert f"/deleted.txt -> /deleted.txt (onto disk {w['system']})" in done.output
+    assert "Finished" in done.output
+    assert current(disk, (b"deleted.txt",))[0] == b"bye"
+    assert current(disk, (b"grow.txt",))[0] == b"short"
+    done = runner.invoke(app, ["files", "restore", w["instance"], w["system_snap"],
+                               "/etc/conf", "--to", "/conf.old", "--output", "json"])
+    assert json.loads(done.stdout)["TaskStatus"] == "Finished"
+    assert current(disk, (b"conf.old",))[0] == b"x=1\n"
+    done = runner.invoke(app, ["files", "restore", w["instance"], w["system_snap"], "/link"])
+    assert done.exit_code == 1 and "InvalidPath.NotAFile" in done.output
+    done = runner.invoke(app, ["files", "restore", w["instance"], w["system_snap"],
+                               "/keep.txt", "--to", "/many"])  # a directory there
+    assert done.exit_code == 1 and "InvalidPath.NotAFile" in done.output

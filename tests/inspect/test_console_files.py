@@ -104,3 +104,57 @@ def test_files_that_will_change_in_the_rollback_dialog(ctx: ServiceContext, clie
     for path in ("/replaced.txt", "/newdir/a.txt", "/deleted.txt"):
         assert f"<code>{path}</code>" in text
     assert "File level Unsupported: the disk holds no file system" in text  # the data disk
+
+
+def test_restore_form_on_a_file_page(ctx: ServiceContext, client: TestClient,
+                                     world: dict[str, str], tmp_path: Path) -> None:
+    from tests.inspect.test_restore import current
+
+    page = client.get(f"/console/snapshots/{world['snap']}/files?path=/etc/conf")
+    assert 'id="restore-form"' in page.text and "into the running guest" in page.text
+    instances.stop_instance(ctx, world["account"], world["instance"])
+    disk = Path(ctx.storage_of(REGION).path(world["disk"]))
+    change_story(tmp_path, disk)  # /deleted.txt is gone from the disk
+    page = client.get(f"/console/snapshots/{world['snap']}/files?path=/deleted.txt")
+    assert "onto disk " + world["disk"] in page.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    wrong = client.post(f"/console/snapshots/{world['snap']}/files/restore",
+                        data={"csrf": "wrong", "path": "/deleted.txt",
+                              "instance_id": world["instance"]})
+    assert wrong.status_code in (400, 403)
+    done = client.post(f"/console/snapshots/{world['snap']}/files/restore",
+                       data={"csrf": csrf.group(1), "path": "/deleted.txt", "target": "",
+                             "instance_id": world["instance"]})
+    assert done.status_code == 303 and "/console/tasks/t-" in done.headers["location"]
+    task = client.get(done.headers["location"])
+    assert "Restore files" in task.text and "Finished" in task.text, task.text
+    assert current(disk, (b"deleted.txt",))[0] == b"bye"
+    # to another path, typed in; a bad one answers an error page, not a traceback
+    client.post(f"/console/snapshots/{world['snap']}/files/restore",
+                data={"csrf": csrf.group(1), "path": "/etc/conf", "target": "/conf.copy",
+                      "instance_id": world["instance"]})
+    assert current(disk, (b"conf.copy",))[0] == b"x=1\n"
+    bad = client.post(f"/console/snapshots/{world['snap']}/files/restore",
+                      data={"csrf": csrf.group(1), "path": "/etc/conf",
+                            "target": "/../etc/shadow", "instance_id": world["instance"]})
+    assert bad.status_code == 400 and "InvalidParameter" in bad.text
+
+
+def test_the_path_of_a_page_reads_as_a_path(client: TestClient,
+                                            world: dict[str, str]) -> None:
+    """The path bar: the root is one `/` (no separator after it), each directory above a
+    link to its page."""
+    from urllib.parse import unquote
+
+    for path, text, links in ((None, "/", ["/"]), ("/", "/", ["/"]),
+                              ("/etc", "/etc", ["/", "/etc"]),
+                              ("/etc/conf", "/etc/conf", ["/", "/etc", "/etc/conf"])):
+        page = client.get(f"/console/snapshots/{world['snap']}/files",
+                          params={"path": path} if path else {})
+        assert page.status_code == 200
+        found = re.search(r'<nav class="path"[^>]*>(.*?)</nav>', page.text, re.S)
+        assert found is not None
+        assert re.sub(r"<[^>]+>|\s", "", found.group(1)) == text, found.group(1)
+        assert [unquote(h) for h in re.findall(r'href="[^"]*\?path=([^"]*)"',
+                                               found.group(1))] == links

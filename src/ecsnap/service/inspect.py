@@ -17,10 +17,10 @@ path that differs is counted, by kind:
 The first `limit` paths (by path) are listed. Large trees are bounded by a time and an
 entry budget; a comparison cut short says `partial` and why.
 
-Restoring chosen paths (the next increment) goes through the same seam: a `restore`
-use case here that reads the paths with `FileSystemReader.read_file` from the snapshot
-and writes them into a running guest through the guest agent (`GuestAgent.exec` with the
-content on stdin), or onto a stopped instance's disk through a writable reader.
+Restoring chosen files of a snapshot (RestoreSnapshotFiles) is `service/restore_files.py`:
+it reads them through the same reader and writes them into a running guest through the
+guest agent, or onto a stopped instance's disk through the reader's writing side
+(`FileSystemWriter`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from ecsnap.adapters.inspect.base import (
     escape_name,
     parse_path,
 )
-from ecsnap.adapters.storage.base import StorageBackend
+from ecsnap.adapters.storage.base import CloneRevert, StorageBackend
 from ecsnap.domain import errors, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus, SnapshotStatus
@@ -221,12 +221,21 @@ def file_changes(ctx: ServiceContext, storage: StorageBackend, disk_id: str, vol
         return unavailable("no file-system reader is configured")
     try:
         location = storage.path(volume)
-        return diff(ctx.inspector, DiskImage(storage.path(disk_id), snapshot_id, disk_id),
+        return diff(ctx.inspector, DiskImage(snapshot_location(storage, disk_id, snapshot_id),
+                                             snapshot_id, disk_id),
                     DiskImage(location, None, disk_id), limit=limit)
     except Unsupported as exc:
         return FileChanges(FileLevel.UNSUPPORTED, str(exc))
     except (InspectError, OSError) as exc:
         return unavailable(f"the disk could not be read: {exc}")
+
+
+def snapshot_location(storage: StorageBackend, disk_id: str, snapshot_id: str) -> str:
+    """Where a reader opens a disk's snapshot: the disk's location, or on a backend that
+    reverts by clone and swap (Ceph RBD) the location of the disk's volume holding it."""
+    if isinstance(storage, CloneRevert):
+        return storage.path(storage.snapshot_volume(disk_id, snapshot_id) or disk_id)
+    return storage.path(disk_id)
 
 
 class DiskWithFiles(Protocol):
@@ -340,7 +349,8 @@ def describe_snapshot_files(ctx: ServiceContext, account_id: str, snapshot_id: s
         raise EcsError("OperationDenied.NoFileSystemReader", "No file-system reader is "
                        "configured on this server.", 403)
     reader = ctx.inspector
-    image = DiskImage(storage.path(snap.source_disk_id), snap.id, snap.source_disk_id)
+    image = DiskImage(snapshot_location(storage, snap.source_disk_id, snap.id), snap.id,
+                      snap.source_disk_id)
     try:
         with reader.open(image) as disk:
             entry = reader.stat(disk, where)

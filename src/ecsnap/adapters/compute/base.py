@@ -148,6 +148,13 @@ class GuestAgent(Protocol):
         """Run `/bin/sh -c command` in the guest through the agent."""
         ...
 
+    def guest_write_file(self, instance_id: str, path: str, data: bytes, *,
+                         timeout: float = 60.0) -> None:
+        """Create (or truncate) the guest file `path` and write `data` into it through the
+        agent (the guest's own rules: the agent follows the guest's symlinks, inside the
+        guest); mode and owner are set afterwards with `guest_exec`."""
+        ...
+
 
 class ComputeDriver(VmLifecycle, LiveSnapshots, DiskHotPlug, GuestAgent, Protocol):
     """Everything the services need from a hypervisor."""

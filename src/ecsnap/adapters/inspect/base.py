@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 Path = tuple[bytes, ...]  # name components from the root; () is the root
 
@@ -201,6 +201,34 @@ class FileSystemReader(Protocol):
                      budget: Budget) -> list[bool | None]:
         """For pairs of regular files (one of each disk, from `walk`), whether their
         contents are equal; None where the budget ran out before it could tell."""
+        ...
+
+
+@runtime_checkable
+class FileSystemWriter(FileSystemReader, Protocol):
+    """A reader that can also put regular files onto a disk's current state (restoring
+    files from a snapshot onto a stopped instance's disk). Only the current state is ever
+    opened for writing, never a snapshot; guest names are still data (a name the writer
+    cannot pass safely is refused with `Unsupported`, never reinterpreted)."""
+
+    def open_writable(self, image: DiskImage) -> AbstractContextManager[OpenDisk]:
+        """Open the disk's current state (`image.snapshot_id` None) read-write and
+        exclusively (no VM may open it meanwhile). `Unsupported` when the file system
+        cannot be written safely (a journal that needs recovery, a damaged superblock)."""
+        ...
+
+    def put_file(self, disk: OpenDisk, directory: Path, name: bytes, source: BinaryIO, *,
+                 mode: int, uid: int, gid: int, mtime_ns: int | None = None) -> None:
+        """Make `name` in `directory` (an existing directory, no symlink followed) a regular
+        file with the content of `source` (read from its start), permission bits `mode`,
+        owner `uid`:`gid` and, when given, modification time `mtime_ns`, replacing a
+        regular file or symlink of that name (a directory or anything else: `NotAFile`).
+        Idempotent: the same call twice leaves the same file."""
+        ...
+
+    def check(self, disk: OpenDisk) -> None:
+        """Check the written file system (and repair what an interrupted write could have
+        left, such as blocks marked used by no file); InspectError if it is not clean."""
         ...
 
 

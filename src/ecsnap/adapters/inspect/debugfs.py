@@ -6,6 +6,10 @@ Opening a disk (a qcow2 file at one of its internal snapshots, or at its current
                                   driver=qcow2,file.driver=file,file.filename=…,
                                   file.locking=off ]
 
+A disk on Ceph RBD (an `rbd:` location) is opened read-only the same way through QEMU's
+rbd driver (`driver=raw,file.driver=rbd,file.pool=…,file.image=…,file.snapshot=ID`, the
+ceph.conf and client of its location); it is never written here.
+
 qemu-nbd exports the disk read-only (`-l` loads the internal snapshot without changing
 the file), on a socket nbdfuse hands it (socket activation: no TCP port, no path); nbdfuse
 (libnbd) shows the export as one read-only file, MOUNT, on a FUSE mount. debugfs reads that
@@ -69,9 +73,11 @@ from ecsnap.adapters.inspect.base import (
     Unsupported,
     Walk,
     display_path,
+    escape_name,
     file_type,
 )
 from ecsnap.adapters.storage import qcow2meta
+from ecsnap.adapters.storage.base import RbdLocation
 
 ROOT_INODE = 2
 FAST_SYMLINK_MAX = 59  # a target shorter than i_block (60 bytes) lives in the inode
@@ -112,6 +118,7 @@ class _Opened:
     block_size: int
     needs_recovery: bool
     proc: subprocess.Popen[bytes]
+    writable: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,10 +159,14 @@ class DebugfsReader:
 
     @contextlib.contextmanager
     def open(self, image: DiskImage) -> Iterator[_Opened]:
+        with self._open(image, writable=False) as opened:
+            yield opened
+
+    @contextlib.contextmanager
+    def _open(self, image: DiskImage, *, writable: bool) -> Iterator[_Opened]:
         location = image.location
-        if location.startswith("rbd:"):
-            raise Unsupported("disks on Ceph RBD cannot be looked inside yet")
-        if not os.path.isabs(location) or not os.path.isfile(location):
+        rbd = _rbd_location(image, writable)
+        if rbd is None and (not os.path.isabs(location) or not os.path.isfile(location)):
             raise Unsupported(f"the disk file of {image.label or location} is missing")
         if image.snapshot_id is not None and not SNAPSHOT_NAME.match(image.snapshot_id):
             raise InspectError(f"{image.snapshot_id!r} is not a snapshot name")
@@ -165,7 +176,7 @@ class DebugfsReader:
             self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.work_dir, 0o700)
             self._sweep()
-            opened = self._export(image)
+            opened = self._export(image, writable)
             try:
                 yield opened
             finally:
@@ -173,18 +184,22 @@ class DebugfsReader:
         finally:
             self.slots.release()
 
-    def _export(self, image: DiskImage) -> _Opened:
+    def _export(self, image: DiskImage, writable: bool = False) -> _Opened:
         stem = self.work_dir / f"{os.getpid()}-{next(self._count)}"
         mount, pidfile, errfile = (stem.with_suffix(s) for s in (".img", ".pid", ".err"))
         for p in (mount, pidfile, errfile):
             p.unlink(missing_ok=True)
         mount.touch(mode=0o600)
-        opts = "driver=qcow2,file.driver=file,file.locking=off,file.filename=" + \
-            image.location.replace(",", ",,")
-        server = [self.qemu_nbd, "-r", "--image-opts"]
-        if image.snapshot_id is not None:
+        # written: locked (no VM opens the disk meanwhile), and never at a snapshot
+        opts = "driver=qcow2,file.driver=file," + ("" if writable else "file.locking=off,") \
+            + "file.filename=" + image.location.replace(",", ",,")
+        server = [self.qemu_nbd, *([] if writable else ["-r"]), "--image-opts"]
+        rbd = _rbd_location(image, writable)
+        if rbd is not None:  # QEMU's rbd driver opens the image, at the snapshot if one
+            opts = _rbd_opts(rbd, image.snapshot_id)
+        elif image.snapshot_id is not None:
             server += ["-l", f"snapshot.name={image.snapshot_id}"]
-        argv = [self.nbdfuse, "-r", "-P", str(pidfile)]
+        argv = [self.nbdfuse, *([] if writable else ["-r"]), "-P", str(pidfile)]
         if self.sandbox_uid is not None:
             argv += ["-o", "allow_other"]  # debugfs reads it as the sandbox user
         argv += [str(mount), "[", *server, opts, "]"]
@@ -206,9 +221,14 @@ class DebugfsReader:
             time.sleep(0.005)
         fd = -1
         try:
-            fd = os.open(mount, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(mount, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
             block_size, needs_recovery = _superblock(fd, image)
-            opened = _Opened(image, mount, fd, block_size, needs_recovery, proc)
+            if writable and needs_recovery:
+                raise Unsupported(
+                    f"the file system of {image.label or 'the disk'} was not shut down "
+                    "cleanly (its journal holds changes not yet written in place): it is "
+                    "not written without replaying them; start and stop the instance first")
+            opened = _Opened(image, mount, fd, block_size, needs_recovery, proc, writable)
             self._listing(opened, ROOT_INODE, 30.0)  # the root directory must read
             return opened
         except BaseException:
@@ -246,7 +266,7 @@ class DebugfsReader:
 
     # ------------------------------------------------------------------ running debugfs
 
-    def _jail(self, cpu_s: float, fsize: int = 0) -> list[str]:
+    def _jail(self, cpu_s: float, fsize: int | str = 0) -> list[str]:
         argv = ["prlimit", f"--as={MEMORY_LIMIT}", f"--cpu={max(2, int(cpu_s) + 2)}",
                 f"--fsize={fsize}", "--core=0", "--"]
         if self.sandbox_uid is not None:
@@ -577,8 +597,141 @@ class DebugfsReader:
             os.close(dir_fd)
             shutil.rmtree(tmp, ignore_errors=True)
 
+    # ------------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def open_writable(self, image: DiskImage) -> Iterator[_Opened]:
+        if image.snapshot_id is not None:
+            raise InspectError("a snapshot is never opened for writing")
+        with self._open(image, writable=True) as opened:
+            yield opened
+
+    def _run_rw(self, disk: _Opened, commands: Sequence[bytes], seconds: float,
+                source_fd: int | None = None) -> str:
+        """`debugfs -w` running `commands` (bytes: guest names, checked by `_safe_name`,
+        are written as they are); InspectError with debugfs's complaints if it had any."""
+        argv = [*self._jail(seconds, "unlimited"), self.debugfs, "-w", "-f", "-",
+                f"/proc/self/fd/{disk.fd}"]
+        fds = (disk.fd,) if source_fd is None else (disk.fd, source_fd)
+        try:
+            done = subprocess.run(argv, input=b"".join(c + b"\n" for c in commands),
+                                  capture_output=True, timeout=seconds, pass_fds=fds, env=ENV)
+        except subprocess.TimeoutExpired as exc:
+            raise InspectError("writing the file system took too long") from exc
+        complaints = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
+                      if line.strip() and not line.startswith("debugfs ")]
+        if done.returncode != 0 or complaints:
+            raise InspectError("debugfs could not write the file: " +
+                               " ".join(complaints)[:500] or f"exit {done.returncode}")
+        return done.stdout.decode("ascii", "replace")
+
+    def put_file(self, disk: OpenDisk, directory: Path, name: bytes, source: BinaryIO, *,
+                 mode: int, uid: int, gid: int, mtime_ns: int | None = None) -> None:
+        """The new content goes into a temporary entry of the directory (named by ecsnap),
+        gets its mode, owner and mtime, and only then replaces `name` (rm, ln, unlink, in
+        one debugfs run). A temporary entry an interrupted run left is removed first (or,
+        if it already is `name`'s inode, only unlinked). The mtime's nanoseconds go into
+        `mtime_extra` (set first: `sif mtime` keeps its nanosecond bits and sets its epoch
+        bits), only when there are some (an inode of 128 bytes has no extra field)."""
+        opened = self._own(disk)
+        if not opened.writable:
+            raise InspectError("the disk is open read-only")
+        _safe_name(name)
+        where = display_path((*directory, name))
+        try:
+            dirent = self._resolve(opened, directory, 60.0)
+            if file_type(dirent.mode) != FileType.DIRECTORY:
+                raise NotADirectory(f"{display_path(directory)} is not a directory")
+            entries = _unique(self._listing(opened, dirent.inode, 60.0).entries)
+        except _OutOfTime as exc:
+            raise InspectError("reading the file system took too long") from exc
+        temp = b".ecsnap-restore-" + hashlib.sha256(name).hexdigest()[:16].encode()
+        current, stale = entries.get(name), entries.get(temp)
+        if current is not None and file_type(current.mode) not in (FileType.FILE,
+                                                                    FileType.SYMLINK):
+            raise NotAFile(f"{where} is a {file_type(current.mode).value} on the disk: only a "
+                           "regular file or a symlink is replaced")
+        quoted = b'"' + name + b'"'
+        commands = [f"cd <{dirent.inode}>".encode()]
+        if stale is not None:
+            same = current is not None and current.inode == stale.inode
+            commands.append(b"unlink " + temp if same else b"rm " + temp)
+        with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="put-") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            if self.sandbox_uid is not None:
+                os.chown(copy.name, self.sandbox_uid, self.sandbox_uid)
+            src = os.open(copy.name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                commands += [f"write /proc/self/fd/{src} ".encode() + temp,
+                             b"sif " + temp + f" mode 0{0o100000 | (mode & 0o7777):o}".encode(),
+                             b"sif " + temp + f" uid {uid}".encode(),
+                             b"sif " + temp + f" gid {gid}".encode()]
+                if mtime_ns is not None:
+                    seconds, nsec = divmod(mtime_ns, 1_000_000_000)
+                    if nsec:
+                        commands.append(b"sif " + temp + f" mtime_extra {nsec << 2}".encode())
+                    commands.append(b"sif " + temp + f" mtime @{seconds}".encode())
+                if current is not None:
+                    commands.append(b"rm " + quoted)
+                commands += [b"ln " + temp + b" " + quoted, b"unlink " + temp]
+                self._run_rw(opened, commands, 300.0, src)
+            finally:
+                os.close(src)
+
+    def check(self, disk: OpenDisk) -> None:
+        """`e2fsck -f -p` (preen: fixes only what is safe to fix without asking, such as
+        the block counts an interrupted write leaves), in the same jail as debugfs."""
+        opened = self._own(disk)
+        argv = [*self._jail(600.0, "unlimited" if opened.writable else 0), "e2fsck", "-f",
+                "-p" if opened.writable else "-n", f"/proc/self/fd/{opened.fd}"]
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=600, pass_fds=(opened.fd,),
+                                  env=ENV)
+        except subprocess.TimeoutExpired as exc:
+            raise InspectError("checking the file system took too long") from exc
+        if done.returncode not in (0, 1):
+            raise InspectError(f"the file system check found errors it could not fix (e2fsck "
+                               f"exit {done.returncode}): "
+                               f"{_last_lines(done.stdout + done.stderr, 3)}")
+
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _safe_name(name: bytes) -> None:
+    """Unsupported unless `name` can be given to debugfs as it is, between double quotes:
+    no control character, `"`, `/` or NUL, not `.`/`..`, not starting with `<` (debugfs
+    would read `<N>` as an inode number), at most 255 bytes."""
+    if not name or name in (b".", b"..") or len(name) > 255 or name.startswith(b"<") or \
+            any(b < 0x20 or b == 0x7F or b in b'"/' for b in name):
+        raise Unsupported(f"the name {escape_name(name)!r} cannot be written onto a stopped "
+                          "disk (a control character, a quote, a slash or a leading <): "
+                          "restore it into the running instance instead")
+
+
+def _rbd_location(image: DiskImage, writable: bool) -> RbdLocation | None:
+    """The Ceph RBD image a location names (None for a file); Unsupported for what is not
+    read here: writing (a disk on RBD is not written through this reader), or a keyring
+    outside ceph.conf (QEMU's rbd node would need the key as a secret object)."""
+    try:
+        rbd = RbdLocation.parse(image.location)
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from exc
+    if rbd is not None and writable:
+        raise Unsupported("files are not written onto disks on Ceph RBD")
+    if rbd is not None and rbd.keyring:
+        raise Unsupported("a disk on Ceph RBD whose keyring ceph.conf does not name cannot "
+                          "be looked inside yet")
+    return rbd
+
+
+def _rbd_opts(rbd: RbdLocation, snapshot_id: str | None) -> str:
+    """qemu-nbd's --image-opts of a raw view of the RBD image (read-only, at the snapshot)."""
+    opts = {"driver": "raw", "file.driver": "rbd", "file.pool": rbd.pool,
+            "file.image": rbd.image, "file.conf": rbd.conf, "file.user": rbd.client,
+            "file.snapshot": snapshot_id or ""}
+    return ",".join(f"{k}={v.replace(',', ',,')}" for k, v in opts.items() if v)
 
 
 def _where(image: DiskImage) -> str:

@@ -1,13 +1,15 @@
 """`ecsnap files`: look inside snapshots over the API (DescribeSnapshotFiles, and the file
-level of PreviewResetDisks). Nothing is ever written to a path derived from a guest's
-name: `get` writes where -o says, or to stdout. Guest names arrive escaped (`\\xNN`) and
-are printed as plain text, never as Rich markup."""
+level of PreviewResetDisks), and restore files from them (RestoreSnapshotFiles). Nothing is
+ever written to a host path derived from a guest's name: `get` writes where -o says, or to
+stdout. Guest names arrive escaped (`\\xNN`) and are printed as plain text, never as Rich
+markup."""
 
 from __future__ import annotations
 
 import base64
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,8 +22,9 @@ from ecsnap.domain.errors import EcsError
 from ecsnap.entrypoints.cli.client_commands import client
 from ecsnap.entrypoints.cli.common import DataDir, Output, OutputFormat, err, fail, out
 
-files_app = typer.Typer(help="Look inside snapshots: list and read their files, and the "
-                             "files a rollback would change.", no_args_is_help=True)
+files_app = typer.Typer(help="Look inside snapshots: list and read their files, the files "
+                             "a rollback would change, and restore files.",
+                        no_args_is_help=True)
 
 PAGE = 1000
 CHUNK = 1 << 20
@@ -149,3 +152,42 @@ def changes(group: Annotated[str, typer.Argument(help="instance snapshot (ssg-..
         more = fc["TotalCount"] - len(fc["Files"]["File"])
         if more > 0:
             out.print(Text(f"  ... and {more} more"), highlight=False)
+
+
+@files_app.command("restore")
+def restore(instance: Annotated[str, typer.Argument(help="instance ID (i-...)")],
+            snapshot: Annotated[str, typer.Argument(help="snapshot of one of its disks")],
+            paths: Annotated[list[str], typer.Argument(help="regular files in the snapshot "
+                                                            "(escaped: \\xNN)")],
+            to: Annotated[str | None, typer.Option("--to", help="with one path: where it "
+                                                   "goes instead (a guest path, or a path "
+                                                   "on the stopped disk)")] = None,
+            wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the "
+                                                "task (0: do not wait)")] = 600.0,
+            data_dir: DataDir = None, output: Output = OutputFormat.table) -> None:
+    """Put files of SNAPSHOT back onto INSTANCE: into the guest (running, through its
+    agent) or onto the disk (stopped), with their mode and owner (RestoreSnapshotFiles)."""
+    params: dict[str, Any] = {"InstanceId": instance, "SnapshotId": snapshot}
+    params.update({f"Path.{n}": p for n, p in enumerate(paths, 1)})
+    if to:
+        params["TargetPath"] = to
+    body = _call("RestoreSnapshotFiles", params, data_dir)
+    task: dict[str, Any] = {"TaskStatus": body["TaskStatus"]}
+    deadline = time.monotonic() + wait
+    while task["TaskStatus"] in ("Processing", "Waiting") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        task = _call("DescribeTaskAttribute", {"TaskId": body["TaskId"]}, data_dir)
+    if output == OutputFormat.json:
+        print(json.dumps({**body, "TaskStatus": task["TaskStatus"]}, indent=2,
+                         ensure_ascii=False))
+    else:
+        how = "into the guest" if body["RestoreMode"] == "GuestAgent" else "onto disk " + \
+            body["DiskId"]
+        for f in body["Files"]["File"]:
+            out.print(Text(f"{f['Path']} -> {f['TargetPath']} ({how})"), highlight=False)
+        out.print(Text(f"task {body['TaskId']}: {task['TaskStatus']}"), highlight=False)
+    if task["TaskStatus"] == "Failed":
+        if "OperationProgressSet" not in task:
+            task = _call("DescribeTaskAttribute", {"TaskId": body["TaskId"]}, data_dir)
+        progress = task["OperationProgressSet"]["OperationProgress"][0]
+        fail(EcsError(progress["ErrorCode"], progress["ErrorMsg"], 400))

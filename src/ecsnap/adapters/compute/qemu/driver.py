@@ -112,6 +112,10 @@ class QemuDriver:
         return self._guest.guest_exec(instance_id, command, timeout=timeout,
                                       working_dir=working_dir)
 
+    def guest_write_file(self, instance_id: str, path: str, data: bytes, *,
+                         timeout: float = 60.0) -> None:
+        self._guest.guest_write_file(instance_id, path, data, timeout=timeout)
+
     # ------------------------------------------------------------ direct access (tools)
 
     def pid(self, instance_id: str) -> int | None:

@@ -1,4 +1,5 @@
-"""The guest, through its agent: ping, and commands run with `guest-exec`."""
+"""The guest, through its agent: ping, commands run with `guest-exec`, files written with
+`guest-file-*`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ecsnap.adapters.compute.base import ComputeError, ExecResult
 from ecsnap.adapters.compute.qemu.rundir import RunDirs
 
 OUTPUT_CAP = 1024 * 1024  # bytes of stdout and of stderr kept from guest_exec
+WRITE_CHUNK = 1 << 20  # bytes per guest-file-write (1.4 MB of base64 in one message)
 
 
 def _exec_result(status: dict[str, Any], *, timed_out: bool) -> ExecResult:
@@ -88,6 +90,26 @@ class QemuGuestAgent:
                     break
             time.sleep(0.1)
         return _exec_result(status, timed_out=True)
+
+    def guest_write_file(self, instance_id: str, path: str, data: bytes, *,
+                         timeout: float = 60.0) -> None:
+        """guest-file-open (mode "w"), guest-file-write in chunks, guest-file-close."""
+        self.dirs.require(instance_id)
+        deadline = time.monotonic() + timeout
+        with self.dirs.exclusive(instance_id), self.dirs.agent(instance_id, 10.0) as agent:
+            handle = int(agent.call("guest-file-open", {"path": path, "mode": "w"}))
+            try:
+                for at in range(0, len(data), WRITE_CHUNK):
+                    chunk = data[at:at + WRITE_CHUNK]
+                    left = max(1.0, deadline - time.monotonic())
+                    written = agent.call("guest-file-write", {
+                        "handle": handle, "buf-b64": base64.b64encode(chunk).decode()},
+                        timeout=left)
+                    if int(written.get("count", -1)) != len(chunk):
+                        raise ComputeError(f"guest-file-write wrote {written.get('count')} "
+                                           f"of {len(chunk)} bytes of {path}")
+            finally:
+                agent.call("guest-file-close", {"handle": handle})
 
     def _exec_status(self, instance_id: str, pid: int) -> dict[str, Any]:
         with self.dirs.exclusive(instance_id), self.dirs.agent(instance_id, 10.0) as agent:
