@@ -182,6 +182,19 @@ def reserved_recount(instances: Sequence[Instance]) -> tuple[int, int]:
     return sum(i.vcpus for i in held), sum(i.memory_mib for i in held)
 
 
+def orphan_bases(bases: Path, disks: dict[str, Disk], snaps: set[str]) -> list[str]:
+    """A snapshot's base stays while its snapshot does; a disk's link while its file does."""
+    problems = []
+    for path in sorted(bases.iterdir()):
+        source, _, rest = path.name.removesuffix(".qcow2").partition("@")
+        snap, _, disk_id = rest.partition("+")
+        needed = (disk_id in disks and os.path.exists(bases.parent / f"{disk_id}.qcow2")) \
+            if disk_id else snap in snaps and source in disks
+        if not needed:
+            problems.append(f"orphan snapshot base in the pool: {path.name}")
+    return problems
+
+
 def check_invariants(lab: Lab) -> None:
     problems: list[str] = []
     with lab.ctx.uow(readonly=True) as uow:
@@ -205,7 +218,9 @@ def check_invariants(lab: Lab) -> None:
     files = sorted(p.name for p in lab.pool.iterdir()) if lab.pool.exists() else []
     for name in files:
         disk_id = name.removesuffix(".qcow2")
-        if not name.endswith(".qcow2") or disk_id not in disk_by_id:
+        if name == ".bases":  # snapshots' bases and disks' links to them (qcow2.py)
+            problems += orphan_bases(lab.pool / name, disk_by_id, {s.id for s in snaps})
+        elif not name.endswith(".qcow2") or disk_id not in disk_by_id:
             problems.append(f"orphan file in the pool: {name}")
     snaps_of: dict[str, set[str]] = {}
     for snap in snaps:

@@ -115,7 +115,8 @@ class InMemoryStorage:
              error: Exception | None = None) -> None:
         """Make the next `times` calls of `method` (on `disk_id`, or any disk) raise
         `error` (a StorageError by default). Methods: create_blank, create_from_image,
-        resize, delete, create_snapshots, delete_snapshot, revert, bytes_written_since."""
+        create_from_snapshot, resize, delete, create_snapshots, delete_snapshot, revert,
+        bytes_written_since."""
         self._failures.append(_Failure(method, disk_id, error or StorageError(
             f"injected failure of {method} on {disk_id or 'any disk'}"), times))
 
@@ -296,6 +297,34 @@ class InMemoryStorage:
                     first = first or exc
             if first is not None:
                 raise first
+
+    # ------------------------------------------------------------ DiskFromSnapshot
+
+    def create_from_snapshot(self, disk_id: str, source_disk_id: str, snapshot_id: str,
+                             size_bytes: int) -> None:
+        """The disk's content is the snapshot's (its writes too); it depends on nothing."""
+        _check_name(snapshot_id)
+        with self._lock:
+            self.calls.append(("create_from_snapshot", disk_id, f"{source_disk_id}@"
+                                                                f"{snapshot_id}"))
+            self._maybe_fail("create_from_snapshot", disk_id)
+            snap = self._snapshot(source_disk_id, snapshot_id)
+            self.disks[disk_id] = FakeDisk(max(size_bytes, snap.size_bytes), snap.content,
+                                           snap.extents)
+
+    # ------------------------------------------------------------ ImageFromSnapshot
+
+    def export_snapshot(self, source_disk_id: str, snapshot_id: str, target: str) -> int:
+        """The snapshot's content as the bytes of the file `target` (an image template
+        `create_from_image` reads back); its virtual size."""
+        _check_name(snapshot_id)
+        with self._lock:
+            self.calls.append(("export_snapshot", f"{source_disk_id}@{snapshot_id}"))
+            self._maybe_fail("export_snapshot", source_disk_id)
+            snap = self._snapshot(source_disk_id, snapshot_id)
+            content = snap.content
+        Path(target).write_bytes(content.encode() if isinstance(content, str) else content)
+        return snap.size_bytes
 
     # ------------------------------------------------------------ ChangeTracking
 

@@ -371,6 +371,115 @@ def test_other_snapshots_survive_a_revert(backend: StorageBackend) -> None:
     assert backend.bytes_written_since("d-1", "s-new") is None
 
 
+# ---------------------------------------------------------------- disks from snapshots
+
+def leftovers(backend: StorageBackend) -> list[str]:
+    """What the pool still holds: disk files and snapshot bases (qcow2), images and the
+    RBD trash's entries (RBD), templates aside."""
+    if isinstance(backend, Qcow2Backend):
+        return sorted(str(p.relative_to(backend.pool)) for p in backend.pool.rglob("*")
+                      if p.is_file())
+    import rbd
+
+    io = backend._io()  # type: ignore[attr-defined]
+    return sorted([n for n in rbd.RBD().list(io) if n.startswith("d-")] +
+                  [f"trash:{e['name']}" for e in rbd.RBD().trash_list(io)])
+
+
+def test_a_disk_from_a_snapshot(backend: StorageBackend) -> None:
+    backend.create_blank("d-src", GIB)
+    write(backend.path("d-src"), 0x11, 0, 2 * MIB)
+    backend.create_snapshots([("d-src", "s-a")])
+    write(backend.path("d-src"), 0x22, 0, MIB)  # after the snapshot: not in the new disks
+    backend.create_from_snapshot("d-new", "d-src", "s-a", 2 * GIB)
+    backend.create_from_snapshot("d-small", "d-src", "s-a", MIB)
+    assert backend.virtual_size("d-new") == 2 * GIB
+    assert backend.virtual_size("d-small") == GIB  # never smaller than the snapshot
+    assert backend.allocated_bytes("d-new") < MIB  # O(1): nothing copied into the disk
+    assert read(backend.path("d-new"), 0, 2 * MIB) == b"\x11" * 2 * MIB
+    # each disk is its own: writes go nowhere else
+    write(backend.path("d-new"), 0x33, 0, MIB)
+    assert read(backend.path("d-small"), 0, MIB) == b"\x11" * MIB
+    assert read(backend.path("d-src"), 0, MIB) == b"\x22" * MIB
+    assert backend.has_snapshot("d-src", "s-a")
+    # the new disk takes snapshots and reverts as any disk
+    backend.create_snapshots([("d-new", "s-b")])
+    write(backend.path("d-new"), 0x44, 0, MIB)
+    backend.revert("d-new", "s-b")
+    assert read(backend.path("d-new"), 0, 2 * MIB) == b"\x33" * MIB + b"\x11" * MIB
+    # made again (a retry after a crash): the snapshot's content again
+    backend.create_from_snapshot("d-new", "d-src", "s-a", 2 * GIB)
+    assert read(backend.path("d-new"), 0, MIB) == b"\x11" * MIB
+    with pytest.raises(StorageError):
+        backend.create_from_snapshot("d-x", "d-src", "s-missing", GIB)
+
+
+def test_a_disk_from_a_snapshot_outlives_the_snapshot_and_its_disk(
+        backend: StorageBackend) -> None:
+    before = leftovers(backend)
+    backend.create_blank("d-src", GIB)
+    write(backend.path("d-src"), 0x11, 0, MIB)
+    backend.create_snapshots([("d-src", "s-a"), ("d-src", "s-b")])
+    backend.create_from_snapshot("d-one", "d-src", "s-a", GIB)
+    backend.create_from_snapshot("d-two", "d-src", "s-a", GIB)
+    backend.create_from_snapshot("d-three", "d-src", "s-b", GIB)
+    backend.delete_snapshot("d-src", "s-a")
+    assert not backend.has_snapshot("d-src", "s-a")
+    assert read(backend.path("d-one"), 0, MIB) == b"\x11" * MIB
+    backend.delete("d-src")
+    assert not backend.exists("d-src")
+    for disk in ("d-one", "d-two", "d-three"):
+        assert read(backend.path(disk), 0, MIB) == b"\x11" * MIB, disk
+    backend.delete("d-one")
+    assert read(backend.path("d-two"), 0, MIB) == b"\x11" * MIB
+    backend.delete("d-two")
+    backend.delete("d-three")
+    backend.delete("d-three")
+    # nothing is left behind: bases, images, trash entries are all gone with the last user
+    assert [n for n in leftovers(backend) if n not in before and n != ".bases"] == []
+
+
+def test_export_a_snapshot_to_a_standalone_template(backend: StorageBackend,
+                                                    tmp_path: Path) -> None:
+    """CreateImage's template (ImageFromSnapshot): the snapshot's content, not the disk's
+    current one, in a qcow2 file that needs neither the snapshot nor its disk."""
+    import json
+
+    backend.create_blank("d-src", GIB)
+    write(backend.path("d-src"), 0x11, 0, 2 * MIB)
+    write(backend.path("d-src"), 0x12, 700 * MIB, MIB)
+    backend.create_snapshots([("d-src", "s-a")])
+    write(backend.path("d-src"), 0x22, 0, MIB)  # after the snapshot: not in the template
+    target = tmp_path / "templates" / "m-1.qcow2"
+    target.parent.mkdir()
+    assert backend.export_snapshot("d-src", "s-a", str(target)) == GIB
+    assert backend.export_snapshot("d-src", "s-a", str(target)) == GIB  # overwritten
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(target)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == GIB
+    assert "backing-filename" not in info  # standalone
+    assert info["actual-size"] < 16 * MIB  # the data, not the disk's size
+    # a disk made from a snapshot exports its own snapshot with what it shares (a clone's
+    # parent data on RBD, the base file on qcow2)
+    backend.create_from_snapshot("d-new", "d-src", "s-a", GIB)
+    write(backend.path("d-new"), 0x33, MIB, MIB)
+    backend.create_snapshots([("d-new", "s-b")])
+    second = tmp_path / "templates" / "m-2.qcow2"
+    assert backend.export_snapshot("d-new", "s-b", str(second)) == GIB
+    # the snapshot and both disks go: the templates stay whole
+    backend.delete_snapshot("d-new", "s-b")
+    backend.delete("d-new")
+    backend.delete_snapshot("d-src", "s-a")
+    backend.delete("d-src")
+    assert read(str(target), 0, 2 * MIB) == b"\x11" * 2 * MIB
+    assert read(str(target), 700 * MIB, MIB) == b"\x12" * MIB
+    assert read(str(target), 100 * MIB, MIB) == bytes(MIB)
+    assert read(str(second), 0, 2 * MIB) == b"\x11" * MIB + b"\x33" * MIB
+    assert read(str(second), 700 * MIB, MIB) == b"\x12" * MIB
+    with pytest.raises(StorageError):
+        backend.export_snapshot("d-src", "s-a", str(tmp_path / "m-3.qcow2"))
+
+
 # ---------------------------------------------------------------- property
 
 BLOCKS = 64  # a 4 MiB disk of 64 KiB blocks

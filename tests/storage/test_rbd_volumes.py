@@ -74,6 +74,32 @@ def test_a_clone_shows_the_snapshot_and_leaves_the_old_volume(rbd_backend: RbdBa
     assert rbd_backend._allocated("d-v.t-2") == 0
 
 
+def test_disks_and_templates_from_a_snapshot_on_any_volume(rbd_backend: RbdBackend,
+                                                           disk: str, tmp_path: Any) -> None:
+    """A disk that moved to a new volume (a rollback): CreateDisk and CreateImage still find
+    its snapshots on the old volume, and the new volume's own ones, by the disk ID or by
+    the current volume's name."""
+    rbd_backend.clone_to_volume(disk, "s-old", "d-v.t-1", 2 * GIB)
+    write(rbd_backend.path("d-v.t-1"), 0xC3, 0, MIB)
+    rbd_backend.create_snapshots([("d-v.t-1", "s-moved")])
+    rbd_backend.create_from_snapshot("d-a", "d-v.t-1", "s-new", GIB)  # on the old volume
+    rbd_backend.create_from_snapshot("d-b", disk, "s-moved", GIB)  # on the new one
+    assert holds(rbd_backend, "d-a", 0xB2) and holds(rbd_backend, "d-b", 0xC3)
+    assert holds(rbd_backend, "d-b", 0xA1, GIB)
+    assert rbd_backend.virtual_size("d-a") == 2 * GIB
+    target = tmp_path / "m.qcow2"
+    assert rbd_backend.export_snapshot("d-v.t-1", "s-old", str(target)) == 2 * GIB
+    assert holds_file(target, 0xA1) and holds_file(target, 0xA1, GIB)
+    assert rbd_backend.export_snapshot(disk, "s-moved", str(target)) == 2 * GIB
+    assert holds_file(target, 0xC3) and holds_file(target, 0xA1, GIB)
+    with pytest.raises(StorageError, match="no snapshot s-none"):
+        rbd_backend.export_snapshot(disk, "s-none", str(target))
+
+
+def holds_file(path: Any, pattern: int, offset: int = 0) -> bool:
+    return read(str(path), offset, MIB) == bytes([pattern]) * MIB
+
+
 def test_clone_again_after_a_crash(rbd_backend: RbdBackend, disk: str) -> None:
     rbd_backend.clone_to_volume(disk, "s-old", "d-v.t-1", 2 * GIB)
     write(rbd_backend.path("d-v.t-1"), 0xEE, 0, MIB)  # a half-made clone, say

@@ -180,7 +180,8 @@ def disks(data_dir: DataDir = None, instance: Annotated[str | None, typer.Option
     show(body["Disks"]["Disk"], [
         Col("DiskId", "Disk", ident=True), Col("InstanceId", "Instance", ident=True, drop=2),
         Col("Type", "Type", min_width=6), Col("Size", "GiB", min_width=5),
-        Col("Status", "Status"), Col("Device", "Device", drop=1)], output, body)
+        Col("Status", "Status"), Col("Device", "Device", drop=1),
+        Col("SourceSnapshotId", "From snapshot", ident=True, drop=3)], output, body)
 
 
 def snapshots(data_dir: DataDir = None, disk: Annotated[str | None, typer.Option()] = None,
@@ -241,8 +242,132 @@ def groups_create(instance: str, data_dir: DataDir = None,
 @groups_app.command("delete")
 def groups_delete(group: str, data_dir: DataDir = None) -> None:
     """Delete an instance snapshot and its snapshots."""
-    _run(lambda: client(data_dir).call("DeleteSnapshotGroup", {"SnapshotGroupId": group}))
+    body = _run(lambda: client(data_dir).call("DeleteSnapshotGroup",
+                                              {"SnapshotGroupId": group}))
     out.print(f"{group} deleted", highlight=False)
+    for op in body["OperationProgressSet"]["OperationProgress"]:
+        if op["ErrorCode"]:  # a member in use is kept (ECS), say which and why
+            snap = op["RelatedItemSet"]["RelatedItem"][0]["Value"]
+            out.print(f"{snap} kept: {op['ErrorCode']}: {op['ErrorMsg']}", highlight=False)
+
+
+# ------------------------------------------------------------ custom images, disks
+
+def _until_settled(api: ApiClient, action: str, params: dict[str, Any], items: str,
+                   pending: str, timeout_s: float = 3600) -> dict[str, Any]:
+    """Poll a Describe* call until its one item has left the status `pending`."""
+    outer, inner = items.split(".")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = api.call(action, params)[outer][inner]
+        if found and found[0]["Status"] != pending:
+            return dict(found[0])
+        if time.monotonic() > deadline:
+            raise EcsError("OperationTimeout", f"still {pending} after {timeout_s:.0f} s", 500)
+        time.sleep(0.5)
+
+
+def image_list(data_dir: DataDir = None, output: Output = OutputFormat.table) -> None:
+    """List your custom images (ImageOwnerAlias=self), being made or failed ones too."""
+    def run() -> dict[str, Any]:
+        api, rows, page = client(data_dir), [], 1
+        while True:
+            body = api.call("DescribeImages", {
+                "ImageOwnerAlias": "self", "Status": "Creating,Available,CreateFailed",
+                "PageSize": 100, "PageNumber": page})
+            rows += body["Images"]["Image"]
+            if len(rows) >= body["TotalCount"] or not body["Images"]["Image"]:
+                return {"Images": {"Image": rows}, "TotalCount": len(rows)}
+            page += 1
+
+    body = _run(run)
+    rows = [{**m, "Source": m["DiskDeviceMappings"]["DiskDeviceMapping"][0]["SnapshotId"]
+             if m["DiskDeviceMappings"]["DiskDeviceMapping"] else ""}
+            for m in body["Images"]["Image"]]
+    show(rows, [Col("ImageId", "Image", ident=True), Col("ImageName", "Name"),
+                Col("Status", "Status", min_width=9), Col("Size", "GiB", min_width=4),
+                Col("Source", "From snapshot", ident=True, drop=1),
+                Col("Usage", "Usage", drop=2),
+                Col("CreationTime", "Created", min_width=20, drop=3)], output, body)
+
+
+def image_create(data_dir: DataDir = None,
+                 snapshot: Annotated[str | None, typer.Option(
+                     help="a system disk's snapshot")] = None,
+                 instance: Annotated[str | None, typer.Option(
+                     help="an instance: its system disk is snapshotted first")] = None,
+                 name: Annotated[str | None, typer.Option()] = None,
+                 description: Annotated[str | None, typer.Option()] = None,
+                 output: Output = OutputFormat.table) -> None:
+    """Make a custom image of a system disk's snapshot or of an instance, wait for it."""
+    if not snapshot and not instance:
+        fail(EcsError("MissingParameter", "Give --snapshot or --instance.", 400))
+
+    def run() -> dict[str, Any]:
+        api = client(data_dir)
+        body = api.call("CreateImage", {"SnapshotId": snapshot, "InstanceId": instance,
+                                        "ImageName": name, "Description": description})
+        image = _until_settled(api, "DescribeImages", {
+            "ImageId": body["ImageId"], "ImageOwnerAlias": "self",
+            "Status": "Creating,Available,CreateFailed"}, "Images.Image", "Creating")
+        if image["Status"] != "Available":
+            raise EcsError("CreateImage.Failed", f"{body['ImageId']} is {image['Status']}",
+                           500)
+        return image
+
+    image = _run(run)
+    if output == "json":
+        print(json.dumps(image))
+    else:
+        out.print(f"{image['ImageId']} Available", highlight=False)
+
+
+def image_delete(image: str, data_dir: DataDir = None,
+                 force: Annotated[bool, typer.Option(
+                     help="even if instances were made from it")] = False) -> None:
+    """Delete a custom image."""
+    _run(lambda: client(data_dir).call("DeleteImage", {"ImageId": image,
+                                                       "Force": "true" if force else None}))
+    out.print(f"{image} deleted", highlight=False)
+
+
+disk_app = typer.Typer(help="Disks: create one (blank, or from a snapshot), attach it.",
+                       no_args_is_help=True)
+
+
+@disk_app.command("create")
+def disk_create(data_dir: DataDir = None,
+                snapshot: Annotated[str | None, typer.Option(
+                    help="the snapshot whose content the disk gets")] = None,
+                size: Annotated[int | None, typer.Option(
+                    help="GiB (from a snapshot: at least the snapshot's disk's)")] = None,
+                name: Annotated[str | None, typer.Option()] = None,
+                output: Output = OutputFormat.table) -> None:
+    """Create a data disk, blank or from a snapshot, and wait until it is Available."""
+    def run() -> dict[str, Any]:
+        api = client(data_dir)
+        body = api.call("CreateDisk", {"SnapshotId": snapshot, "Size": size,
+                                       "DiskName": name})
+        disk = _until_settled(api, "DescribeDisks", {"DiskIds": json.dumps([body["DiskId"]])},
+                              "Disks.Disk", "Creating")
+        if disk["Status"] != "Available":
+            raise EcsError("CreateDisk.Failed", f"{body['DiskId']} is {disk['Status']}", 500)
+        return disk
+
+    disk = _run(run)
+    if output == "json":
+        print(json.dumps(disk))
+    else:
+        source = f" from {disk['SourceSnapshotId']}" if disk["SourceSnapshotId"] else ""
+        out.print(f"{disk['DiskId']} Available, {disk['Size']} GiB{source}", highlight=False)
+
+
+@disk_app.command("attach")
+def disk_attach(disk: str, instance: Annotated[str, typer.Option()],
+                data_dir: DataDir = None) -> None:
+    """Attach a disk to an instance."""
+    _run(lambda: client(data_dir).call("AttachDisk", {"DiskId": disk, "InstanceId": instance}))
+    out.print(f"{disk} attached to {instance}", highlight=False)
 
 
 def rollback(group: str, data_dir: DataDir = None,
