@@ -63,6 +63,8 @@ def not_found(kind: str, resource_id: str) -> EcsError:
         "snapshot_group": ("InvalidSnapshotGroupId.NotFound",
                            "The specified snapshot group does not exist."),
         "image": ("InvalidImageId.NotFound", "The specified ImageId does not exist."),
+        "auto_snapshot_policy": ("InvalidAutoSnapshotPolicyId.NotFound",
+                                 "The specified automatic snapshot policy does not exist."),
         "region": ("InvalidRegionId.NotFound", "The specified RegionId does not exist."),
         "zone": ("InvalidZoneId.NotFound", "The specified zone does not exist."),
         "task": ("InvalidTaskId.NotFound", "The specified task does not exist."),

@@ -13,6 +13,7 @@ PREFIXES = {
     "disk": "d",
     "snapshot": "s",
     "snapshot_group": "ssg",
+    "auto_snapshot_policy": "sp",
     "image": "m",
     "task": "t",
     "command": "c",
