@@ -5,15 +5,18 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import cast
 
+from ecsnap import metrics
 from ecsnap.adapters.compute.base import BuiltImage, ComputeDriver
 from ecsnap.adapters.inspect.base import FileSystemReader
 from ecsnap.adapters.storage.base import StorageBackend
 from ecsnap.adapters.store import sql
 from ecsnap.config import Settings
 from ecsnap.filemodes import secure_data_dir
-from ecsnap.service import accounts
+from ecsnap.service import accounts, cluster
 from ecsnap.service.context import ServiceContext
+from ecsnap.service.recovery import RecoveryReport
 from ecsnap.service.recovery import recover as run_recovery
 from ecsnap.service.registry import OPERATIONS
 from ecsnap.service.tasks import TaskRunner
@@ -34,9 +37,19 @@ def _inspector(work_dir: Path) -> FileSystemReader:
 
 
 def build(settings: Settings, *, compute: ComputeDriver | None = None,
-          background: bool | None = None, recover: bool = False) -> ServiceContext:
-    """A ServiceContext on `settings`: migrated database, qcow2 pools, QEMU driver."""
+          background: bool | None = None, recover: bool = False,
+          host_id: str | None = None) -> ServiceContext:
+    """A ServiceContext on `settings`: migrated database, qcow2 pools, QEMU driver.
+
+    Cluster mode (`settings.cluster`, PostgreSQL): without `host_id` an API process (no
+    hypervisor, no recovery: tasks go to the agents); with it the agent of that host (its
+    VMs in run/HOST, its task commits fenced by its epoch; see service/cluster.py)."""
     from ecsnap.adapters.storage.qcow2 import Qcow2Backend
+
+    if (settings.cluster or host_id) and not settings.database_url.startswith("postgresql"):
+        raise ValueError("cluster mode (agents, API processes) needs a PostgreSQL "
+                         "database_url")
+    api_only = settings.cluster and host_id is None
 
     # owner-only: created 0700, or wider modes of an existing one fixed (and logged)
     secure_data_dir(settings.data_dir, shallow=[settings.cache_dir])
@@ -55,10 +68,14 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
             return RbdBackend.from_spec(pool)
         return Qcow2Backend(pool)
 
+    if compute is None and api_only:
+        compute = cast(ComputeDriver, cluster.NoCompute())
     if compute is None:
         from ecsnap.adapters.compute.qemu import QemuDriver
 
-        compute = QemuDriver(settings.run_dir, accel=settings.accel)
+        compute = QemuDriver(settings.run_dir / host_id if host_id else settings.run_dir,
+                             accel=settings.accel,
+                             snapshot_observer=metrics.live_snapshot)
     ctx = ServiceContext(settings=settings, uow=lambda readonly=False: sql.SqlUnitOfWork(factory,
                                                                         readonly),
                          storage_for=storage_for, compute=compute,
@@ -66,6 +83,21 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                          image_import=Qcow2Backend(str(settings.images_dir)),
                          inspector=_inspector(settings.run_dir / "inspect"))
     ctx.extras["engine"] = engine
+    if api_only:
+        ctx.runner = cluster.ApiRunner(
+            ctx, OPERATIONS,
+            wait_for_ended=sql.listener(settings.database_url, cluster.ENDED))
+        if recover:  # recovery is the agents' (they take over what a crash cut short)
+            accounts.seal_stored_secrets(ctx)
+            ctx.extras["recovery"] = RecoveryReport()
+        return ctx
+    if host_id:
+        ctx.uow = cluster.fenced_uow(ctx.uow)
+        ctx.runner = cluster.AgentRunner(ctx, OPERATIONS, background=True,
+                                         workers=settings.task_workers,
+                                         command_workers=settings.command_workers)
+        ctx.extras["wakeup"] = sql.listener(settings.database_url, cluster.CHANNEL)
+        return ctx
     ctx.runner = TaskRunner(ctx, OPERATIONS, background=settings.background_tasks
                             if background is None else background,
                             workers=settings.task_workers,
@@ -77,3 +109,12 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
             log.warning("recovery: forward %s, undone %s, stopped %s", report.forward,
                         report.undone, report.stopped)
     return ctx
+
+
+def build_agent(settings: Settings, host_id: str, *, vcpus: int, memory_mib: int,
+                address: str = "", ceph_addrs: list[str] | None = None) -> cluster.Agent:
+    """The agent of host `host_id` (`ecsnap agent`), on a cluster's PostgreSQL database."""
+    ctx = build(settings, host_id=host_id)
+    return cluster.Agent(ctx, host_id, vcpus=vcpus, memory_mib=memory_mib, address=address,
+                         ceph_addrs=ceph_addrs, wait_for_wakeup=ctx.extras["wakeup"],
+                         workers=settings.task_workers)

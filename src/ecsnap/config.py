@@ -2,7 +2,8 @@
 
 Environment variables: ECSNAP_DATA_DIR, ECSNAP_DATABASE_URL, ECSNAP_ACCEL (auto|kvm|tcg),
 ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CACHE_DIR, ECSNAP_CRASH_AT (fault injection for
-crash tests: the process kills itself with SIGKILL at the named task step).
+crash tests: the process kills itself with SIGKILL at the named task step), ECSNAP_CLUSTER
+(1: cluster mode), ECSNAP_HOST_TIMEOUT and ECSNAP_HEARTBEAT (seconds).
 """
 
 from __future__ import annotations
@@ -44,10 +45,17 @@ class Settings:
     accel: str = "auto"
     signature_window_minutes: int = 15
     crash_at: str = ""
+    crash_signal: str = "KILL"  # STOP: hang there instead (SIGSTOP; a hung host in tests)
     background_tasks: bool = True
     stop_timeout_s: float = 30.0
     health_gate_timeout_s: float = 120.0
     default_region: str = "local-1"
+    # automatic snapshot policies: the time zone of their time points, per region (region ID
+    # -> IANA name, e.g. {"local-1": "Asia/Shanghai"}), else the one of every region; and how
+    # often the scheduler in `ecsnap serve` looks for due snapshots and expired ones
+    snapshot_policy_timezones: dict[str, str] = field(default_factory=dict)
+    snapshot_policy_timezone: str = "UTC"
+    snapshot_policy_interval_s: float = 30.0
     region_vcpus: int = 16
     region_memory_mib: int = 32768
     instance_types: list[dict[str, Any]] = field(default_factory=list)
@@ -77,6 +85,14 @@ class Settings:
     max_request_bytes: int = 1024 * 1024  # body: 413 RequestTooLarge.Body
     max_query_bytes: int = 256 * 1024  # raw query string: 414 RequestTooLarge.QueryString
     max_request_params: int = 1000  # query and form body together: 400 InvalidParameter.TooMany
+    # Cluster mode (service/cluster.py; PostgreSQL only): `ecsnap serve` answers the API and
+    # the console only and journals tasks for the agents (`ecsnap agent --host-id H`, one
+    # per host), which heartbeat every `heartbeat_s`; a host whose last heartbeat is older
+    # than `host_timeout_s` is fenced by another agent (its epoch bumped, its tasks taken
+    # over). Without it `ecsnap serve` is one process with an embedded agent, as always.
+    cluster: bool = False
+    heartbeat_s: float = 1.0
+    host_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -116,7 +132,11 @@ def load(data_dir: str | Path | None = None, **overrides: Any) -> Settings:
         "accel": os.environ.get("ECSNAP_ACCEL"),
         "signature_window_minutes": os.environ.get("ECSNAP_SIGNATURE_WINDOW"),
         "crash_at": os.environ.get("ECSNAP_CRASH_AT"),
+        "crash_signal": os.environ.get("ECSNAP_CRASH_SIGNAL"),
         "cache": os.environ.get("ECSNAP_CACHE_DIR"),
+        "cluster": os.environ.get("ECSNAP_CLUSTER"),
+        "host_timeout_s": os.environ.get("ECSNAP_HOST_TIMEOUT"),
+        "heartbeat_s": os.environ.get("ECSNAP_HEARTBEAT"),
     }
     values.update({k: v for k, v in env.items() if v})
     values.update(overrides)
@@ -126,6 +146,8 @@ def load(data_dir: str | Path | None = None, **overrides: Any) -> Settings:
         if key not in known or key == "data_dir":
             continue
         default = getattr(Settings(data_dir=root), key)
+        if isinstance(default, bool) and isinstance(value, str):
+            value = value.strip().lower() in ("1", "true", "yes", "on")
         clean[key] = type(default)(value) if isinstance(default, int | float) and \
             not isinstance(default, bool) else value
     return Settings(data_dir=root, **clean)

@@ -47,6 +47,9 @@ def run_command(ctx: ServiceContext, account_id: str, region_id: str, *, command
                        "The command is longer than 16 KB.", 400)
     if not instance_ids:
         raise errors.missing_parameter("InstanceId.1")
+    if ctx.settings.cluster:  # the guest agent's socket is on the instance's host
+        raise EcsError("OperationDenied.ClusterApi", "RunCommand is not available in "
+                       "cluster mode yet: the guest agent is on the instance's host.", 403)
     if len(instance_ids) > 50:
         raise EcsError("InstanceIds.ExceedLimit", "At most 50 instances per command.", 403)
     if len(name) > 128:

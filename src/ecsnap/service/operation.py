@@ -128,6 +128,19 @@ class Operation(Generic[P]):
         """What the operation holds from acceptance to its end."""
         raise NotImplementedError
 
+    @classmethod
+    def runs_on(cls, plan: P, uow: UnitOfWork) -> str | None:
+        """Cluster mode: the host whose agent must run the steps, None for any agent. By
+        default the host of the plan's instance (its VM is there), if that is a registered
+        host (not the single-host server's implicit one); an operation whose steps touch
+        storage only may answer None."""
+        instance_id = getattr(plan, "instance_id", None)
+        if not instance_id:
+            return None
+        inst = uow.instances.get(instance_id)
+        host = getattr(inst, "host_id", None) if inst is not None else None
+        return str(host) if host and uow.hosts.get(str(host)) is not None else None
+
     def accept(self, uow: UnitOfWork) -> None:
         """What users see at once, in the journal's transaction (rows, statuses)."""
 

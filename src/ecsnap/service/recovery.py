@@ -49,11 +49,7 @@ def recover(ctx: ServiceContext) -> RecoveryReport:
         pending = [t.id for t in uow.tasks.find(Criteria(newest_first=False),
                                                 status=TaskStatus.PROCESSING)]
     for task_id in pending:
-        try:
-            _recover_task(ctx, task_id, report)
-        except Exception as exc:  # one task's trouble never stops the start-up
-            _give_up(ctx, task_id, exc)
-            report.failed.append(task_id)
+        resume_task(ctx, task_id, report)
     interrupt_running(ctx)
     running = set(ctx.compute.running())
     with ctx.uow() as uow:
@@ -67,6 +63,20 @@ def recover(ctx: ServiceContext) -> RecoveryReport:
     if running:
         log.info("recovery: %d VM(s) running and reattached: %s", len(running),
                  ", ".join(sorted(running)))
+    return report
+
+
+def resume_task(ctx: ServiceContext, task_id: str,
+                report: RecoveryReport | None = None) -> RecoveryReport:
+    """Recover one task that a crash cut short: forward, undone, or given up (its resources
+    flagged). At start-up for every Processing task; in a cluster, by the agent that takes
+    over a task from a fenced or restarted one."""
+    report = report if report is not None else RecoveryReport()
+    try:
+        _recover_task(ctx, task_id, report)
+    except Exception as exc:  # one task's trouble never stops the start-up
+        _give_up(ctx, task_id, exc)
+        report.failed.append(task_id)
     return report
 
 

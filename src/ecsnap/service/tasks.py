@@ -26,10 +26,12 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ecsnap import metrics
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import errors, ids
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import Task, TaskStatus
+from ecsnap.service import idempotency
 from ecsnap.service.context import ServiceContext
 from ecsnap.service.operation import Lock, Operation, P, Step
 
@@ -59,6 +61,14 @@ def _places(steps: Sequence[Step]) -> dict[str, str]:
         seen[kind] = seen.get(kind, 0) + 1
         places[step.name] = f"{kind}#{seen[kind]}"
     return places
+
+
+class Fenced(BaseException):
+    """Cluster mode: this agent's commit for a task was refused (its host was fenced, or
+    rejoined under a newer epoch, or the task is no longer its own). The agent stops
+    working on the task at once, undoing nothing: another agent owns it now. A
+    BaseException, so that no `except Exception` of a step or of the runner (which would
+    compensate) catches it."""
 
 
 class TaskRunner:
@@ -108,6 +118,7 @@ class TaskRunner:
                     else uow.disks.get(refused)
                 raise errors.operation_conflict(refused, getattr(holder, "lock_task_id", None))
         op.accept(uow)
+        idempotency.journaled(uow, task.id)  # a ClientToken request's record, with its task
         return task
 
     def operation(self, task: Task) -> Operation[Any]:
@@ -138,9 +149,12 @@ class TaskRunner:
             places = _places(steps)
             todo = [step for step in steps if step.name not in task.done]
             for n, step in enumerate(todo):
+                self.guard(task.id)
                 self._crash_point(task.action, step.name, places[step.name], "before")
                 log.info("task %s %s: step %s", task.id, task.action, step.name)
+                began = metrics.now()
                 step.run()
+                metrics.task_step(task.action, step.name, metrics.now() - began)
                 self._crash_point(task.action, step.name, places[step.name], "after")
                 if n < len(todo) - 1:  # the last one is marked done in the finishing commit
                     self._mark_done(task, step.name)
@@ -153,8 +167,10 @@ class TaskRunner:
                     fresh.step_done(step.name)
                 fresh.finish()
                 self._release_locks(uow, fresh)
+                self.ended(uow, fresh)
                 uow.commit()
             log.info("task %s %s finished", task.id, task.action)
+            metrics.task_ended(task.action, "Finished")
         except Exception as exc:  # every failure ends the task; nothing is left half done
             return self.fail(task.id, exc)
         for follow_up in op.follow_ups:  # journaled by finish; recovery drives them if lost
@@ -169,6 +185,7 @@ class TaskRunner:
         with self.ctx.uow(readonly=True) as uow:
             task = uow.tasks.load(task_id)
         op = self.operation(task)
+        self.guard(task_id)
         try:
             op.compensate(exc)
         except Exception:
@@ -180,8 +197,18 @@ class TaskRunner:
             op.failed(uow)
             fresh.fail(code, message)
             self._release_locks(uow, fresh)
+            self.ended(uow, fresh)
             uow.commit()
-            return fresh
+        metrics.task_ended(fresh.action, "Failed")
+        return fresh
+
+    def ended(self, uow: UnitOfWork, task: Task) -> None:
+        """In the transaction that ends a task: a cluster agent tells the API processes
+        waiting for it (service/cluster.py); nothing to do otherwise."""
+
+    def guard(self, task_id: str) -> None:
+        """Before a step or a compensation: a cluster agent raises Fenced here when the
+        task is no longer its own (service/cluster.py); nothing to check otherwise."""
 
     def _mark_done(self, task: Task, step: str) -> None:
         with self.ctx.uow() as uow:
@@ -197,8 +224,9 @@ class TaskRunner:
     def _crash_point(self, action: str, step: str, place: str, when: str) -> None:
         wanted = self.ctx.settings.crash_at
         if wanted and wanted in (f"{action}:{step}:{when}", f"{action}:{place}:{when}"):
-            log.warning("fault injection: SIGKILL at %s", wanted)
-            os.kill(os.getpid(), signal.SIGKILL)
+            hang = self.ctx.settings.crash_signal.upper() == "STOP"  # a hung host, then on
+            log.warning("fault injection: %s at %s", "SIGSTOP" if hang else "SIGKILL", wanted)
+            os.kill(os.getpid(), signal.SIGSTOP if hang else signal.SIGKILL)
 
     # -- scheduling
     def submit(self, task: Task, *, wait_up_to: float = 0.0) -> None:
@@ -245,4 +273,4 @@ class TaskRunner:
                 pool.shutdown(wait=True, cancel_futures=False)
 
 
-__all__ = ["SHORT_TASK_S", "Lock", "TaskRunner"]
+__all__ = ["SHORT_TASK_S", "Fenced", "Lock", "TaskRunner"]

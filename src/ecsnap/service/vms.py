@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ecsnap.adapters.compute.base import VmDisk, VmSpec
 from ecsnap.adapters.store.base import UnitOfWork
-from ecsnap.domain import rules
 from ecsnap.domain.model import DiskStatus, DiskType, Instance
+from ecsnap.service import placement
 from ecsnap.service.context import ServiceContext, attached_disks, get_region
 
 
@@ -36,17 +36,9 @@ def boot(ctx: ServiceContext, instance_id: str) -> None:
     ctx.compute.start(spec)
 
 
-def others_in_region(uow: UnitOfWork, region_id: str, exclude: str | None = None,
-                     ) -> list[Instance]:
-    return [i for i in uow.instances.find(region_id=region_id) if i.id != exclude]
-
-
-def check_room_to_start(uow: UnitOfWork, inst: Instance) -> None:
-    """An instance that gave its compute back (StopCharging) needs room in its region
-    again: OperationDenied.NoStock when there is none. Others hold their reservation."""
-    if inst.holds_reservation():
-        return
-    region = get_region(uow, inst.region_id)
-    itype = region.instance_type(inst.instance_type)
-    rules.check_capacity(region, others_in_region(uow, inst.region_id, inst.id),
-                         [itype] if itype else [])
+def check_room_to_start(uow: UnitOfWork, inst: Instance) -> str:
+    """The host the instance starts on (service/placement.py): the one that holds its
+    reservation, or for an instance that gave its compute back (StopCharging) one with room
+    now (its own host when its disks are local): OperationDenied.NoStock when there is
+    none. The caller sets `inst.host_id` to it in the same transaction."""
+    return placement.room_to_start(uow, get_region(uow, inst.region_id), inst)

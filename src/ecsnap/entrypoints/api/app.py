@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
+from ecsnap import metrics
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import utcnow
 from ecsnap.entrypoints.api.actions import ACTIONS, Call
@@ -48,7 +49,7 @@ from ecsnap.entrypoints.api.signature import (
     SignedRequest,
     verify,
 )
-from ecsnap.service import accounts
+from ecsnap.service import accounts, hosts
 from ecsnap.service.context import ServiceContext
 
 log = logging.getLogger("ecsnap.api")
@@ -212,9 +213,10 @@ class Api:
                                  "to some unknown error.", 500)
             answer = render_error(error, request_id, fmt)
             code = error.code
+        elapsed = time.monotonic() - started
         log.info("request %s %s account=%s status=%d code=%s %.0fms", request_id,
-                 log_value(action), log_value(account), answer.status, code,
-                 (time.monotonic() - started) * 1000)
+                 log_value(action), log_value(account), answer.status, code, elapsed * 1000)
+        metrics.api_request(action, code, elapsed)
         return answer
 
     async def read_bounded(self, request: Request) -> bytes:
@@ -260,8 +262,10 @@ class Api:
         action = request.headers.get("x-acs-action") or _raw_param(query, "Action")
         status, content_type, out = render_error(error, request_id,
                                                  _raw_param(query, "Format"))
+        elapsed = time.monotonic() - started
         log.info("request %s %s account=- status=%d code=%s %.0fms", request_id,
-                 log_value(action), status, error.code, (time.monotonic() - started) * 1000)
+                 log_value(action), status, error.code, elapsed * 1000)
+        metrics.api_request(action, error.code, elapsed)
         return Response(out, status_code=status, media_type=None,
                         headers={"content-type": content_type,
                                  "x-acs-request-id": request_id, "connection": "close"})
@@ -300,12 +304,22 @@ def create_app(ctx: ServiceContext, api_workers: int = 0) -> Starlette:
     from ecsnap.entrypoints.console.app import create_console
 
     api = Api(ctx, api_workers)
+    metrics.know_actions(ACTIONS)
+    metrics.watch_hosts("api", lambda: hosts.host_samples(ctx))
 
     async def to_console(request: Request) -> Response:
         return RedirectResponse("/console/", status_code=307)
 
+    async def scrape(request: Request) -> Response:
+        """Prometheus's scrape: unauthenticated, as is the norm for /metrics (serve on
+        127.0.0.1 or keep /metrics off the public side of the proxy: docs/deployment.md);
+        in a thread, as the hosts are read from the database."""
+        body, content_type = await anyio.to_thread.run_sync(metrics.exposition)
+        return Response(body, media_type=None, headers={"content-type": content_type})
+
     return Starlette(routes=[
         Route("/", api.endpoint, methods=["GET", "POST"]),
+        Route("/metrics", scrape, methods=["GET"]),
         Route("/console", to_console),
         Mount("/console", create_console(ctx)),
     ])

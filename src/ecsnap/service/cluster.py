@@ -1,0 +1,468 @@
+"""Cluster mode: several API processes, one agent per host, tasks carried by PostgreSQL.
+
+The `Task` row is the job. An API process (`ecsnap serve` with `cluster` set) journals
+a task as it always did — the row, its locks and what users see, in the caller's one
+transaction — and adds the host that must run it (`Operation.runs_on`) and a NOTIFY on
+`CHANNEL`, sent by PostgreSQL when that transaction commits. It runs no step, owns no VM
+and recovers nothing: it waits for a short task's end by reading its row.
+
+An agent (`ecsnap agent --host-id H`, one per host) registers its `Host` row under a new
+epoch, then:
+
+- claims Processing tasks routed to it or to any host (`FOR UPDATE SKIP LOCKED`, so one
+  agent gets each), setting owner, owner_epoch and a lease, when woken by a NOTIFY or
+  every `heartbeat_s`; it drives each one with the runner, as the single-process build
+  does, or — when an agent had claimed it before (it was cut short) — resumes it with the
+  start-up recovery's per-task logic (`recovery.resume_task`);
+- heartbeats every `heartbeat_s` (`UPDATE hosts SET heartbeat_at WHERE id AND epoch AND
+  Up`) and renews the leases of the tasks it drives;
+- checks its peers: a host whose last heartbeat is older than `host_timeout_s` is
+  fenced by whichever agent wins the conditional UPDATE (epoch+1, Fenced), its Ceph
+  clients blocklisted first (in that transaction, so nothing is taken over before), then
+  its instances are marked Stopped and its tasks become claimable (their owner is no
+  longer Up at the epoch that claimed them). Death is only ever decided from missing
+  heartbeats, never from one failed call.
+
+Epoch fencing: every commit an agent makes while driving a task (a step done, the end, a
+note, the failure) is accepted only if, in that transaction, its host row is still Up at
+its epoch and the task still its own (`hold_epoch`: SELECT ... FOR SHARE). Otherwise the
+transaction is rolled back and `Fenced` raised: the agent stops working on the task.
+A fenced agent that comes back finds its heartbeat refused, stops the VMs of its run
+directory and rejoins under a new epoch, empty.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ecsnap.adapters.compute.base import ComputeDriver
+from ecsnap.adapters.storage.base import ClientFencing
+from ecsnap.adapters.store.base import UnitOfWork
+from ecsnap.domain import errors
+from ecsnap.domain.errors import EcsError
+from ecsnap.domain.model import Host, HostState, InstanceStatus, Task, TaskStatus
+from ecsnap.service import recovery
+from ecsnap.service.context import ServiceContext
+from ecsnap.service.operation import Operation, P
+from ecsnap.service.tasks import Fenced, TaskRunner
+
+log = logging.getLogger("ecsnap.cluster")
+
+CHANNEL = "ecsnap_tasks"  # a task to claim (payload: none)
+ENDED = "ecsnap_ended"  # a task ended (payload: its ID), for the API processes waiting
+POLL_S = 0.5  # an API process waiting for a task reads its row when told, or this often
+
+# (host ID, epoch, task ID) of the task this thread drives: its commits are fenced
+_DRIVING: contextvars.ContextVar[tuple[str, int, str] | None] = \
+    contextvars.ContextVar("ecsnap_driving", default=None)
+
+
+def now() -> datetime:
+    """Naive UTC with microseconds (model.utcnow drops them); the agents read the
+    database's clock instead (`UnitOfWork.clock`)."""
+    return datetime.now(UTC).replace(tzinfo=None)  # the store keeps naive UTC
+
+
+def not_here(what: str) -> EcsError:
+    return EcsError("OperationDenied.ClusterApi",
+                    f"{what} needs the instance's host; in cluster mode the API process "
+                    "has no hypervisor. Use the instance's agent.", 403)
+
+
+class ApiRunner(TaskRunner):
+    """The runner of an API process in cluster mode: journals for the agents, runs nothing."""
+
+    def __init__(self, ctx: ServiceContext, operations: Iterable[type[Operation[Any]]], *,
+                 wait_for_ended: Callable[[float], list[str]] | None = None) -> None:
+        super().__init__(ctx, operations, background=False)
+        self._waiting: dict[str, list[threading.Event]] = {}
+        self._waiting_lock = threading.Lock()
+        self._wait_for_ended = wait_for_ended
+        self._hearing = False
+
+    def _hear(self, wait_for_ended: Callable[[float], list[str]]) -> None:
+        while True:
+            for task_id in wait_for_ended(5.0):
+                with self._waiting_lock:
+                    events = list(self._waiting.get(task_id, []))
+                for event in events:
+                    event.set()
+
+    def journal(self, uow: UnitOfWork, op_type: type[Operation[P]], plan: P, *,
+                account_id: str, region_id: str, resource_id: str,
+                task_id: str | None = None) -> Task:
+        task = super().journal(uow, op_type, plan, account_id=account_id,
+                               region_id=region_id, resource_id=resource_id, task_id=task_id)
+        route(uow, task, op_type, plan)
+        return task
+
+    def drive(self, task_or_id: Task | str) -> Task:
+        raise RuntimeError("an API process in cluster mode drives no task")
+
+    def submit(self, task: Task, *, wait_up_to: float = 0.0) -> None:
+        """The task is the agents' (they were woken by the journal's NOTIFY): wait up to
+        `wait_up_to` seconds for its end, reading its row. (Fault injection for tests:
+        ECSNAP_CRASH_AT=`Action:journaled:after` kills the API process here, its task
+        committed and its answer not sent.)"""
+        self._crash_point(task.action, "journaled", "journaled", "after")
+        if wait_up_to > 0:
+            self._poll(task.id, wait_up_to)
+
+    def spawn(self, job: Callable[[], None]) -> None:
+        raise not_here("A Cloud Assistant command")
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        return self._poll(task_id, timeout)
+
+    def _poll(self, task_id: str, timeout: float | None) -> Task:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ended = threading.Event()
+        with self._waiting_lock:
+            self._waiting.setdefault(task_id, []).append(ended)
+            if not self._hearing and self._wait_for_ended is not None:
+                # one thread hears the agents' ENDED for all waiters, from the first wait
+                # on (operator commands never wait: they open no listening connection)
+                self._hearing = True
+                threading.Thread(target=self._hear, args=(self._wait_for_ended,),
+                                 daemon=True, name="task-ended").start()
+        try:
+            while True:
+                ended.clear()
+                with self.ctx.uow(readonly=True) as uow:
+                    task = uow.tasks.get(task_id)
+                if task is None:
+                    raise errors.not_found("task", task_id)
+                left = None if deadline is None else deadline - time.monotonic()
+                if task.status != TaskStatus.PROCESSING or (left is not None and left <= 0):
+                    return task
+                # woken by the agent's NOTIFY; read again now and then all the same (a
+                # task given up by recovery, a notification lost to a reconnection)
+                ended.wait(POLL_S if left is None else min(left, POLL_S))
+        finally:
+            with self._waiting_lock:
+                events = self._waiting.get(task_id, [])
+                if ended in events:
+                    events.remove(ended)
+                if not events:
+                    self._waiting.pop(task_id, None)
+
+
+class AgentRunner(TaskRunner):
+    """The runner of an agent: drives the tasks it claimed; a task journaled by one of its
+    steps (a follow-up) goes to the queue like any other."""
+
+    def journal(self, uow: UnitOfWork, op_type: type[Operation[P]], plan: P, *,
+                account_id: str, region_id: str, resource_id: str,
+                task_id: str | None = None) -> Task:
+        task = super().journal(uow, op_type, plan, account_id=account_id,
+                               region_id=region_id, resource_id=resource_id, task_id=task_id)
+        route(uow, task, op_type, plan)
+        return task
+
+    def submit(self, task: Task, *, wait_up_to: float = 0.0) -> None:
+        """Claimed from the queue like any task (its journal sent the NOTIFY)."""
+
+    def ended(self, uow: UnitOfWork, task: Task) -> None:
+        uow.notify(ENDED, task.id)
+
+    def guard(self, task_id: str) -> None:
+        """Before a step or a compensation: Fenced if the task is no longer ours."""
+        with self.ctx.uow():
+            pass  # FencedUnitOfWork checks as it is entered
+
+
+def route(uow: UnitOfWork, task: Task, op_type: type[Operation[P]], plan: P) -> None:
+    task.host_id = op_type.runs_on(plan, uow)
+    uow.notify(CHANNEL)
+
+
+class FencedUnitOfWork:
+    """A writing unit of work whose commit, in a thread driving a task, is accepted only
+    under the agent's epoch (see the module docstring)."""
+
+    def __init__(self, inner: UnitOfWork) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __enter__(self) -> FencedUnitOfWork:
+        """In a thread driving a task, the transaction's first statement takes the host
+        row FOR SHARE (and the task's FOR UPDATE) if they are still ours, and holds them
+        until its end: its commit cannot pass a fence, which waits for it."""
+        self._inner.__enter__()
+        try:
+            guard(self._inner)
+        except BaseException:
+            self._inner.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.__exit__(*exc)
+
+
+def guard(uow: UnitOfWork) -> None:
+    """Fenced unless this thread's task is still ours under our epoch (nothing to check
+    outside a task's thread)."""
+    driving = _DRIVING.get()
+    if driving is not None:
+        host_id, epoch, task_id = driving
+        if not uow.hold_epoch(host_id, epoch, task_id):
+            uow.rollback()
+            raise Fenced(f"host {host_id} epoch {epoch}: task {task_id} is no longer ours "
+                         "(this host was fenced, or the task taken over); its write refused")
+
+
+def fenced_uow(factory: Callable[..., UnitOfWork]) -> Callable[..., UnitOfWork]:
+    def uow(readonly: bool = False) -> UnitOfWork:
+        inner = factory(readonly=readonly)
+        return inner if readonly else FencedUnitOfWork(inner)
+    return uow
+
+
+class NoCompute:
+    """The hypervisor of an API process in cluster mode: there is none. Listing VMs answers
+    none; anything else is refused with an ECS error (the callers outside task steps: the
+    console's serial terminal, Cloud Assistant commands)."""
+
+    METHODS = frozenset(name for protocol in ComputeDriver.__mro__
+                        if protocol.__module__ == ComputeDriver.__module__
+                        for name, value in vars(protocol).items()
+                        if callable(value) and not name.startswith("_"))
+
+    def running(self) -> list[str]:
+        return []
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.METHODS:
+            raise AttributeError(name)
+
+        def refuse(*_args: Any, **_kwargs: Any) -> Any:
+            raise not_here(f"{name}")
+        return refuse
+
+
+class Agent:
+    """One host's agent (see the module docstring)."""
+
+    def __init__(self, ctx: ServiceContext, host_id: str, *, vcpus: int, memory_mib: int,
+                 wait_for_wakeup: Callable[[float], list[str]], address: str = "",
+                 ceph_addrs: list[str] | None = None, workers: int = 4) -> None:
+        self.ctx = ctx
+        self.host_id = host_id
+        self.vcpus, self.memory_mib = vcpus, memory_mib
+        self.address = address
+        self.ceph_addrs = list(ceph_addrs or [])
+        self.wait_for_wakeup = wait_for_wakeup
+        self.workers = workers
+        self.epoch = 0
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self._driving: dict[str, int] = {}  # task ID -> the epoch it was claimed under
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
+        self.heartbeat_s = ctx.settings.heartbeat_s
+        self.timeout_s = ctx.settings.host_timeout_s
+
+    # -- membership
+    def register(self) -> int:
+        """Join (or rejoin) under a new epoch, Up, heartbeat now. Tasks claimed under an
+        older epoch of this host become claimable again (and are resumed)."""
+        with self.ctx.uow() as uow:
+            at = uow.clock()
+            host = uow.hosts.get(self.host_id)
+            if host is None:
+                host = Host(id=self.host_id, epoch=1, heartbeat_at=at, started_at=at,
+                            vcpus=self.vcpus, memory_mib=self.memory_mib,
+                            address=self.address, ceph_addrs=self.ceph_addrs)
+                uow.hosts.add(host)
+            else:
+                host.epoch += 1
+                host.state = HostState.UP
+                host.heartbeat_at, host.started_at = at, at
+                host.vcpus, host.memory_mib = self.vcpus, self.memory_mib
+                host.address, host.ceph_addrs = self.address, list(self.ceph_addrs)
+            uow.notify(CHANNEL)
+            uow.commit()
+            self.epoch = host.epoch
+        log.warning("agent %s joined under epoch %d (%d vCPUs, %d MiB)", self.host_id,
+                    self.epoch, self.vcpus, self.memory_mib)
+        self.reconcile()
+        return self.epoch
+
+    def reconcile(self) -> None:
+        """What start-up recovery does for instances, for this host's: a VM that runs here
+        for an instance that is not this host's any more (fenced meanwhile, started
+        elsewhere) or not Running is stale and stopped; an instance of this host recorded
+        Running whose VM is gone is Stopped. Instances a task holds are left to it."""
+        running = set(self.ctx.compute.running())
+        with self.ctx.uow() as uow:
+            mine = {i.id: i for i in uow.instances.find(host_id=self.host_id)}
+            for inst in mine.values():
+                if not inst.lock_task_id and inst.status != InstanceStatus.STOPPED and \
+                        inst.id not in running:
+                    inst.reconcile(False)
+                    log.warning("instance %s of %s: its VM is gone; marked Stopped", inst.id,
+                                self.host_id)
+            uow.commit()
+        for instance_id in running:
+            held = mine.get(instance_id)
+            if held is None or (not held.lock_task_id and
+                                held.status == InstanceStatus.STOPPED):
+                log.warning("agent %s: stopping the stale VM of %s", self.host_id,
+                            instance_id)
+                try:
+                    self.ctx.compute.stop(instance_id, force=True)
+                except Exception:
+                    log.exception("agent %s: stopping the stale VM of %s", self.host_id,
+                                  instance_id)
+
+    def run(self) -> None:
+        """Register, then heartbeat, check peers, claim and drive until `stop()`."""
+        self.register()
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while not self.stopping.is_set():
+                claimed = self.claim()
+                if not claimed:
+                    self.wait_for_wakeup(self.heartbeat_s)
+        finally:
+            self.stopping.set()
+            self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # -- the queue
+    def claim(self) -> int:
+        """Claim what there is room for and start driving it; how many were claimed."""
+        with self._lock:
+            room = self.workers - len(self._driving)
+            epoch = self.epoch
+        if room <= 0 or epoch == 0:
+            return 0
+        with self.ctx.uow() as uow:
+            if not uow.hold_epoch(self.host_id, epoch):
+                return 0  # fenced: the heartbeat thread rejoins
+            at = uow.clock()
+            claimed = uow.claim_tasks(self.host_id, epoch, at,
+                                      at + timedelta(seconds=self.timeout_s), room)
+            uow.commit()
+        for task_id, interrupted in claimed:
+            with self._lock:
+                self._driving[task_id] = epoch
+            log.info("agent %s claimed task %s%s", self.host_id, task_id,
+                     " (taken over: resumed)" if interrupted else "")
+            self._pool.submit(self._drive, task_id, epoch, interrupted)
+        return len(claimed)
+
+    def _drive(self, task_id: str, epoch: int, interrupted: bool) -> None:
+        token = _DRIVING.set((self.host_id, epoch, task_id))
+        try:
+            if interrupted:
+                recovery.resume_task(self.ctx, task_id)
+            else:
+                self.ctx.runner.drive(task_id)
+        except Fenced as exc:
+            log.warning("agent %s stops working on task %s: %s", self.host_id, task_id, exc)
+        except Exception:
+            log.exception("agent %s: task %s", self.host_id, task_id)
+        finally:
+            _DRIVING.reset(token)
+            with self._lock:
+                self._driving.pop(task_id, None)
+
+    # -- liveness
+    def _heartbeats(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.beat()
+            except Exception:  # the database away for a moment: try again; peers decide
+                log.exception("agent %s: heartbeat", self.host_id)
+            self.stopping.wait(self.heartbeat_s)
+
+    def beat(self) -> None:
+        """One heartbeat: renew the leases, or find out that this host was fenced (then
+        stop its VMs and rejoin); then check the peers."""
+        with self._lock:
+            epoch = self.epoch
+            mine = [t for t, e in self._driving.items() if e == epoch]
+        with self.ctx.uow() as uow:
+            at = uow.clock()
+            alive = uow.heartbeat(self.host_id, epoch, at)
+            if alive:
+                uow.renew_leases(self.host_id, epoch, mine,
+                                 at + timedelta(seconds=self.timeout_s))
+            uow.commit()
+        if not alive:
+            self.rejoin()
+            return
+        self.check_peers(at)
+
+    def rejoin(self) -> None:
+        log.warning("agent %s: fenced (epoch %d is no longer ours); stopping the VMs of "
+                    "this host and rejoining empty", self.host_id, self.epoch)
+        for instance_id in self.ctx.compute.running():
+            try:
+                self.ctx.compute.stop(instance_id, force=True)
+            except Exception:
+                log.exception("agent %s: stopping the stale VM of %s", self.host_id,
+                              instance_id)
+        self.register()
+
+    def check_peers(self, at: datetime) -> list[str]:
+        """Fence the peers whose heartbeat is older than the timeout; the ones fenced."""
+        stale_before = at - timedelta(seconds=self.timeout_s)
+        with self.ctx.uow(readonly=True) as uow:
+            stale = [h for h in uow.hosts.find(state=HostState.UP)
+                     if h.id != self.host_id and h.heartbeat_at < stale_before]
+        return [h.id for h in stale if fence(self.ctx, h, stale_before, by=self.host_id)]
+
+
+def fence(ctx: ServiceContext, host: Host, stale_before: datetime, *, by: str = "") -> bool:
+    """Fence `host` if it is still Up at the epoch read, its heartbeat older than
+    `stale_before`: True for the one caller that won. Its Ceph clients are blocklisted in
+    the fencing transaction (a failure leaves it unfenced, tried again next round); then
+    its instances are marked Stopped, the tasks routed to it routed to any host, and the
+    agents woken to take its tasks over."""
+    with ctx.uow() as uow:
+        if not uow.fence_host(host.id, host.epoch, stale_before):
+            return False
+        blocklist(ctx, uow, host)
+        uow.commit()
+    log.warning("host %s fenced by %s: no heartbeat since %s (epoch %d -> %d)", host.id,
+                by or "?", host.heartbeat_at, host.epoch, host.epoch + 1)
+    with ctx.uow() as uow:
+        for inst in uow.instances.find(host_id=host.id):
+            if inst.lock_task_id or inst.status == InstanceStatus.STOPPED:
+                continue  # a task that holds it decides its state when it is resumed
+            inst.reconcile(False)
+            log.warning("instance %s of fenced host %s marked Stopped", inst.id, host.id)
+        # its VMs are gone for the cluster: what was routed to it is any agent's now (a
+        # step that needs its VM finds none, and the task is undone), never stuck on it
+        for task in uow.tasks.find(host_id=host.id, status=TaskStatus.PROCESSING):
+            task.host_id = None
+        uow.notify(CHANNEL)
+        uow.commit()
+    return True
+
+
+def blocklist(ctx: ServiceContext, uow: UnitOfWork, host: Host) -> None:
+    """Blocklist the fenced host's Ceph clients (`Host.ceph_addrs`, `ecsnap agent
+    --ceph-addr`) in every region whose storage can (`ClientFencing`: Ceph RBD), so that
+    its QEMUs cannot write any more. An error leaves the host unfenced (retried)."""
+    if not host.ceph_addrs:
+        return
+    for region in uow.regions.find():
+        storage = ctx.storage(uow, region.id)
+        if isinstance(storage, ClientFencing):
+            storage.blocklist(list(host.ceph_addrs))

@@ -1,0 +1,132 @@
+"""Cluster mode with a real QEMU VM of the demo image: kill -9 of the agent that is taking
+a live instance snapshot; the VM outlives it, the agent restarted takes the task back and
+finishes or undoes it, and the guest is not left frozen (the next snapshot is taken)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ecsnap.domain.model import InstanceStatus, SnapshotStatus, TaskStatus
+from ecsnap.service.context import attached_disks
+from ecsnap.service.disk_files import INITIAL
+from tests import qcow
+from tests.cluster.conftest import Cluster
+from tests.live import ROOT, ecsnap
+
+pytestmark = [pytest.mark.qemu, pytest.mark.postgres]
+
+CACHE = Path(os.environ.get("ECSNAP_TEST_CACHE", ROOT / ".cache"))
+
+
+@pytest.fixture
+def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
+    config_file = cluster.data_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "cache": str(CACHE)}))
+    ecsnap("image", "build-demo", "--data-dir", str(cluster.data_dir))
+    try:
+        yield cluster
+    finally:
+        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+
+def test_kill_9_of_an_agent_mid_live_snapshot_then_it_restarts(vm_cluster: Cluster) -> None:
+    cluster = vm_cluster
+    agent = cluster.agent("h1", env={"ECSNAP_CRASH_AT": "TakeSnapshots:transaction:after"})
+    api = cluster.client(cluster.api())
+    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
+    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
+    [instance_id] = api.call("RunInstances", {
+        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano", "ZoneId": "local-1-a",
+        "DataDisk.1.Size": 20})["InstanceIdSets"]["InstanceIdSet"]
+    [run] = cluster.tasks(action="RunInstances") or cluster.tasks(resource_id=instance_id)
+    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    with cluster.ctx.uow(readonly=True) as uow:
+        inst = uow.instances.load(instance_id)
+    assert inst.status == InstanceStatus.RUNNING and inst.host_id == "h1"
+
+    api.call("CreateSnapshotGroup", {"InstanceId": instance_id})
+    [task] = cluster.tasks(action="TakeSnapshots")
+    assert agent.proc.wait(120) == -signal.SIGKILL
+    assert cluster.task(task.id).status == TaskStatus.PROCESSING
+    pids = [int(p.read_text()) for p in (cluster.data_dir / "run" / "h1").glob("*/*.pid")]
+    assert pids
+    for pid in pids:
+        os.kill(pid, 0)  # the VM outlived its agent (ProcessLookupError if not)
+
+    cluster.agent("h1")  # restarted: a new epoch; it takes its task back at once
+    ended = cluster.ended(task.id, timeout=120)
+    assert ended.owner == "h1"
+    with cluster.ctx.uow(readonly=True) as uow:
+        group = uow.snapshot_groups.find(instance_id=instance_id)[0]
+        inst = uow.instances.load(instance_id)
+        locked = [d.id for d in uow.disks.find(instance_id=instance_id) if d.lock_task_id]
+    assert group.status == (SnapshotStatus.ACCOMPLISHED if ended.status ==
+                            TaskStatus.FINISHED else SnapshotStatus.FAILED)
+    assert inst.status == InstanceStatus.RUNNING and not inst.lock_task_id and not locked
+    with cluster.ctx.uow(readonly=True) as uow:  # no snapshot left behind in a disk file
+        for disk in attached_disks(uow, instance_id):
+            known = {s.id for s in uow.snapshots.find(source_disk_id=disk.id)}
+            in_file = set(qcow.snapshots(cluster.disk_path(disk.id))) - {INITIAL}
+            assert in_file == known, disk.id
+    # the guest was not left frozen: the next live snapshot is taken
+    body = api.call("CreateSnapshotGroup", {"InstanceId": instance_id})
+    again = [t for t in cluster.tasks(action="TakeSnapshots") if t.id != task.id]
+    assert cluster.ended(again[0].id, timeout=120).status == TaskStatus.FINISHED, body
+
+
+def test_a_hung_agent_is_fenced_its_instance_stopped_and_its_stale_vm_stopped_on_return(
+        vm_cluster: Cluster) -> None:
+    cluster = vm_cluster
+    agents = {h: cluster.agent(h) for h in ("h1", "h2")}
+    api = cluster.client(cluster.api())
+    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
+    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
+    [instance_id] = api.call("RunInstances", {
+        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano",
+        "ZoneId": "local-1-a"})["InstanceIdSets"]["InstanceIdSet"]
+    [run] = cluster.tasks(resource_id=instance_id)
+    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    with cluster.ctx.uow(readonly=True) as uow:
+        host_id = uow.instances.load(instance_id).host_id
+    assert host_id in agents
+    epoch = cluster.host(host_id).epoch  # type: ignore[union-attr]
+    [pidfile] = (cluster.data_dir / "run" / host_id).glob("*/*.pid")
+    vm_pid = int(pidfile.read_text())
+
+    agents[host_id].signal(signal.SIGSTOP)  # a hung host: its VM runs on
+    cluster.until(lambda: cluster.host(host_id).state.value == "Fenced",  # type: ignore[union-attr]
+                  30, f"{host_id} fenced")
+    cluster.until(lambda: _status(cluster, instance_id) == InstanceStatus.STOPPED, 30,
+                  "its instance marked Stopped")
+
+    agents[host_id].signal(signal.SIGCONT)  # it finds itself fenced, stops its stale VM
+    cluster.until(lambda: (h := cluster.host(host_id)) is not None and
+                  h.epoch == epoch + 2 and h.state.value == "Up", 30, "rejoined")
+    cluster.until(lambda: not _alive(vm_pid), 30, "its stale VM stopped")
+    # its disks are local: it starts again on its own host, once that host is back
+    api.call("StartInstance", {"InstanceId": instance_id})
+    start = [t for t in cluster.tasks(resource_id=instance_id) if t.id != run.id]
+    assert cluster.ended(start[-1].id, timeout=120).status == TaskStatus.FINISHED
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _status(cluster: Cluster, instance_id: str) -> InstanceStatus:
+    with cluster.ctx.uow(readonly=True) as uow:
+        return uow.instances.load(instance_id).status
