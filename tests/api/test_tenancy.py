@@ -119,6 +119,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, template: Path) -> Iterator[
         stop_group = _ok(a, "CreateSnapshotGroup", InstanceId=stop)["SnapshotGroupId"]
         stop_snaps = _group_snaps(a, stop_group)
         spare = _ok(a, "CreateDisk", Size=20, DiskName="alice-spare")["DiskId"]
+        policy = _ok(a, "CreateAutoSnapshotPolicy", TimePoints='["2"]', RepeatWeekdays='["1"]',
+                     RetentionDays=-1)["AutoSnapshotPolicyId"]
+        _ok(a, "ApplyAutoSnapshotPolicy", AutoSnapshotPolicyId=policy,
+            DiskIds=json.dumps([spare]))
+        ids["policy"] = policy
         ids.update(run=run, run_sys=run_sys, run_d1=run_d1, run_d2=run_d2,
                    run_group=run_group, run_sys_snap=run_snaps[run_sys],
                    run_d1_snap=run_snaps[run_d1], snap=snap, invoke=invoke, task=group_task,
@@ -126,12 +131,17 @@ def world(tmp_path_factory: pytest.TempPathFactory, template: Path) -> Iterator[
                    stop_group=stop_group, stop_sys_snap=stop_snaps[stop_sys],
                    stop_d1_snap=stop_snaps[stop_d1], stop_d2_snap=stop_snaps[stop_d2],
                    spare=spare)
+        # a custom image of A's, from the stopped instance's system-disk snapshot
+        ids["custom"] = _ok(a, "CreateImage", SnapshotId=ids["stop_sys_snap"],
+                            ImageName="alice-custom")["ImageId"]
 
         b_inst = _run(b, public.id, start=False, data_disks=1)
         b_sys, b_d1 = _disks(b, b_inst)
         ids.update(b_inst=b_inst, b_sys=b_sys, b_d1=b_d1,
                    b_disk=_ok(b, "CreateDisk", Size=20)["DiskId"],
                    b_snap=_ok(b, "CreateSnapshot", DiskId=b_d1)["SnapshotId"])
+        ids["b_policy"] = _ok(b, "CreateAutoSnapshotPolicy", TimePoints='["4"]',
+                              RepeatWeekdays='["3"]', RetentionDays=-1)["AutoSnapshotPolicyId"]
         w = World(ctx, compute, a, b, done.account.id, bob.id, ids)
         w.a_ids = owned_ids(w)
         assert {v for k, v in ids.items() if not k.startswith(("b_", "public"))} <= w.a_ids
@@ -146,7 +156,7 @@ def _rows(ctx: ServiceContext, account_id: str) -> list[tuple[str, str, str]]:
         repos: dict[str, Repository[Any]] = {
             "instance": uow.instances, "disk": uow.disks, "snapshot": uow.snapshots,
             "group": uow.snapshot_groups, "task": uow.tasks, "invocation": uow.invocations,
-            "image": uow.images}
+            "image": uow.images, "policy": uow.auto_snapshot_policies}
         rows = []
         for kind, repo in repos.items():
             for obj in repo.find():
@@ -230,7 +240,16 @@ CASES: dict[str, list[Case]] = {
         empty("Images.Image", lambda i: {"ImageId": i["image"], "ImageOwnerAlias": "self"}),
         empty("Images.Image", lambda i: {"ImageName": "alice-private"}),
         Case(lambda i: {}),  # the public image and B's own only
+        empty("Images.Image", lambda i: {"ImageId": i["custom"], "ImageOwnerAlias": "self",
+                                         "Status": "Creating,Available,CreateFailed"}),
+        empty("Images.Image", lambda i: {"SnapshotId": i["stop_sys_snap"]}),
     ],
+    "CreateImage": [nf("s", lambda i: {"SnapshotId": i["stop_sys_snap"]}),
+                    nf("i", lambda i: {"InstanceId": i["run"]}),
+                    nf("i", lambda i: {"InstanceId": i["stop"], "ImageName": "stolen"})],
+    "DeleteImage": [nf("m", lambda i: {"ImageId": i["custom"]}),
+                    nf("m", lambda i: {"ImageId": i["custom"], "Force": "true"}),
+                    nf("m", lambda i: {"ImageId": i["image"], "Force": "true"})],
     "RunInstances": [nf("m", lambda i: {"ImageId": i["image"], "InstanceType": NANO})],
     "CreateInstance": [nf("m", lambda i: {"ImageId": i["image"], "InstanceType": NANO})],
     "DescribeInstances": [
@@ -312,6 +331,11 @@ CASES: dict[str, list[Case]] = {
     "ResetDisk": [nf("s", lambda i: {"DiskId": i["stop_d1"], "SnapshotId": i["stop_d1_snap"]},
                      also=BOTH)],
     "PreviewResetDisks": [nf("s", lambda i: disks_of(_stop_pairs(i)), also=BOTH)],
+    "RestoreSnapshotFiles": [
+        nf("i", lambda i: {"InstanceId": i["stop"], "SnapshotId": i["stop_sys_snap"],
+                           "Path__1": "/etc/hostname"}),
+        nf("i", lambda i: {"InstanceId": i["run"], "SnapshotId": i["snap"],
+                           "Path__1": "/etc/hostname", "TargetPath": "/tmp/x"})],
     "DescribeTasks": [empty("TaskSet.Task", lambda i: {"TaskIds": i["task"]}),
                       Case(lambda i: {"TaskAction": "TakeSnapshots"})],  # B's own only
     "DescribeTaskAttribute": [nf("t", lambda i: {"TaskId": i["task"]}),
@@ -326,9 +350,36 @@ CASES: dict[str, list[Case]] = {
     "DescribeInvocations": [empty("Invocations.Invocation", lambda i: {"InvokeId": i["invoke"]}),
                             empty("Invocations.Invocation", lambda i: {"InstanceId": i["run"]})],
 }
-# CreateDisk takes no ID of another resource (SnapshotId is not supported yet): B gets its
-# own disk, which A does not see; A's fingerprint is checked as for every case
-CASES["CreateDisk"] = [Case(lambda i: {"Size": 20, "DiskName": "alice-spare"})]
+_NO_POLICY = "InvalidAutoSnapshotPolicyId.NotFound"
+CASES.update({
+    # B creates its own policy, which A does not see
+    "CreateAutoSnapshotPolicy": [Case(lambda i: {"TimePoints": '["3"]',
+                                                 "RepeatWeekdays": '["2"]',
+                                                 "RetentionDays": 3})],
+    "DescribeAutoSnapshotPolicyEx": [
+        empty("AutoSnapshotPolicies.AutoSnapshotPolicy",
+              lambda i: {"AutoSnapshotPolicyId": i["policy"]}),
+        Case(lambda i: {})],  # B's own only
+    "ModifyAutoSnapshotPolicyEx": [Case(lambda i: {"AutoSnapshotPolicyId": i["policy"],
+                                                   "RetentionDays": 5}, code=_NO_POLICY)],
+    "DeleteAutoSnapshotPolicy": [Case(lambda i: {"AutoSnapshotPolicyId": i["policy"]},
+                                      code=_NO_POLICY)],
+    "ApplyAutoSnapshotPolicy": [
+        Case(lambda i: {"AutoSnapshotPolicyId": i["policy"],
+                        "DiskIds": json.dumps([i["b_disk"]])}, code=_NO_POLICY),
+        nf("d", lambda i: {"AutoSnapshotPolicyId": i["b_policy"],
+                           "DiskIds": json.dumps([i["spare"]])})],
+    "CancelAutoSnapshotPolicy": [nf("d", lambda i: {"DiskIds": json.dumps([i["spare"]])})],
+})
+# CreateDisk: without a SnapshotId B gets its own disk, which A does not see; A's snapshot
+# does not exist for B (nor in RunInstances' data disks); A's fingerprint is checked as for
+# every case
+CASES["CreateDisk"] = [Case(lambda i: {"Size": 20, "DiskName": "alice-spare"}),
+                       nf("s", lambda i: {"SnapshotId": i["snap"]}),
+                       nf("s", lambda i: {"SnapshotId": i["snap"], "Size": 40})]
+CASES["RunInstances"] = [*CASES["RunInstances"], Case(lambda i: {
+    "ImageId": i["public_image"], "InstanceType": NANO,
+    "DataDisk__1__SnapshotId": i["snap"]}, code="InvalidDataDiskSnapshotId.NotFound")]
 
 
 def test_every_action_has_a_tenancy_case() -> None:
@@ -383,7 +434,7 @@ def test_another_accounts_ids(world: World, action: str) -> None:
         leaked = sorted(i for i in w.a_ids - sent if i in shown)
         assert not leaked, f"{where}: names A's {leaked}"
         assert fingerprint(w) == before, f"{where}: changed A's resources"
-        if action == "CreateDisk":  # B's new disk is B's only
+        if action == "CreateDisk" and case.code is None:  # B's new disk is B's only
             new = str(body["DiskId"])
             assert _ok(w.a, "DescribeDisks", DiskIds=json.dumps([new]))["Disks"]["Disk"] == []
             assert [d["DiskId"] for d in _ok(w.b, "DescribeDisks", DiskIds=json.dumps(

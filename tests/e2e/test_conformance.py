@@ -285,6 +285,7 @@ DOCUMENTED: dict[str, tuple[str, ...]] = {
     "RunInstancesResponseBody": ("InstanceIdSets", "TradePrice"),
     "CreateInstanceResponseBody": ("InstanceId", "TradePrice"),
     "CreateDiskResponseBody": ("DiskId",),
+    "CreateImageResponseBody": ("ImageId",),
     "ReplaceSystemDiskResponseBody": ("DiskId",),
     "CreateSnapshotResponseBody": ("SnapshotId",),
     "CreateSnapshotGroupResponseBody": ("SnapshotGroupId",),
@@ -315,6 +316,7 @@ EXTENSIONS: dict[str, set[str]] = {
     "DescribeTaskAttributeResponseBody": {"Result", "ResourceId"},
     "DescribeTasksResponseBodyTaskSetTask": {"TaskProcess", "ResourceId"},
     "DescribeSnapshotsResponseBodySnapshotsSnapshot": {"InstanceId", "SnapshotGroupId"},
+    "DescribeInstancesResponseBodyInstancesInstance": {"HostId"},  # the placement's host
 }
 
 
@@ -625,6 +627,21 @@ class World:
         self.until("group", lambda: members() is not None)
         return group_id, members() or {}
 
+    def custom_image(self, instance_id: str | None = None) -> str:
+        """An Available custom image of a system disk's snapshot (or of `instance_id`)."""
+        source = {"InstanceId": instance_id} if instance_id else \
+            {"SnapshotId": self.snapshot(self.disks(self.stopped())[0])}
+        image_id = str(self.call("CreateImage", **source)["ImageId"])
+        self.until("image", lambda: self.call(
+            "DescribeImages", ImageId=image_id, ImageOwnerAlias="self")["Images"]["Image"]
+            [0]["Status"] == "Available")
+        return image_id
+
+    def policy(self, name: str = "") -> str:
+        return str(self.call("CreateAutoSnapshotPolicy", RegionId=REGION, TimePoints='["2"]',
+                             RepeatWeekdays='["1"]', RetentionDays=-1,
+                             AutoSnapshotPolicyName=name)["AutoSnapshotPolicyId"])
+
     def task(self) -> str:
         instance_id = self.stopped()
         return str(self.call("CreateSnapshotGroup", InstanceId=instance_id)["TaskId"])
@@ -699,6 +716,12 @@ def _instance_probe(prefix: str) -> Probe:
                  client_token=lambda w: f"token-{time.monotonic_ns()}")
 
 
+def _snapshot_disk_probe(prefix: str) -> Probe:
+    """A data disk from a data disk's snapshot (its size: the snapshot's)."""
+    return _with(_run_request(prefix), data_disk=lambda w: [
+        getattr(_m(), f"{prefix}RequestDataDisk")(snapshot_id=w.snapshot(w.available_disk()))])
+
+
 def _region(w: World) -> Values:
     return {"region_id": REGION}
 
@@ -717,6 +740,26 @@ def _reset_disks(w: World) -> Values:
 
 def _json_ids(ids: list[str]) -> str:
     return json.dumps(ids)
+
+
+def _policy_values(w: World) -> Values:
+    return {"region_id": REGION, "time_points": '["2"]', "repeat_weekdays": '["1","7"]',
+            "retention_days": -1}
+
+
+def _a_policy(w: World) -> Values:
+    return {"region_id": REGION, "auto_snapshot_policy_id": w.policy()}
+
+
+def _used_image(w: World) -> Values:
+    """A custom image an instance was made from."""
+    image_id = w.custom_image()
+    w.call("RunInstances", ImageId=image_id, InstanceType=TYPE)
+    return {"region_id": REGION, "image_id": image_id}
+
+
+def _a_disk(w: World) -> Values:
+    return {"region_id": REGION, "disk_ids": _json_ids([w.available_disk()])}
 
 
 SPECS: dict[str, Spec] = {
@@ -738,11 +781,13 @@ SPECS: dict[str, Spec] = {
     )),
     "RunInstances": Spec(_run_request("RunInstances"), (
         _instance_probe("RunInstances"),
+        _snapshot_disk_probe("RunInstances"),
         _with(_run_request("RunInstances"), amount=2, min_amount=1),
         _with(_run_request("RunInstances"), "DryRunOperation", dry_run=True),
     )),
     "CreateInstance": Spec(_run_request("CreateInstance"), (
         _instance_probe("CreateInstance"),
+        _snapshot_disk_probe("CreateInstance"),
         _with(_run_request("CreateInstance"), "DryRunOperation", dry_run=True),
     )),
     "DescribeInstances": Spec(_region, (
@@ -789,6 +834,23 @@ SPECS: dict[str, Spec] = {
               disk_category="cloud_essd", disk_name="conformance", description="a disk",
               tag=_tag("CreateDiskRequestTag"),
               client_token=lambda w: f"token-{time.monotonic_ns()}"),
+        _with(lambda w: {"region_id": REGION, "zone_id": ZONE, "size": 20},
+              snapshot_id=lambda w: w.snapshot(w.available_disk())),
+    )),
+    "CreateImage": Spec(lambda w: {"region_id": REGION,
+                                   "snapshot_id": w.snapshot(w.disks(w.stopped())[0])}, (
+        _with(lambda w: {"region_id": REGION, "instance_id": w.running()},
+              image_name="conformance", description="a custom image", platform="Debian",
+              architecture="x86_64", image_version="1",
+              client_token=lambda w: f"token-{time.monotonic_ns()}"),
+        _with(lambda w: {"region_id": REGION,
+                         "snapshot_id": w.snapshot(w.disks(w.stopped())[1])},
+              "OperationDenied"),  # a data disk's snapshot
+        _with(_region, "UnsupportedParameter", snapshot_id="s-x", image_family="f"),
+    )),
+    "DeleteImage": Spec(lambda w: {"region_id": REGION, "image_id": w.custom_image()}, (
+        _with(_used_image, "ImageUsingByInstance"),
+        _with(_used_image, force=True),
     )),
     "AttachDisk": Spec(lambda w: {"instance_id": w.stopped(), "disk_id": w.available_disk()},
                        (_with(lambda w: {"instance_id": w.stopped(),
@@ -824,6 +886,11 @@ SPECS: dict[str, Spec] = {
     "DescribeSnapshotFiles": Spec(lambda w: {"RegionId": REGION,
                                              "SnapshotId": _reset_items(w)[1][0][1]},
                                   extension=True),
+    "RestoreSnapshotFiles": Spec(lambda w: (lambda i: {
+        "RegionId": REGION, "InstanceId": i[0], "SnapshotId": i[1][0][1],
+        "Path.1": "/etc/hostname"})(_reset_items(w)), extension=True,
+        # the conformance world's disks hold no file system (its template is a pattern)
+        code="OperationDenied.UnsupportedFileSystem"),
     "DescribeSnapshots": Spec(_region, (
         _with(_region, snapshot_ids=lambda w: _json_ids([]), disk_id="d-x", instance_id="i-x",
               status="accomplished", snapshot_name="s", source_disk_type="Data",
@@ -839,6 +906,31 @@ SPECS: dict[str, Spec] = {
         (_with(lambda w: {"snapshot_id": w.snapshot(w.available_disk())},
                snapshot_name="renamed", description="described"),),
         code="NoAttributeToModify"),  # ECS-API.md: nothing to change
+    "CreateAutoSnapshotPolicy": Spec(_policy_values, (
+        _with(_policy_values, auto_snapshot_policy_name="nightly",
+              tag=_tag("CreateAutoSnapshotPolicyRequestTag")),
+        _with(_policy_values, "InvalidTimePoints.Malformed", time_points='["24"]'),
+    )),
+    "ModifyAutoSnapshotPolicyEx": Spec(_a_policy, (
+        _with(_a_policy, auto_snapshot_policy_name="weekly", time_points='["3","15"]',
+              repeat_weekdays='["6","7"]', retention_days=30),
+        _with(_a_policy, "InvalidRetentionDays.Malformed", retention_days=0),
+    )),
+    "DescribeAutoSnapshotPolicyEx": Spec(_region, (
+        _with(_region, auto_snapshot_policy_id=lambda w: w.policy(),
+              auto_snapshot_policy_name="p", tag=_tag("DescribeAutoSnapshotPolicyExRequestTag"),
+              page_number=1, page_size=10),
+    )),
+    "DeleteAutoSnapshotPolicy": Spec(_a_policy, (
+        _with(lambda w: {"region_id": REGION, "auto_snapshot_policy_id": "sp-nope"},
+              "InvalidAutoSnapshotPolicyId.NotFound"),
+    )),
+    "ApplyAutoSnapshotPolicy": Spec(lambda w: {**_a_policy(w), **_a_disk(w)}, (
+        _with(lambda w: {**_a_policy(w), "disk_ids": '["d-nope"]'}, "InvalidDiskId.NotFound"),
+    )),
+    "CancelAutoSnapshotPolicy": Spec(_a_disk, (
+        _with(_a_disk, auto_snapshot_policy_id=lambda w: w.policy()),
+    )),
     "CreateSnapshotGroup": Spec(lambda w: {"region_id": REGION, "instance_id": w.stopped()}, (
         _with(lambda w: {"region_id": REGION, "instance_id": w.stopped()}, name="conformance",
               description="an instance snapshot", tag=_tag("CreateSnapshotGroupRequestTag")),
@@ -892,7 +984,8 @@ SPECS: dict[str, Spec] = {
 }
 
 # Required by ECS (shared/reference/ECS-API.md) where the SDK's model leaves them
-# conditional: ecsnap has no launch templates, image families or disks from snapshots.
+# conditional: ecsnap has no launch templates or image families (CreateDisk: Size, or
+# SnapshotId, which a probe sends).
 ECS_REQUIRED: dict[str, set[str]] = {
     "RunInstances": {"image_id", "instance_type"},
     "CreateInstance": {"image_id"},
@@ -900,6 +993,7 @@ ECS_REQUIRED: dict[str, set[str]] = {
     "RunCommand": {"instance_id"},
     "ReplaceSystemDisk": {"image_id"},
     "CreateDisk": {"zone_id", "size"},
+    "CreateImage": {"snapshot_id"},  # or InstanceId, which a probe sends
 }
 
 
@@ -947,6 +1041,15 @@ def test_extension_preview_reset_disks(live: Live, world: World) -> None:
     [disk] = raw["Disks"]["Disk"]
     assert isinstance(disk["BytesWrittenSinceSnapshot"], int)
     assert disk["Failures"] == {"Failure": []}
+
+
+def test_extension_restore_snapshot_files(live: Live, world: World) -> None:
+    """Its parameters reach the service through the SDK's generic call (the conformance
+    world's disks hold no file system: the answer is that ECS-style error)."""
+    spec = SPECS["RestoreSnapshotFiles"]
+    with pytest.raises(SdkError) as caught:
+        NewSdk(live).send_extension("RestoreSnapshotFiles", spec.required(world))
+    assert (caught.value.code, caught.value.status) == (spec.code, 403)
 
 
 def test_region_is_inferred_where_the_sdk_cannot_send_it(live: Live) -> None:
@@ -1054,6 +1157,8 @@ LISTINGS: dict[str, Listing] = {
     "DescribeInstanceStatus": Listing("InstanceStatuses.InstanceStatus", "InstanceId"),
     "DescribeDisks": Listing("Disks.Disk", "DiskId"),
     "DescribeSnapshots": Listing("Snapshots.Snapshot", "SnapshotId"),
+    "DescribeAutoSnapshotPolicyEx": Listing("AutoSnapshotPolicies.AutoSnapshotPolicy",
+                                            "AutoSnapshotPolicyId"),
     "DescribeSnapshotGroups": Listing("SnapshotGroups.SnapshotGroup", "SnapshotGroupId"),
     "DescribeTasks": Listing("TaskSet.Task", "TaskId"),
     "DescribeInvocationResults": Listing("Invocation.InvocationResults.InvocationResult",
@@ -1150,6 +1255,13 @@ def _snapshots_of_one_disk(w: World) -> Values:
     return {"disk_id": disk_id}
 
 
+def _policies_of_one_name(w: World) -> Values:
+    name = f"paged-{time.monotonic_ns()}"
+    for _ in range(3):
+        w.policy(name)
+    return {"auto_snapshot_policy_name": name}
+
+
 # Filters that select a few items made for the paging test (the module's server holds
 # many more); None: the whole list (a short one).
 PAGING_SCOPE: dict[str, Callable[[World], Values] | None] = {
@@ -1159,6 +1271,7 @@ PAGING_SCOPE: dict[str, Callable[[World], Values] | None] = {
     "DescribeInstanceStatus": lambda w: {"instance_id": _three(w.running)},
     "DescribeDisks": lambda w: {"disk_ids": _json_ids(_three(w.available_disk))},
     "DescribeSnapshots": _snapshots_of_one_disk,
+    "DescribeAutoSnapshotPolicyEx": _policies_of_one_name,
     "DescribeSnapshotGroups": _groups_of_one_instance,
     "DescribeTasks": lambda w: {"task_ids": ",".join(_three(w.task))},
     "DescribeInvocationResults": _invocations_of_one_instance,

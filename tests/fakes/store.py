@@ -46,7 +46,7 @@ import threading
 import typing
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Generic, Self, TypeVar, cast
 
@@ -104,6 +104,9 @@ TABLES: dict[str, _Table] = {t.name: t for t in (
     _Table("tasks", model.Task, _by_id),
     _Table("idempotency", model.IdempotencyRecord, _idempotency_key),
     _Table("invocations", model.Invocation, _by_id),
+    _Table("auto_snapshot_policies", model.AutoSnapshotPolicy, _by_id),
+    _Table("policy_runs", model.PolicyRun, _by_id),
+    _Table("hosts", model.Host, _by_id),
 )}
 _LOCKABLE = {"instance": "instances", "disk": "disks"}
 
@@ -175,7 +178,7 @@ def _filtered(table: _Table, rows: Iterable[Any], criteria: Criteria,
     """The WHERE clause of SqlRepository._build, except `after` (listings only)."""
     merged = {**criteria.equals, **equals}
     known = set(_fields(table.cls))
-    for name in (*merged, *criteria.within, *criteria.wildcard):
+    for name in (*merged, *criteria.within, *criteria.without, *criteria.wildcard):
         if name not in known:
             raise KeyError(name)
     patterns = {name: _like(p) for name, p in criteria.wildcard.items()}
@@ -192,6 +195,12 @@ def _filtered(table: _Table, rows: Iterable[Any], criteria: Criteria,
             for name, values in within.items():
                 have = getattr(obj, name)
                 if have is None or have not in values:
+                    ok = False
+                    break
+        if ok:
+            for name, excluded in criteria.without.items():
+                have = getattr(obj, name)  # NULL is in no list, nor out of it (SQL)
+                if have is None or have in excluded:
                     ok = False
                     break
         if ok:
@@ -397,6 +406,19 @@ class InMemoryUnitOfWork:
     def invocations(self) -> MemoryRepository[model.Invocation]:
         return cast(MemoryRepository[model.Invocation], self._repo("invocations"))
 
+    @property
+    def auto_snapshot_policies(self) -> MemoryRepository[model.AutoSnapshotPolicy]:
+        return cast(MemoryRepository[model.AutoSnapshotPolicy],
+                    self._repo("auto_snapshot_policies"))
+
+    @property
+    def policy_runs(self) -> MemoryRepository[model.PolicyRun]:
+        return cast(MemoryRepository[model.PolicyRun], self._repo("policy_runs"))
+
+    @property
+    def hosts(self) -> MemoryRepository[model.Host]:
+        return cast(MemoryRepository[model.Host], self._repo("hosts"))
+
     def try_lock(self, kind: str, obj_ids: Sequence[str], task_id: str) -> str | None:
         assert not isinstance(obj_ids, str), "a sequence of IDs"
         self._writable("try_lock")
@@ -442,6 +464,110 @@ class InMemoryUnitOfWork:
             return False
         self._tx_nonces[(key_id, nonce)] = expires
         return True
+
+    def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
+                           snapshot_id: str = "") -> bool:
+        """sql.py's conditional upsert: under the writer lock, insert the run or move its
+        last_due forward only where it is earlier."""
+        self._writable("advance_policy_run")
+        self._begin()
+        self._flush()
+        key = model.PolicyRun.key(policy_id, disk_id)
+        rows = self._rows("policy_runs", write=True)
+        row = rows.get(key)
+        if row is not None and not row.last_due < due:
+            return False
+        if row is None:
+            rows[key] = _row(model.PolicyRun(id=key, policy_id=policy_id, disk_id=disk_id,
+                                             last_due=due, snapshot_id=snapshot_id))
+            return True
+        self._set("policy_runs", key, last_due=due, snapshot_id=snapshot_id)
+        return True
+
+    # ------------------------------------------------------------ the cluster (sql.py's)
+
+    def _set(self, table: str, obj_id: str, **values: Any) -> None:
+        rows = self._rows(table, write=True)
+        rows[obj_id] = _row(rows[obj_id], values)
+        entry = self._imap.get(table, {}).get(obj_id)
+        if entry is not None:  # told, without becoming dirty (as try_lock's objects)
+            for name, value in values.items():
+                setattr(entry.obj, name, value)
+                if entry.baseline is not None:
+                    entry.baseline[name] = _copy_value(value)
+
+    def clock(self) -> datetime:
+        return datetime.now(UTC).replace(tzinfo=None)
+
+    def _host_up(self, host_id: str, epoch: int) -> bool:
+        host = self._rows("hosts").get(host_id)
+        return host is not None and host.epoch == epoch and host.state == model.HostState.UP
+
+    def claim_tasks(self, host_id: str, epoch: int, now: datetime, lease_until: datetime,
+                    limit: int) -> list[tuple[str, bool]]:
+        self._writable("claim_tasks")
+        self._begin()
+        self._flush()
+        tasks = sorted(self._rows("tasks").values(), key=lambda t: (t.created, t.id))
+        picked = [(t.id, bool(t.owner_epoch)) for t in tasks
+                  if t.status == model.TaskStatus.PROCESSING
+                  and t.host_id in (None, host_id)
+                  and (t.owner == "" or not self._host_up(t.owner, t.owner_epoch)
+                       or (t.lease_until is not None and t.lease_until < now))][:limit]
+        for task_id, _ in picked:
+            self._set("tasks", task_id, owner=host_id, owner_epoch=epoch,
+                      lease_until=lease_until)
+        return picked
+
+    def renew_leases(self, host_id: str, epoch: int, task_ids: Sequence[str],
+                     lease_until: datetime) -> list[str]:
+        self._writable("renew_leases")
+        self._begin()
+        self._flush()
+        rows = self._rows("tasks")
+        held = [i for i in task_ids if i in rows and rows[i].owner == host_id
+                and rows[i].owner_epoch == epoch]
+        for task_id in held:
+            self._set("tasks", task_id, lease_until=lease_until)
+        return held
+
+    def hold_epoch(self, host_id: str, epoch: int, task_id: str | None = None) -> bool:
+        self._writable("hold_epoch")
+        self._begin()
+        self._flush()
+        if not self._host_up(host_id, epoch):
+            return False
+        task = self._rows("tasks").get(task_id) if task_id is not None else None
+        return task_id is None or (task is not None and task.owner == host_id
+                                   and task.owner_epoch == epoch)
+
+    def heartbeat(self, host_id: str, epoch: int, now: datetime) -> bool:
+        self._writable("heartbeat")
+        self._begin()
+        self._flush()
+        if not self._host_up(host_id, epoch):
+            return False
+        self._set("hosts", host_id, heartbeat_at=now)
+        return True
+
+    def fence_host(self, host_id: str, epoch: int, stale_before: datetime) -> bool:
+        self._writable("fence_host")
+        self._begin()
+        self._flush()
+        host = self._rows("hosts").get(host_id)
+        if host is None or not self._host_up(host_id, epoch) or \
+                not host.heartbeat_at < stale_before:
+            return False
+        self._set("hosts", host_id, epoch=epoch + 1, state=model.HostState.FENCED)
+        return True
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        self._writable("notify")
+
+    def lock_hosts(self) -> list[model.Host]:
+        self._writable("lock_hosts")
+        return sorted((h for h in self.hosts.find() if h.state == model.HostState.UP),
+                      key=lambda h: h.id)
 
     # ------------------------------------------------------------ repository operations
 

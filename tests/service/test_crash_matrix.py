@@ -47,12 +47,21 @@ from ecsnap.domain.model import (
     SnapshotStatus,
     TaskStatus,
 )
-from ecsnap.service import disks, images, instances, regions, rollback, snapshots
+from ecsnap.service import (
+    disks,
+    images,
+    instances,
+    regions,
+    restore_files,
+    rollback,
+    snapshots,
+)
 from ecsnap.service.context import ServiceContext, attached_disks
 from ecsnap.service.disks import (
     AttachDisk,
     AttachDiskPlan,
     CreateDisk,
+    CreateDiskPlan,
     DeleteDisk,
     DetachDisk,
     DetachDiskPlan,
@@ -64,6 +73,7 @@ from ecsnap.service.disks import (
     ResizeDisk,
     ResizeDiskPlan,
 )
+from ecsnap.service.images import CreateImage, CreateImagePlan, DeleteImage, DeleteImagePlan
 from ecsnap.service.instances import (
     DataDiskSpec,
     DeleteInstance,
@@ -80,6 +90,7 @@ from ecsnap.service.instances import (
 )
 from ecsnap.service.operation import Operation, Plan
 from ecsnap.service.registry import OPERATIONS
+from ecsnap.service.restore_files import RestoreFilesPlan, RestoreSnapshotFiles
 from ecsnap.service.rollback import ResetDisks, ResetDisksPlan
 from ecsnap.service.snapshots import (
     DeleteSnapshots,
@@ -88,7 +99,7 @@ from ecsnap.service.snapshots import (
     TakeSnapshotsPlan,
 )
 from ecsnap.service.volumes import MAX_CLONE_DEPTH, CollectVolumes, CollectVolumesPlan
-from tests import crash
+from tests import crash, qcow
 from tests.ceph import CephCluster, shared
 from tests.conftest import ACCOUNT, REGION
 from tests.crash import Lab
@@ -296,6 +307,27 @@ def created_disk(lab: Lab, w: World) -> str:
     [disk] = rows.disks.values()
     ok = disk.status == DiskStatus.AVAILABLE and not disk.released and has_file(lab, disk.id)
     return verdict(ok, False, f"{disk.id} {disk.status.value} file {has_file(lab, disk.id)}")
+
+
+def disk_with_snapshot(lab: Lab, w: World) -> World:
+    disk_id = new_disk(lab)
+    return {"disk": disk_id, "snapshot": snapshots.create_snapshot(lab.ctx, ACCOUNT, disk_id)}
+
+
+def restored_disk(lab: Lab, w: World) -> str:
+    """A disk from the snapshot: done, its row Available, its file, and its one link to the
+    snapshot's base; undone, none of them (the base itself may stay: the snapshot does)."""
+    made = [d for d in Rows.read(lab).disks.values() if d.source_snapshot_id == w["snapshot"]]
+    links = sorted(p.name for p in (lab.pool / ".bases").glob("*+*"))
+    if not made:
+        files = sorted(p.name for p in lab.pool.glob("*.qcow2"))
+        return verdict(False, not links and files == [f"{w['disk']}.qcow2"],
+                       f"no row; links {links}, files {files}")
+    [disk] = made
+    ok = disk.status == DiskStatus.AVAILABLE and has_file(lab, disk.id) and \
+        links == [f"{w['disk']}@{w['snapshot']}+{disk.id}.qcow2"]
+    return verdict(ok, False, f"{disk.id} {disk.status.value} file {has_file(lab, disk.id)} "
+                              f"links {links}")
 
 
 def instance_and_free_disk(running: bool) -> Callable[[Lab, World], World]:
@@ -538,6 +570,99 @@ def collected(lab: Lab, w: World) -> str:
                    f"depth {depth}, garbage gone {gone}, data {data}")
 
 
+# RestoreSnapshotFiles
+
+
+def ext4_data_disk_changed_after_snapshot(lab: Lab, w: World) -> World:
+    """A stopped instance whose data disk holds an ext4 file system with /note.txt, a
+    snapshot of it, then /note.txt changed on the disk."""
+    from tests.inspect import images as ext4  # the inspection tests' image tools
+
+    world = instance_with_data_disk(False)(lab, w)
+    work = lab.data_dir / "ext4"
+    work.mkdir(exist_ok=True)
+    made = ext4.make_disk(work, {"note.txt": b"as in the snapshot\n"}, size="16M")
+    subprocess.run(["qemu-img", "convert", "-q", "-n", "-f", "qcow2", "-O", "qcow2",
+                    str(made), lab.disk_path(world["disk"])], check=True)
+    snap = snapshots.create_snapshot(lab.ctx, ACCOUNT, world["disk"])
+    changed = ext4.host_file(work, b"changed afterwards\n")
+    ext4.edit(Path(lab.disk_path(world["disk"])), ["rm /note.txt", "cd /",
+                                                   f"write {changed} note.txt"])
+    return {**world, "snapshot": snap}
+
+
+def file_restored(lab: Lab, w: World) -> str:
+    from ecsnap.adapters.inspect.base import DiskImage
+    from ecsnap.adapters.inspect.debugfs import DebugfsReader
+
+    reader = DebugfsReader(lab.data_dir / "check-inspect")
+    with reader.open(DiskImage(lab.disk_path(w["disk"]), None, w["disk"])) as disk:
+        content = reader.read_file(disk, (b"note.txt",))
+        reader.check(disk)  # e2fsck -n: consistent whatever the crash
+    status = Rows.read(lab).status(w["instance"])
+    return verdict(content == b"as in the snapshot\n" and status.startswith("Stopped"),
+                   content == b"changed afterwards\n", f"{content!r}, {status}")
+
+
+# CreateImage / DeleteImage
+
+
+def custom_images(lab: Lab) -> list[Any]:
+    with lab.ctx.uow(readonly=True) as uow:
+        return [i for i in uow.images.find() if i.account_id == ACCOUNT]
+
+
+def with_internal(setup: Callable[[Lab, World], World]) -> Callable[[Lab, World], World]:
+    """`setup`, then the names of the internal snapshots of its system disk's file."""
+    def made(lab: Lab, w: World) -> World:
+        world = setup(lab, w)
+        return {**world, "internal": qcow.snapshots(lab.path(world["disks"][0]))}
+    return made
+
+
+def image_made(from_instance: bool) -> Callable[[Lab, World], str]:
+    """Done: the image Available, its whole template (no staging file left), and from an
+    instance the accomplished snapshot of its system disk it was made from. Undone: no
+    image, or a CreateFailed one without files; no snapshot taken (row or internal)."""
+    def outcome(lab: Lab, w: World) -> str:
+        rows = Rows.read(lab)
+        system = w["disks"][0]
+        taken = [s for s in rows.snapshots.values()
+                 if s.source_disk_id == system and s.id != w.get("snapshot")]
+        internal = qcow.snapshots(lab.path(system))
+        untouched = not taken and internal == w["internal"]
+        made = custom_images(lab)
+        if not made:
+            return verdict(False, untouched, f"no image; snapshots {taken}, {internal}")
+        [image] = made
+        home = Path(image.template_path).parent
+        files = sorted(p.name for p in home.iterdir()) if home.exists() else []
+        source_ok = (len(taken) == 1 and taken[0].status == SnapshotStatus.ACCOMPLISHED
+                     and taken[0].id in internal and image.source_snapshot_id == taken[0].id) \
+            if from_instance else (untouched and image.source_snapshot_id == w["snapshot"])
+        done = image.status == "Available" and files == ["template.qcow2"] and source_ok
+        undone = image.status == "CreateFailed" and not home.exists() and untouched
+        return verdict(done, undone, f"{image.status}, files {files}, snapshots "
+                                     f"{[(s.id, s.status.value) for s in taken]}, {internal}")
+    return outcome
+
+
+def unused_custom_image(lab: Lab, w: World) -> World:
+    world = stopped_with_system_snapshot(lab, w)
+    image_id = images.create_image(lab.ctx, ACCOUNT, REGION, snapshot_id=world["snapshot"])
+    return {**world, "custom": image_id}
+
+
+def image_deleted(lab: Lab, w: World) -> str:
+    made = custom_images(lab)
+    home = lab.ctx.settings.images_dir / w["custom"]
+    done = not made and not home.exists()
+    undone = [(i.id, i.status) for i in made] == [(w["custom"], "Available")] and \
+        (home / "template.qcow2").exists()
+    return verdict(done, undone, f"rows {[(i.id, i.status) for i in made]}, files "
+                                 f"{home.exists()}")
+
+
 P2 = (("d-1", "s-1"), ("d-2", "s-2"))  # two (disk, snapshot) pairs
 V2 = (("d-1", "d-1", "d-1.t"), ("d-2", "d-2", "d-2.t"))  # (disk, old, new volume)
 
@@ -566,8 +691,12 @@ SCENARIOS: tuple[Scenario, ...] = (
              DeleteInstancePlan("i", ("d-1",), ("d-1",)), running_system_only,
              lambda ctx, w: instances.delete_instance(ctx, ACCOUNT, w["instance"], force=True),
              deleted_running),
-    Scenario("CreateDisk", CreateDisk, DiskPlan("d"), lambda lab, w: {},
+    Scenario("CreateDisk", CreateDisk, CreateDiskPlan("d"), lambda lab, w: {},
              lambda ctx, w: new_disk_in(ctx), created_disk),
+    Scenario("CreateDisk-from-snapshot", CreateDisk, CreateDiskPlan("d", "d-src"),
+             disk_with_snapshot,
+             lambda ctx, w: disks.create_disk(ctx, ACCOUNT, REGION, size_gib=None,
+                                              snapshot_id=w["snapshot"]), restored_disk),
     Scenario("AttachDisk-stopped", AttachDisk, AttachDiskPlan("d", "i", "/dev/xvdb"),
              instance_and_free_disk(False),
              lambda ctx, w: disks.attach_disk(ctx, ACCOUNT, w["instance"], w["disk"]),
@@ -659,6 +788,25 @@ SCENARIOS: tuple[Scenario, ...] = (
                                                  [tuple(i) for i in w["items"]],
                                                  safety_snapshot=False),
              collected, rbd=True),
+    Scenario("CreateImage-from-snapshot", CreateImage, CreateImagePlan("m", "d", "s"),
+             with_internal(stopped_with_system_snapshot),
+             lambda ctx, w: images.create_image(ctx, ACCOUNT, REGION,
+                                                snapshot_id=w["snapshot"]),
+             image_made(False)),
+    Scenario("CreateImage-from-running-instance", CreateImage,
+             CreateImagePlan("m", "d", "s", "i", True), with_internal(running_system_only),
+             lambda ctx, w: images.create_image(ctx, ACCOUNT, REGION,
+                                                instance_id=w["instance"]),
+             image_made(True)),
+    Scenario("DeleteImage", DeleteImage, DeleteImagePlan(("m",)), unused_custom_image,
+             lambda ctx, w: images.delete_image(ctx, ACCOUNT, REGION, w["custom"]),
+             image_deleted),
+    Scenario("RestoreSnapshotFiles-stopped", RestoreSnapshotFiles,
+             RestoreFilesPlan("i", "d", "s", REGION, "disk", (("/note.txt", "/note.txt"),)),
+             ext4_data_disk_changed_after_snapshot,
+             lambda ctx, w: restore_files.restore_snapshot_files(
+                 ctx, ACCOUNT, w["instance"], w["snapshot"], ["/note.txt"]),
+             file_restored),
 )
 
 

@@ -7,7 +7,7 @@ framework. `eq=False` keeps identity semantics, which the store's identity map n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple
 
@@ -181,9 +181,11 @@ class Image:
     kernel_path: str = ""
     initrd_path: str = ""
     kernel_args: str = ""
-    status: str = "Available"
+    status: str = "Available"  # Creating, Available, CreateFailed; Deleted: see DeleteImage
     description: str = ""
     created: datetime = field(default_factory=utcnow)
+    # a custom image (CreateImage): the system-disk snapshot it was made from
+    source_snapshot_id: str = ""
 
     @property
     def owner_alias(self) -> str:
@@ -209,6 +211,9 @@ class Instance:
     created: datetime = field(default_factory=utcnow)
     started: datetime | None = None
     host_name: str = ""
+    # the host its compute is (or was last) claimed on: "local" on the single-host server,
+    # an agent's host ID in a cluster; None before it was ever placed (service/placement.py)
+    host_id: str | None = None
 
     def holds_reservation(self) -> bool:
         """Running (or on its way) instances, and Stopped ones in KeepCharging, hold compute."""
@@ -287,6 +292,7 @@ class Disk:
     # the storage volume holding the disk's current content: "" is the volume named by the
     # disk ID (every disk at birth); a rollback by clone and swap moves it to a new one
     volume: str = ""
+    auto_snapshot_policy_id: str = ""  # the automatic snapshot policy applied to it, if any
 
     @property
     def serial_number(self) -> str:
@@ -370,6 +376,8 @@ class Snapshot:
     tags: dict[str, str] = field(default_factory=dict)
     created: datetime = field(default_factory=utcnow)
     last_modified: datetime = field(default_factory=utcnow)
+    snapshot_type: str = "user"  # SnapshotType: "user" (manual) or "auto" (a policy's)
+    policy_id: str = ""  # the automatic snapshot policy that took it ("auto" only)
 
     def complete(self, consistency: Consistency = Consistency.CRASH,
                  now: datetime | None = None) -> None:
@@ -419,6 +427,65 @@ class SnapshotGroup:
         self.status = SnapshotStatus.FAILED
 
 
+WEEKDAYS = range(1, 8)  # RepeatWeekdays: 1 Monday .. 7 Sunday (isoweekday)
+HOURS = range(0, 24)  # TimePoints: the hours of a day
+MAX_POLICIES_PER_REGION = 100
+MAX_AUTO_SNAPSHOTS_PER_DISK = 1000
+
+
+@dataclass(eq=False)
+class AutoSnapshotPolicy:
+    """An automatic snapshot policy: at each of `time_points` (hours) on each of
+    `repeat_weekdays` (1 Monday .. 7 Sunday), in its region's time zone, a snapshot of every
+    disk it is applied to; automatic snapshots older than `retention_days` go (-1: kept)."""
+
+    id: str
+    account_id: str
+    region_id: str
+    name: str = ""
+    time_points: list[int] = field(default_factory=list)
+    repeat_weekdays: list[int] = field(default_factory=list)
+    retention_days: int = -1
+    status: str = "Normal"
+    tags: dict[str, str] = field(default_factory=dict)
+    created: datetime = field(default_factory=utcnow)
+
+    def last_due(self, now_local: datetime) -> datetime | None:
+        """The latest time point at or before `now_local` (both naive, in the region's time
+        zone), on the hour; None if the policy names no time point."""
+        hour = now_local.replace(minute=0, second=0, microsecond=0)
+        for back in range(0, 8 * 24):
+            at = hour - timedelta(hours=back)
+            if at.isoweekday() in self.repeat_weekdays and at.hour in self.time_points:
+                return at
+        return None
+
+    def previous_due(self, due_local: datetime) -> datetime | None:
+        """The time point before `due_local` (on the hour)."""
+        return self.last_due(due_local - timedelta(hours=1))
+
+    def expired(self, snap: Snapshot, now: datetime) -> bool:
+        """Past its retention (UTC): an automatic snapshot this policy would delete."""
+        return self.retention_days > 0 and \
+            snap.created + timedelta(days=self.retention_days) <= now
+
+
+@dataclass(eq=False)
+class PolicyRun:
+    """The last time point of `policy_id` whose snapshot of `disk_id` was journaled: written
+    in the transaction that journals the snapshot, so each time point is taken once."""
+
+    id: str  # f"{policy_id}/{disk_id}"
+    policy_id: str
+    disk_id: str
+    last_due: datetime  # UTC
+    snapshot_id: str = ""
+
+    @staticmethod
+    def key(policy_id: str, disk_id: str) -> str:
+        return f"{policy_id}/{disk_id}"
+
+
 @dataclass(eq=False)
 class Task:
     """A multi-step operation and its journal: `plan` says what to do, `done` what is done."""
@@ -436,6 +503,12 @@ class Task:
     error_message: str = ""
     created: datetime = field(default_factory=utcnow)
     finished: datetime | None = None
+    # cluster mode (service/cluster.py): where its steps must run (None: any agent), the
+    # host driving it ("" unclaimed), that host's epoch when it claimed it, its lease
+    host_id: str | None = None
+    owner: str = ""
+    owner_epoch: int = 0
+    lease_until: datetime | None = None
 
     @property
     def progress(self) -> int:
@@ -464,6 +537,28 @@ class Task:
     def note(self, **values: Any) -> None:
         """Record an outcome of a step in the task's result."""
         self.result = {**self.result, **values}
+
+
+class HostState(StrEnum):
+    UP = "Up"
+    FENCED = "Fenced"
+
+
+@dataclass(eq=False)
+class Host:
+    """A hypervisor host in a cluster, as its agent registered it. `epoch` grows each time
+    the agent (re)joins and each time it is fenced: an agent's commit is accepted only while
+    the row still has its epoch and is Up (service/cluster.py)."""
+
+    id: str
+    state: HostState = HostState.UP
+    epoch: int = 1
+    heartbeat_at: datetime = field(default_factory=utcnow)
+    vcpus: int = 0
+    memory_mib: int = 0
+    address: str = ""  # the agent's /metrics listen address, host:port
+    ceph_addrs: list[str] = field(default_factory=list)  # its RADOS clients, for blocklisting
+    started_at: datetime = field(default_factory=utcnow)
 
 
 class IdempotencyKey(NamedTuple):

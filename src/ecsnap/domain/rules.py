@@ -24,6 +24,7 @@ from ecsnap.domain.model import (
     Disk,
     DiskStatus,
     DiskType,
+    Host,
     Instance,
     InstanceStatus,
     InstanceType,
@@ -184,6 +185,38 @@ def check_capacity(region: Region, others: Iterable[Instance], wanted: Sequence[
             f"({region.vcpu_capacity - vcpus} vCPU and {region.memory_mib_capacity - memory} "
             "MiB are free). An instance stopped in StopCharging mode gave its compute back and "
             "must wait for capacity; try again later or choose a smaller instance type.", 403)
+
+
+def choose_host(hosts: Sequence[Host], claims: Mapping[str, Iterable[Instance]], vcpus: int,
+                memory_mib: int, *, pinned_to: str | None = None) -> Host:
+    """The host for an instance that needs `vcpus` and `memory_mib`: among `hosts` (only
+    `pinned_to` when given: an instance whose disks are local files), one where it fits
+    beside the claims of the instances on it (`claims` by host ID), the one with the most
+    free memory (then vCPUs, then ID: instances spread). `OperationDenied.NoStock` when
+    none has room."""
+    best: tuple[int, int, str] | None = None
+    chosen: Host | None = None
+    free_anywhere: list[str] = []
+    for host in hosts:
+        if pinned_to is not None and host.id != pinned_to:
+            continue
+        used_vcpus, used_memory = reserved(claims.get(host.id, ()))
+        free_vcpus, free_memory = host.vcpus - used_vcpus, host.memory_mib - used_memory
+        free_anywhere.append(f"{host.id}: {free_vcpus} vCPU, {free_memory} MiB")
+        if vcpus <= free_vcpus and memory_mib <= free_memory:
+            rank = (-free_memory, -free_vcpus, host.id)
+            if best is None or rank < best:
+                best, chosen = rank, host
+    if chosen is not None:
+        return chosen
+    where = f"its host {pinned_to} (its disks are local to it)" if pinned_to is not None \
+        else "any host"
+    raise EcsError(
+        "OperationDenied.NoStock",
+        f"There is no capacity for {vcpus} vCPU and {memory_mib} MiB on {where} "
+        f"({'; '.join(free_anywhere) or 'no host is up'}). An instance stopped in "
+        "StopCharging mode gave its compute back and must wait for capacity; try again "
+        "later or choose a smaller instance type.", 403)
 
 
 # ---------------------------------------------------------------- quotas
@@ -376,3 +409,36 @@ def check_reset(instance: Instance, targets: Sequence[ResetTarget], *,
 def require(failures: Sequence[CheckFailure]) -> None:
     if failures:
         raise RuleViolations(list(failures))
+
+
+# ------------------------------------------------------------------ automatic snapshot policies
+
+
+def check_policy_values(values: Sequence[str] | None, allowed: range, *, code: str,
+                        field: str) -> list[int] | None:
+    """TimePoints (hours 0-23) or RepeatWeekdays (1-7): a JSON array of 1 to len(allowed)
+    distinct numbers written as strings; None (not given) passes. Sorted integers."""
+    if values is None:
+        return None
+    bad = ""
+    numbers: list[int] = []
+    for value in values:
+        text = str(value).strip()
+        if not text.lstrip("-").isdigit() or int(text) not in allowed:
+            bad = f"\"{_shown(str(value))}\" is not one of {allowed.start} to {allowed.stop - 1}"
+            break
+        numbers.append(int(text))
+    if not bad and not numbers:
+        bad = "at least one value is needed"
+    elif not bad and len(set(numbers)) != len(numbers):
+        bad = "a value is given twice"
+    if bad:
+        raise EcsError(code, f"The specified {field} is malformed: {bad}.", 400)
+    return sorted(numbers)
+
+
+def check_policy_retention(days: int | None) -> None:
+    """RetentionDays of a policy: -1 (kept until deleted) or 1 to 65536."""
+    if days is not None and days != -1 and not 1 <= days <= 65536:
+        raise EcsError("InvalidRetentionDays.Malformed",
+                       "The specified RetentionDays is -1 (kept for ever) or 1 to 65536.", 400)

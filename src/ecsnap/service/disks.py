@@ -30,7 +30,13 @@ from ecsnap.service.context import (
     get_image,
     get_instance,
     )
-from ecsnap.service.disk_files import INITIAL, make_disk_file, mark_released, release_disk_file
+from ecsnap.service.disk_files import (
+    INITIAL,
+    make_disk_file,
+    mark_released,
+    release_disk_file,
+    source_snapshot,
+)
 from ecsnap.service.listing import Page, paginate
 from ecsnap.service.operation import Lock, Operation, Plan, Step
 from ecsnap.service.vms import boot
@@ -64,13 +70,14 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
                 zone_id: str | None = None, category: str = "cloud_essd", name: str = "",
                 description: str = "", tags: dict[str, str] | None = None,
                 snapshot_id: str | None = None, client_token: str | None = None) -> str:
-    """CreateDisk: a blank pay-as-you-go data disk, Available."""
-    if snapshot_id:
-        raise EcsError("UnsupportedParameter",
-                       "ecsnap cannot create a disk from a snapshot yet (SnapshotId).", 400)
-    if size_gib is None:
+    """CreateDisk: a pay-as-you-go data disk, Available: blank, or with `snapshot_id` the
+    snapshot's content (a restore that leaves the snapshot's disk untouched; any snapshot
+    of the account in the region, a system disk's too, as ECS allows), of max(snapshot's
+    disk size, `size_gib`) GiB, in O(1) (storage `create_from_snapshot`)."""
+    if size_gib is None and not snapshot_id:
         raise errors.missing_parameter("Size")
-    rules.check_disk_size(size_gib, category=category, system=False)
+    if size_gib is not None:
+        rules.check_disk_size(size_gib, category=category, system=False)
     rules.check_name(name, code="InvalidDiskName.Malformed", field="DiskName")
     rules.check_description(description)
     rules.check_tags(tags or {})
@@ -82,27 +89,46 @@ def create_disk(ctx: ServiceContext, account_id: str, region_id: str, *, size_gi
             z = uow.zones.get(zone)
             if z is None or z.region_id != region_id:
                 raise errors.not_found("zone", zone)
-            quotas.check(ctx, uow, account_id, {"disks": 1, "disk_gib": size_gib})
+            source = source_snapshot(uow, account_id, region_id, snapshot_id) \
+                if snapshot_id else None
+            size = max(size_gib or 0, source.source_disk_size if source else 0)
+            rules.check_disk_size(size, category=category, system=False)
+            quotas.check(ctx, uow, account_id, {"disks": 1, "disk_gib": size})
             disk = Disk(id=ids.new_id("disk"), account_id=account_id, region_id=region_id,
-                        zone_id=zone, size_gib=size_gib, category=category, name=name,
+                        zone_id=zone, size_gib=size, category=category, name=name,
                         description=description, tags=dict(tags or {}),
-                        delete_with_instance=False)
+                        delete_with_instance=False,
+                        source_snapshot_id=source.id if source else "")
             uow.disks.add(disk)
-            task = ctx.runner.journal(uow, CreateDisk, DiskPlan(disk.id),
-                                      account_id=account_id, region_id=region_id,
-                                      resource_id=disk.id)
+            plan = CreateDiskPlan(disk.id, source.source_disk_id if source else "")
+            task = ctx.runner.journal(uow, CreateDisk, plan, account_id=account_id,
+                                      region_id=region_id, resource_id=disk.id)
+            idempotency.respond(uow, {"DiskId": disk.id})  # with the task: one commit
             uow.commit()
         ctx.runner.submit(task)
         return {"DiskId": disk.id}
 
     params = {"region": region_id, "size": size_gib, "zone": zone_id, "category": category,
-              "name": name, "description": description, "tags": tags}
+              "name": name, "description": description, "tags": tags,
+              "snapshot": snapshot_id}
     return idempotency.once(ctx, account_id, "CreateDisk", client_token, params, run)["DiskId"]
 
 
-class CreateDisk(_OnDisk):
+@dataclass(frozen=True)
+class CreateDiskPlan(DiskPlan):
+    # a disk from a snapshot: the snapshot's disk, locked so that the snapshot stays while
+    # the new disk is made from it
+    source_disk_id: str = ""
+
+
+class CreateDisk(Operation[CreateDiskPlan]):
     action = "CreateDisk"
-    plan_type = DiskPlan
+    plan_type = CreateDiskPlan
+
+    @classmethod
+    def locks(cls, plan: CreateDiskPlan) -> list[Lock]:
+        return [("disk", plan.disk_id)] + \
+            ([("disk", plan.source_disk_id)] if plan.source_disk_id else [])
 
     def steps(self) -> list[Step]:
         return [Step("create", self.create)]
@@ -532,6 +558,7 @@ def replace_system_disk(ctx: ServiceContext, account_id: str, instance_id: str, 
             plan = ReplaceSystemDiskPlan(inst.id, new.id, old.id, image.template_path, image.id)
             task = ctx.runner.journal(uow, ReplaceSystemDisk, plan, account_id=account_id,
                                       region_id=inst.region_id, resource_id=inst.id)
+            idempotency.respond(uow, {"DiskId": new.id, "TaskId": task.id})
             uow.commit()
         ctx.runner.submit(task)
         return {"DiskId": new.id, "TaskId": task.id}
@@ -548,6 +575,7 @@ def describe_disks(ctx: ServiceContext, account_id: str, region_id: str, *,
                    name: str | None = None, tags: dict[str, str] | None = None,
                    page_number: int | None = None, page_size: int | None = None,
                    next_token: str | None = None, max_results: int | None = None,
+                   auto_snapshot_policy_id: str | None = None, with_policy: bool | None = None,
                    ) -> Page[Disk]:
     criteria = Criteria(equals={"account_id": account_id, "region_id": region_id,
                                 "released": False}, tags=tags or {})
@@ -568,8 +596,16 @@ def describe_disks(ctx: ServiceContext, account_id: str, region_id: str, *,
             criteria.equals[column] = value
     if disk_ids is not None:
         criteria.within["id"] = list(disk_ids)
+    if auto_snapshot_policy_id:
+        criteria.equals["auto_snapshot_policy_id"] = auto_snapshot_policy_id
+    if with_policy is False:
+        criteria.equals["auto_snapshot_policy_id"] = ""
     with ctx.uow(readonly=True) as uow:
         ctx.check_region(uow, region_id)
+        if with_policy:  # any of the account's policies in the region
+            criteria.within["auto_snapshot_policy_id"] = [
+                p.id for p in uow.auto_snapshot_policies.find(account_id=account_id,
+                                                              region_id=region_id)]
         return paginate(uow.disks, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results,
                         max_page_size=500 if next_token or max_results else 100)

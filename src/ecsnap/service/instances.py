@@ -18,7 +18,7 @@ from ecsnap.domain.model import (
     StoppedMode,
     Task,
 )
-from ecsnap.service import idempotency, quotas
+from ecsnap.service import idempotency, placement, quotas
 from ecsnap.service.context import (
     ServiceContext,
     attached_disks,
@@ -26,19 +26,25 @@ from ecsnap.service.context import (
     get_instance,
     get_region,
 )
-from ecsnap.service.disk_files import make_disk_file, mark_released, release_disk_file
+from ecsnap.service.disk_files import (
+    make_disk_file,
+    mark_released,
+    release_disk_file,
+    source_snapshot,
+)
 from ecsnap.service.listing import Page, paginate
 from ecsnap.service.operation import Lock, Operation, P, Plan, Resume, Step
-from ecsnap.service.vms import boot, check_room_to_start, others_in_region, vm_running
+from ecsnap.service.vms import boot, check_room_to_start, vm_running
 
 
 @dataclass
 class DataDiskSpec:
-    size_gib: int = 20
+    size_gib: int | None = 20  # None: the snapshot's disk size (with snapshot_id)
     category: str = "cloud_essd"
     name: str = ""
     description: str = ""
     delete_with_instance: bool = True
+    snapshot_id: str = ""  # a data disk's snapshot: the new disk has its content
 
 
 @dataclass
@@ -67,7 +73,10 @@ def _check_request(req: InstanceRequest) -> None:
     else:
         rules.check_disk_size(20, category=req.system_disk_category, system=True)
     for spec in req.data_disks:
-        rules.check_disk_size(spec.size_gib, category=spec.category, system=False)
+        if spec.size_gib is None and not spec.snapshot_id:
+            raise errors.missing_parameter("DataDisk.N.Size")
+        if spec.size_gib is not None:
+            rules.check_disk_size(spec.size_gib, category=spec.category, system=False)
         rules.check_name(spec.name, code="InvalidDiskName.Malformed", field="DiskName")
         rules.check_description(spec.description)
 
@@ -120,19 +129,17 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
             raise EcsError("InvalidSystemDiskSize.LessThanImageSize",
                            f"The system disk ({sys_size} GiB) is smaller than the image "
                            f"({image.size_gib} GiB).", 404)
-        others = others_in_region(uow, region_id)
-        fit = amount
-        while fit > 0:
-            try:
-                rules.check_capacity(region, others, [itype] * fit)
-                break
-            except EcsError:
-                if min_amount is None or fit <= min_amount:
-                    raise
-                fit -= 1
+        hosts = placement.place_new(uow, region, itype.vcpus, itype.memory_mib, amount)
+        fit = len(hosts)
+        wanted = amount if min_amount is None else min_amount
+        if fit < wanted:
+            raise EcsError("OperationDenied.NoStock",
+                           f"Only {fit} of the {wanted} instances of type {itype.name} fit "
+                           "on the hosts now; try again later or ask for fewer.", 403)
+        data_sizes = [_data_disk_size(uow, account_id, region_id, d) for d in req.data_disks]
         each = {"instances": 1, "vcpus": itype.vcpus, "memory_mib": itype.memory_mib,
                 "disks": 1 + len(req.data_disks),
-                "disk_gib": sys_size + sum(d.size_gib for d in req.data_disks)}
+                "disk_gib": sys_size + sum(data_sizes)}
         needed = fit if min_amount is None else min_amount  # without MinAmount: all of them
         fit = quotas.how_many_fit(ctx, uow, account_id, each, fit)
         if fit < needed:  # the error of the quota that `needed` instances would exceed
@@ -145,7 +152,7 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
                             instance_type=itype.name, vcpus=itype.vcpus,
                             memory_mib=itype.memory_mib, image_id=image.id,
                             description=req.description, tags=dict(req.tags),
-                            host_name=req.host_name,
+                            host_name=req.host_name, host_id=hosts[len(created)],
                             stopped_mode=StoppedMode.KEEP_CHARGING)
             inst.name = req.name or inst.id
             uow.instances.add(inst)
@@ -156,7 +163,8 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
                           tags=dict(req.tags))]
             for n, spec in enumerate(req.data_disks):
                 disks.append(Disk(id=ids.new_id("disk"), account_id=account_id,
-                                  region_id=region_id, zone_id=zone_id, size_gib=spec.size_gib,
+                                  region_id=region_id, zone_id=zone_id,
+                                  size_gib=data_sizes[n], source_snapshot_id=spec.snapshot_id,
                                   category=spec.category, name=spec.name,
                                   description=spec.description, instance_id=inst.id,
                                   device=f"/dev/xvd{'bcdefghijklmnopq'[n]}",
@@ -170,10 +178,37 @@ def _run_instances(ctx: ServiceContext, account_id: str, region_id: str, req: In
                                       region_id=region_id, resource_id=inst.id)
             created.append(inst.id)
             tasks.append(task)
+        idempotency.respond(uow, {"InstanceIds": created})  # with the tasks: one commit
         uow.commit()
     for task in tasks:
         ctx.runner.submit(task)
     return created
+
+
+def _data_disk_size(uow: UnitOfWork, account_id: str, region_id: str,
+                    spec: DataDiskSpec) -> int:
+    """A data disk's size in GiB; one from a snapshot: the snapshot's disk size, or Size
+    if larger. Its snapshot must be the account's, of a data disk, accomplished. (Unlike
+    CreateDisk, RunInstances does not lock the snapshot's disk: the instances of one call
+    may share a snapshot. DeleteSnapshot refuses one that created disks, without Force.)"""
+    if not spec.snapshot_id:
+        return spec.size_gib or 20
+    try:
+        snap = source_snapshot(uow, account_id, region_id, spec.snapshot_id)
+    except EcsError as exc:
+        if exc.code == "InvalidSnapshotId.NotFound":
+            raise EcsError("InvalidDataDiskSnapshotId.NotFound",
+                           f"The data disk snapshot {spec.snapshot_id} does not exist.",
+                           404) from exc
+        raise
+    if snap.source_disk_type != DiskType.DATA:
+        raise EcsError("InvalidSnapshotId.NotDataDiskSnapshot",
+                       f"The snapshot {snap.id} is not a data disk's snapshot.", 403)
+    if spec.size_gib is not None and spec.size_gib < snap.source_disk_size:
+        raise EcsError("InvalidDiskSize.TooSmall",
+                       f"DataDisk Size ({spec.size_gib} GiB) is smaller than the snapshot's "
+                       f"disk ({snap.source_disk_size} GiB).", 403)
+    return max(spec.size_gib or 0, snap.source_disk_size)
 
 
 @dataclass(frozen=True)
@@ -281,6 +316,7 @@ class _OnInstance(Operation[Any]):
 @dataclass(frozen=True)
 class StartInstancePlan(InstancePlan):
     previous_mode: str = StoppedMode.KEEP_CHARGING.value
+    host_id: str = ""  # where its compute is claimed ("": as before placement existed)
 
 
 class StartInstance(_OnInstance):
@@ -291,11 +327,13 @@ class StartInstance(_OnInstance):
     def check(cls, uow: UnitOfWork, inst: Instance) -> StartInstancePlan:
         rules.check_not_locked(inst)
         rules.require_instance_status(inst, InstanceStatus.STOPPED)
-        check_room_to_start(uow, inst)
-        return StartInstancePlan(inst.id, inst.stopped_mode.value)
+        host_id = check_room_to_start(uow, inst)
+        return StartInstancePlan(inst.id, inst.stopped_mode.value, host_id)
 
     def accept(self, uow: UnitOfWork) -> None:
-        uow.instances.load(self.plan.instance_id).mark_starting()
+        inst = uow.instances.load(self.plan.instance_id)
+        inst.host_id = self.plan.host_id or inst.host_id  # the claim, in this transaction
+        inst.mark_starting()
 
     def steps(self) -> list[Step]:
         return [Step("boot", lambda: boot(self.ctx, self.plan.instance_id))]

@@ -17,6 +17,7 @@ from ecsnap.service.disks import (
     ReplaceSystemDisk,
     ResizeDisk,
 )
+from ecsnap.service.images import CreateImage, DeleteImage
 from ecsnap.service.instances import (
     DeleteInstance,
     RebootInstance,
@@ -25,6 +26,7 @@ from ecsnap.service.instances import (
     StopInstance,
 )
 from ecsnap.service.operation import Operation
+from ecsnap.service.restore_files import RestoreSnapshotFiles
 from ecsnap.service.rollback import ResetDisks
 from ecsnap.service.snapshots import DeleteSnapshots, TakeSnapshots
 from ecsnap.service.volumes import CollectVolumes
@@ -46,4 +48,7 @@ OPERATIONS: tuple[type[Operation[Any]], ...] = (
     DeleteSnapshots,
     ResetDisks,
     CollectVolumes,
+    RestoreSnapshotFiles,
+    CreateImage,
+    DeleteImage,
 )

@@ -25,7 +25,9 @@ step 2 is two steps, and no disk's data is ever rewritten:
               again);
 2b. `swap`    one transaction switches every disk to its new volume: all disks or none
               (idempotent). The safety snapshots are on the old volumes, which are kept
-              as they were: undoing through the safety group is a clone again.
+              as they were: undoing through the safety group is a clone again. With
+              SafetySnapshot=false no safety snapshot is taken at all (`items` is
+              empty): the old volumes are the undo log.
 
 Before `swap` undoing removes the clones; after it, the disks are switched back to their
 old volumes (never modified) and the clones removed. Recovery goes forward once the safety
@@ -153,7 +155,9 @@ def _check(uow: UnitOfWork, account_id: str, region_id: str | None,
         get_region(uow, region_id)
     targets = _targets(uow, account_id, items)
     instance_id = _instance_of(uow, account_id, targets)
-    inst = uow.instances.load(instance_id)
+    inst = uow.instances.get(instance_id)
+    if inst is None:  # deleted meanwhile (PostgreSQL: each statement sees the last commits)
+        raise errors.not_found("instance", instance_id)
     system = next((d.id for d in attached_disks(uow, inst.id) if d.type == DiskType.SYSTEM), None)
     failures = rules.check_reset(inst, targets, system_disk_id=system)
     previews = [DiskPreview(t.disk_id, t.snapshot_id,
@@ -239,7 +243,9 @@ class ResetDisks(Operation[ResetDisksPlan]):
         return ResetDisksPlan(
             instance_id=preview.instance_id,
             pairs=tuple((t.disk_id, t.snapshot_id) for t in targets),
-            items=snapshot_records.new_items(disks), safety_group_id=ids.new_id(
+            # on the clone path the old volumes, never written, are the undo log
+            items=snapshot_records.new_items(disks) if keep_safety or not clone else (),
+            safety_group_id=ids.new_id(
                 "snapshot_group"), keep_safety=keep_safety, auto_start=auto_start,
             volumes=tuple((d.id, d.current_volume, volumes.new_volume(d.id, task_id))
                           for d in disks) if clone else ())
@@ -276,6 +282,8 @@ class ResetDisks(Operation[ResetDisksPlan]):
             self._storage().create_snapshots([(old[d], s) for d, s in self.plan.items])
         else:
             self._storage().create_snapshots(self._on_volumes(self.plan.items))
+        if not self.plan.items:  # clone and swap without SafetySnapshot: none to take
+            return
         with self.ctx.uow() as uow:
             snapshot_records.complete(uow, self.plan.items, self.plan.safety_group_id)
             uow.commit()
@@ -304,7 +312,7 @@ class ResetDisks(Operation[ResetDisksPlan]):
         with self.ctx.uow() as uow:
             inst = uow.instances.load(self.plan.instance_id)
             try:
-                check_room_to_start(uow, inst)
+                inst.host_id = check_room_to_start(uow, inst)
             except EcsError as exc:
                 refused = exc
             if refused is None:
@@ -411,8 +419,9 @@ def reset_disks(ctx: ServiceContext, account_id: str, region_id: str | None,
                         "Roll back to this group to undo that rollback.",
             purpose=GroupPurpose.SAFETY,
             tags={SAFETY_TAG: source_group or ",".join(s for _, s in plan.pairs)})
-        snapshot_records.add_rows(uow, account_id, inst.id, disks, plan.items, group=spec,
-                                  group_id=plan.safety_group_id)
+        if plan.items:
+            snapshot_records.add_rows(uow, account_id, inst.id, disks, plan.items,
+                                      group=spec, group_id=plan.safety_group_id)
         task = ctx.runner.journal(uow, ResetDisks, plan, account_id=account_id,
                                   region_id=inst.region_id, resource_id=inst.id,
                                   task_id=task_id)

@@ -45,11 +45,14 @@ def check_snapshot_quota(uow: UnitOfWork, disks: Sequence[Disk],
     else one count over all the disks, is below one disk's maximum."""
     if account_snapshots is not None and account_snapshots < MAX_MANUAL_SNAPSHOTS_PER_DISK:
         return
-    every = Criteria(within={"source_disk_id": [d.id for d in disks]})
+    # manual snapshots only: automatic ones have their own limit (policies.expire)
+    every = Criteria(within={"source_disk_id": [d.id for d in disks]},
+                     equals={"snapshot_type": "user"})
     if uow.snapshots.count(every) < MAX_MANUAL_SNAPSHOTS_PER_DISK:
         return
     for disk in disks:
-        if uow.snapshots.count(source_disk_id=disk.id) >= MAX_MANUAL_SNAPSHOTS_PER_DISK:
+        if uow.snapshots.count(source_disk_id=disk.id,
+                               snapshot_type="user") >= MAX_MANUAL_SNAPSHOTS_PER_DISK:
             raise EcsError("QuotaExceed.Snapshot",
                            f"The disk {disk.id} has {MAX_MANUAL_SNAPSHOTS_PER_DISK} snapshots "
                            "already; delete some first.", 403)

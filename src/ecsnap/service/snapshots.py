@@ -263,9 +263,7 @@ class DeleteSnapshots(Operation[DeleteSnapshotsPlan]):
                     uow.snapshots.count(source_disk_id=disk_id) == 0:
                 uow.disks.delete(disk)
         if self.plan.group_id:
-            group = uow.snapshot_groups.get(self.plan.group_id)
-            if group is not None:
-                uow.snapshot_groups.delete(group)
+            _drop_group(uow, self.plan.group_id)
         self.task.note(deleted=[s for _, s in self.plan.items])
         # a disk that has moved to another volume may have left one with no snapshot now
         moved = [d.id for d in (uow.disks.get(i) for i in dict.fromkeys(
@@ -288,29 +286,78 @@ def delete_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
         snap = uow.snapshots.get(snapshot_id)
         if snap is None or snap.account_id != account_id:
             return None
+        refusal = _in_use(uow, snap, force=force)
+        if refusal is not None:
+            raise refusal
         task = _journal_deletes(ctx, uow, account_id, [snap], None)
         uow.commit()
     ctx.runner.submit(task, wait_up_to=SHORT_TASK_S)
     return task.id
 
 
+# The statuses of a custom image that needs its source snapshot (DeleteSnapshot refuses).
+IMAGE_HOLDS = ("Creating", "Available")
+
+
+def _in_use(uow: UnitOfWork, snap: Snapshot, *, force: bool) -> EcsError | None:
+    """Why DeleteSnapshot refuses the snapshot, as ECS does: it backs a custom image
+    (SnapshotCreatedImage, Force or not), or it created disks not released yet
+    (SnapshotCreatedDisk, unless `force`: the disks keep their data)."""
+    images = [i.id for i in uow.images.find(source_snapshot_id=snap.id)
+              if i.status in IMAGE_HOLDS]
+    if images:  # ECS: Force or not; the image's own template needs it no more
+        return EcsError("SnapshotCreatedImage",
+                        f"The snapshot {snap.id} is the source of the image {images[0]}; "
+                        "delete the image first.", 403)
+    if not force and uow.disks.count(source_snapshot_id=snap.id, released=False):
+        return EcsError("SnapshotCreatedDisk",
+                        f"The snapshot {snap.id} has created disks; delete it with Force "
+                        "(the disks keep their data).", 403)
+    return None
+
+
+@dataclass(frozen=True)
+class MemberOutcome:
+    """One member snapshot of DeleteSnapshotGroup: deleted (`code` empty) or kept."""
+    snapshot_id: str
+    code: str = ""
+    message: str = ""
+
+
 def delete_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str,
-                          group_id: str) -> tuple[list[str], str]:
-    """DeleteSnapshotGroup: the group and its snapshots. Returns (snapshot IDs, task ID)."""
+                          group_id: str) -> tuple[list[MemberOutcome], str]:
+    """DeleteSnapshotGroup: the group and its snapshots, except, as ECS does, a member that
+    backs a custom image (SnapshotCreatedImage) or created disks (SnapshotCreatedDisk: the
+    group call has no Force): kept as a snapshot of its own, outside any group, for
+    DeleteSnapshot later. Returns (one outcome per member, the task ID or "")."""
     with ctx.uow() as uow:
         group = get_group(uow, account_id, group_id, region_id)
         snaps = uow.snapshots.find(group_id=group.id)
         if group.status == SnapshotStatus.PROGRESSING:
             raise EcsError("IncorrectSnapshotGroupStatus",
                            f"The snapshot group {group.id} is still being taken.", 403)
-        if not snaps:
-            uow.snapshot_groups.delete(group)
+        kept = {s.id: r for s in snaps if (r := _in_use(uow, s, force=False)) is not None}
+        outcomes = [MemberOutcome(s.id, kept[s.id].code, kept[s.id].message)
+                    if s.id in kept else MemberOutcome(s.id) for s in snaps]
+        doomed = [s for s in snaps if s.id not in kept]
+        if not doomed:
+            _drop_group(uow, group.id)
             uow.commit()
-            return [], ""
-        task = _journal_deletes(ctx, uow, account_id, snaps, group.id)
+            return outcomes, ""
+        task = _journal_deletes(ctx, uow, account_id, doomed, group.id)
         uow.commit()
     ctx.runner.submit(task, wait_up_to=SHORT_TASK_S)
-    return [s.id for s in snaps], task.id
+    return outcomes, task.id
+
+
+def _drop_group(uow: UnitOfWork, group_id: str) -> None:
+    """The group's row; the members still in it (kept: in use) become snapshots of their
+    own."""
+    for snap in uow.snapshots.find(group_id=group_id):
+        snap.group_id = None
+    group = uow.snapshot_groups.get(group_id)
+    if group is not None:
+        uow.snapshot_groups.delete(group)
 
 
 def modify_snapshot(ctx: ServiceContext, account_id: str, snapshot_id: str, *,
@@ -344,9 +391,19 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
                        name: str | None = None, source_disk_type: str | None = None,
                        tags: dict[str, str] | None = None, page_number: int | None = None,
                        page_size: int | None = None, next_token: str | None = None,
-                       max_results: int | None = None) -> Page[Snapshot]:
+                       max_results: int | None = None, snapshot_type: str | None = None,
+                       usage: str | None = None) -> Page[Snapshot]:
     criteria = Criteria(equals={"account_id": account_id, "region_id": region_id},
                         tags=tags or {})
+    if usage and usage not in USAGES:
+        raise EcsError("InvalidUsage", f"The Usage \"{usage}\" is not valid (image, disk, "
+                       "image_disk or none).", 404)
+    if snapshot_type and snapshot_type != "all":
+        if snapshot_type not in ("auto", "user", "timer"):
+            raise EcsError("InvalidSnapshotType.NotFound",
+                           f"The SnapshotType \"{snapshot_type}\" is not valid (auto, user or "
+                           "all).", 404)
+        criteria.equals["snapshot_type"] = "auto" if snapshot_type == "timer" else snapshot_type
     if status and status != "all":
         if status not in {s.value for s in SnapshotStatus}:
             raise EcsError("InvalidStatus.NotFound", f"The Status \"{status}\" is not valid.", 404)
@@ -363,8 +420,47 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
         criteria.within["id"] = list(snapshot_ids)
     with ctx.uow(readonly=True) as uow:
         ctx.check_region(uow, region_id)
+        if usage:
+            imaged, disked = _users(uow, account_id, None)
+            if usage == "none":
+                criteria.without["id"] = sorted(imaged | disked)
+            else:
+                wanted = {"image": imaged - disked, "disk": disked - imaged,
+                          "image_disk": imaged & disked}[usage]
+                criteria.within["id"] = sorted(
+                    wanted & set(criteria.within["id"]) if "id" in criteria.within else wanted)
         return paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
+
+
+# DescribeSnapshots' Usage: what the snapshot was used for (DeleteSnapshot's rules follow it)
+USAGES = ("image", "disk", "image_disk", "none")
+
+
+def _users(uow: UnitOfWork, account_id: str,
+           snapshot_ids: Sequence[str] | None) -> tuple[set[str], set[str]]:
+    """(the snapshots that back a custom image being made or available, the snapshots
+    that created disks not released yet), among `snapshot_ids` (None: all the account's)."""
+    images = Criteria(equals={"account_id": account_id}, within={"status": IMAGE_HOLDS},
+                      without={"source_snapshot_id": [""]})
+    disks_ = Criteria(equals={"account_id": account_id, "released": False},
+                      without={"source_snapshot_id": [""]})
+    if snapshot_ids is not None:
+        images.within["source_snapshot_id"] = disks_.within["source_snapshot_id"] = \
+            list(snapshot_ids)
+    return ({i.source_snapshot_id for i in uow.images.find(images)},
+            {d.source_snapshot_id for d in uow.disks.find(disks_)})
+
+
+def snapshot_usage(ctx: ServiceContext, account_id: str,
+                   snapshot_ids: Sequence[str]) -> dict[str, str]:
+    """DescribeSnapshots' `Usage` of each snapshot: image, disk, image_disk or none."""
+    if not snapshot_ids:
+        return {}
+    with ctx.uow(readonly=True) as uow:
+        imaged, disked = _users(uow, account_id, snapshot_ids)
+    return {s: "image_disk" if s in imaged and s in disked else "image" if s in imaged
+            else "disk" if s in disked else "none" for s in snapshot_ids}
 
 
 @dataclass

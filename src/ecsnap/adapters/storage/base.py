@@ -173,7 +173,38 @@ class ChangeTracking(Protocol):
         ...
 
 
-class StorageBackend(DiskLifecycle, DiskSnapshots, RevertToSnapshot, ChangeTracking, Protocol):
+class DiskFromSnapshot(Protocol):
+    """Restore a snapshot to a new disk, leaving the snapshot's own disk untouched."""
+
+    def create_from_snapshot(self, disk_id: str, source_disk_id: str, snapshot_id: str,
+                             size_bytes: int) -> None:
+        """Make the new disk `disk_id` whose content is the snapshot `snapshot_id` of the
+        disk `source_disk_id` (the disk ID or any of its volumes), grown to `size_bytes`
+        when the snapshot is smaller. In O(1) of the disk's size (qcow2: once per snapshot
+        an export, then an overlay per disk; RBD: a clone). The new disk stands on its own
+        for its users: deleting the snapshot, or the source disk, later never breaks it,
+        and what it shared with them is freed when the last of them goes. Idempotent: a
+        disk of that name left by a crash is made again. StorageError when the snapshot
+        is not there."""
+        ...
+
+
+class ImageFromSnapshot(Protocol):
+    """Make a custom image's template from a system disk's snapshot (CreateImage)."""
+
+    def export_snapshot(self, source_disk_id: str, snapshot_id: str, target: str) -> int:
+        """Write the content of the snapshot `snapshot_id` of the disk `source_disk_id` (the
+        disk ID or any of its volumes) into the standalone qcow2 file `target` (overwritten
+        if it exists; it names no backing file, so the snapshot, its disk and the pool may
+        go later without breaking it), and return its virtual size. The same export as
+        `create_from_snapshot`'s base (qcow2: `qemu-img convert -l`; RBD: `qemu-img
+        convert` of the snapshot), O(the snapshot's data). StorageError when the snapshot
+        is not there."""
+        ...
+
+
+class StorageBackend(DiskLifecycle, DiskSnapshots, RevertToSnapshot, ChangeTracking,
+                     DiskFromSnapshot, ImageFromSnapshot, Protocol):
     """Everything the services need from a pool."""
 
 
@@ -222,9 +253,35 @@ class CloneRevert(Protocol):
         """How many parents the volume's data is read through (0: it holds all of it)."""
         ...
 
+    def snapshot_volume(self, disk_id: str, snapshot_id: str) -> str | None:
+        """The volume of the disk that holds the snapshot (where a reader opens it); None
+        when none does."""
+        ...
+
     def flatten(self, volume: str) -> None:
         """Copy into the volume (and its snapshots) what it reads from its parents, so it
         has none; nothing visible changes. A volume with no parent is left alone."""
+        ...
+
+
+@runtime_checkable
+class PoolSpace(Protocol):
+    """A backend whose disks are not files on a local file system (Ceph RBD) tells how
+    much its pool can still take (service/space.py checks it before a snapshot)."""
+
+    def free_bytes(self) -> int | None:
+        """Bytes the pool can still store; None when the backend cannot tell."""
+        ...
+
+
+@runtime_checkable
+class ClientFencing(Protocol):
+    """A shared-storage backend (Ceph RBD) can shut a fenced host out, so that its VMs,
+    still running, cannot write any more (service/cluster.py, when it fences a host)."""
+
+    def blocklist(self, addrs: Sequence[str]) -> None:
+        """Refuse every client at these addresses (`IP` or `IP:port/nonce`) from now on
+        (Ceph's `osd blocklist add`); idempotent; StorageError if the cluster refused."""
         ...
 
 

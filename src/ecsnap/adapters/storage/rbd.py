@@ -170,6 +170,18 @@ class RbdBackend:
             self._cluster, self._ioctx = cluster, ioctx
             return ioctx
 
+    def blocklist(self, addrs: Sequence[str]) -> None:
+        """Ceph's `osd blocklist add` for each address, through the monitors (ClientFencing:
+        a fenced host's QEMUs, whatever their nonce when given by IP, write no more)."""
+        self._io()
+        for addr in addrs:
+            command = json.dumps({"prefix": "osd blocklist", "blocklistop": "add",
+                                  "addr": addr})
+            with self._errors(f"osd blocklist add {addr}"):
+                ret, _, status = self._cluster.mon_command(command, b"", timeout=30)
+            if ret != 0:
+                raise StorageError(f"osd blocklist add {addr}: {status} ({ret})")
+
     def close(self) -> None:
         """Close the cluster connection (the next call opens a new one)."""
         with self._lock:
@@ -279,6 +291,10 @@ class RbdBackend:
             names = list(rbd.RBD().list(self._io()))
         return sorted((n for n in names if n == disk or n.startswith(disk + ".")),
                       key=lambda n: (n != disk, n))
+
+    def snapshot_volume(self, disk_id: str, snapshot_id: str) -> str | None:
+        with self._errors(f"snapshots of {disk_id}"):
+            return self._holder(disk_id, snapshot_id)
 
     def _holder(self, name: str, snapshot_id: str) -> str | None:
         """The volume of the disk that holds the user snapshot (`name` looked at first)."""
@@ -503,7 +519,85 @@ class RbdBackend:
             except StorageError:  # removed meanwhile
                 depth[volume] = 0
         for volume in sorted(depth, key=lambda v: -depth[v]):
+            self._remove_or_trash(volume)
+        self._purge_trash()
+
+    # ------------------------------------------------------------ disks from snapshots
+
+    def create_from_snapshot(self, disk_id: str, source_disk_id: str, snapshot_id: str,
+                             size_bytes: int) -> None:
+        """A clone (v2, O(1): no data copied) of the snapshot, on whichever volume of the
+        source disk holds it, grown to `size_bytes` if that is larger. The snapshot may be
+        deleted later: clone v2 moves a snapshot with clones to RBD's trash namespace and
+        Ceph removes it with its last clone. The source disk may be deleted too: its image,
+        which cannot be removed while a snapshot of it has clones, goes to the RBD trash
+        (`_remove_or_trash`) and is purged once nothing is cloned from it any more
+        (`_purge_trash`, after every delete)."""
+        _check_snapshot_name(snapshot_id)
+        with self._errors(f"snapshots of {source_disk_id}"):
+            found = self._find_snap(source_disk_id, snapshot_id)
+        if found is None:
+            raise StorageError(f"{source_disk_id}: no snapshot {snapshot_id} on any of its "
+                               "volumes")
+        holder, snap_size = found
+        self._create(disk_id, lambda ioctx, rbd: rbd.RBD().clone(
+            ioctx, holder, snapshot_id, ioctx, disk_id, features=self.features))
+        if size_bytes > snap_size:
+            with self._image(disk_id) as image, self._errors(f"resize {disk_id}"):
+                if size_bytes > image.size():
+                    image.resize(size_bytes)
+
+    def export_snapshot(self, source_disk_id: str, snapshot_id: str, target: str) -> int:
+        """A custom image's template file: the snapshot (on whichever volume of the disk
+        holds it) read by `qemu-img convert` from QEMU's `rbd:POOL/IMAGE@SNAP` into a
+        standalone qcow2 at `target` (zeroes left out). Disks from the image are then
+        clones of its template imported into the pool, as for every image."""
+        _check_snapshot_name(snapshot_id)
+        with self._errors(f"snapshots of {source_disk_id}"):
+            found = self._find_snap(source_disk_id, snapshot_id)
+        if found is None:
+            raise StorageError(f"{source_disk_id}: no snapshot {snapshot_id} on any of its "
+                               "volumes")
+        holder, size = found
+        # QEMU's rbd filename with the snapshot: rbd:POOL/IMAGE@SNAP[:options] (snapshot
+        # IDs need no escape: _check_snapshot_name)
+        plain = str(RbdLocation(self.pool, holder))
+        full = str(RbdLocation(self.pool, holder, self.client, self.conf, self.keyring))
+        image = f"{plain}@{snapshot_id}{full[len(plain):]}"
+        self._run("convert", "-q", "-f", "raw", "-O", "qcow2", image, target)
+        return size
+
+    def _remove_or_trash(self, volume: str) -> None:
+        """`_remove_image`; an image that still holds deleted snapshots which other disks
+        are cloned from (RBD refuses to remove it) goes to the RBD trash instead."""
+        _, rbd = _bindings()
+        try:
             self._remove_image(volume)
+            return
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, rbd.ImageHasSnapshots):
+                raise
+        with self._errors(f"move {self.pool}/{volume} to the trash"), \
+                contextlib.suppress(rbd.ImageNotFound):
+            rbd.RBD().trash_move(self._io(), volume, 0)
+
+    def _purge_trash(self) -> None:
+        """Remove the disk images in the RBD trash that nothing is cloned from any more
+        (Ceph removed their last trashed snapshot with its last clone); the others stay."""
+        _, rbd = _bindings()
+        with self._errors(f"trash of {self.pool}"):
+            entries = list(rbd.RBD().trash_list(self._io()))
+        for entry in entries:
+            if str(entry.get("name", "")).startswith(TEMPLATE_PREFIX):
+                continue
+            try:
+                rbd.RBD().trash_remove(self._io(), entry["id"])
+            except (rbd.ImageHasSnapshots, rbd.ImageBusy, rbd.ImageNotFound,
+                    rbd.PermissionError, rbd.InvalidArgument):
+                continue  # still needed (or removed meanwhile)
+            except rbd.Error as exc:
+                raise StorageError(f"purge {entry.get('name')} from the trash of "
+                                   f"{self.pool}: {exc}") from exc
 
     def _remove_image(self, disk_id: str) -> None:
         """Remove one image and its snapshots; a missing one is not an error."""
@@ -734,6 +828,22 @@ class RbdBackend:
                                  include_parent=True)
 
     # ------------------------------------------------------------ templates' plumbing
+
+    def free_bytes(self) -> int | None:
+        """PoolSpace: the pool's `max_avail` from the monitor's `df` (what the pool can
+        still take, replication and the full ratio counted); None when the cluster reports
+        no pool statistics (they come from a manager daemon: the tests' cluster has none)."""
+        self._io()
+        with self._errors("ceph df"):
+            ret, out, _ = self._cluster.mon_command(
+                json.dumps({"prefix": "df", "format": "json"}), b"", timeout=30)
+        if ret != 0:
+            return None
+        try:
+            pools = json.loads(out)["pools"]
+            return next(int(p["stats"]["max_avail"]) for p in pools if p["name"] == self.pool)
+        except (ValueError, KeyError, TypeError, StopIteration):
+            return None
 
     def _run(self, *args: str) -> str:
         cmd = [self.qemu_img, *args]

@@ -16,12 +16,15 @@ if TYPE_CHECKING:
     from ecsnap.domain.model import (
         AccessKey,
         Account,
+        AutoSnapshotPolicy,
         Disk,
+        Host,
         IdempotencyKey,
         IdempotencyRecord,
         Image,
         Instance,
         Invocation,
+        PolicyRun,
         Region,
         Snapshot,
         SnapshotGroup,
@@ -47,6 +50,7 @@ class Criteria:
 
     equals: dict[str, Any] = field(default_factory=dict)
     within: dict[str, Sequence[Any]] = field(default_factory=dict)
+    without: dict[str, Sequence[Any]] = field(default_factory=dict)  # NOT IN (a NULL: neither)
     wildcard: dict[str, str] = field(default_factory=dict)
     created_from: datetime | None = None
     created_to: datetime | None = None
@@ -122,6 +126,15 @@ class UnitOfWork(Protocol):
     @property
     def invocations(self) -> Repository[Invocation]: ...
 
+    @property
+    def auto_snapshot_policies(self) -> Repository[AutoSnapshotPolicy]: ...
+
+    @property
+    def policy_runs(self) -> Repository[PolicyRun]: ...
+
+    @property
+    def hosts(self) -> Repository[Host]: ...
+
     def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc: object) -> None: ...
@@ -142,6 +155,66 @@ class UnitOfWork(Protocol):
 
     def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
         """Store a signature nonce; False if it was seen and has not expired."""
+        ...
+
+    def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
+                           snapshot_id: str = "") -> bool:
+        """Claim the time point `due` of a policy for a disk: one statement that inserts the
+        pair's `PolicyRun` or moves its `last_due` forward to `due`, only where it is
+        earlier (`INSERT ... ON CONFLICT DO UPDATE ... WHERE last_due < due`). True for
+        the one transaction whose statement wrote the row; a concurrent one waits for it
+        and answers False once it commits (PostgreSQL READ COMMITTED included). Objects
+        this unit of work holds are told the new values."""
+        ...
+
+    # -- the cluster (service/cluster.py): the agents' queue, leases and epoch fencing
+    def clock(self) -> datetime:
+        """The database server's clock, naive UTC with microseconds: the one clock every
+        host's heartbeats and leases are written and compared with (no skew between
+        hosts)."""
+        ...
+
+    def claim_tasks(self, host_id: str, epoch: int, now: datetime, lease_until: datetime,
+                    limit: int) -> list[tuple[str, bool]]:
+        """Take up to `limit` Processing tasks routed to `host_id` or to any host that are
+        unowned, or whose owner is no longer Up at the epoch it claimed them under, or
+        whose lease ended before `now`: set their owner, owner_epoch and lease (rows
+        another transaction is claiming are skipped: FOR UPDATE SKIP LOCKED). Their IDs,
+        each with True when an agent had claimed it before (it was cut short: resume it
+        as recovery does)."""
+        ...
+
+    def renew_leases(self, host_id: str, epoch: int, task_ids: Sequence[str],
+                     lease_until: datetime) -> list[str]:
+        """Extend the leases `host_id` under `epoch` still holds; the IDs it still holds."""
+        ...
+
+    def hold_epoch(self, host_id: str, epoch: int, task_id: str | None = None) -> bool:
+        """Whether the host's row is Up with this epoch (and, given `task_id`, the task is
+        still owned by this host under it), keeping it so until the end of the transaction
+        (SELECT ... FOR SHARE / FOR UPDATE): a fence waits for this commit, or is seen."""
+        ...
+
+    def heartbeat(self, host_id: str, epoch: int, now: datetime) -> bool:
+        """`UPDATE hosts SET heartbeat_at=now WHERE id=H AND epoch=E AND state=Up`:
+        False when the host was fenced (or rejoined under another epoch)."""
+        ...
+
+    def fence_host(self, host_id: str, epoch: int, stale_before: datetime) -> bool:
+        """Fence the host if it is still Up at `epoch` with a heartbeat older than
+        `stale_before`: epoch+1, Fenced (its tasks are then claimable: their owner is not
+        Up at the epoch that claimed them). True for the one caller whose conditional
+        UPDATE won. Only the host row is written (no deadlock with an agent's commit)."""
+        ...
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        """Wake the processes listening on `channel` when this transaction commits
+        (PostgreSQL NOTIFY with `payload`; nothing elsewhere)."""
+        ...
+
+    def lock_hosts(self) -> list[Host]:
+        """The Up hosts in ID order, locked until the end of the transaction (FOR UPDATE):
+        two placements on one host are serialised (service/placement.py)."""
         ...
 
 

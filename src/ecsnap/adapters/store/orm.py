@@ -98,6 +98,7 @@ images = Table(
     Column("status", String(32), nullable=False),
     Column("description", Text, nullable=False),
     Column("created", DateTime, nullable=False),
+    Column("source_snapshot_id", String(64), nullable=False, default="", index=True),
 )
 
 instances = Table(
@@ -119,7 +120,9 @@ instances = Table(
     Column("created", DateTime, nullable=False),
     Column("started", DateTime, nullable=True),
     Column("host_name", String(128), nullable=False),
+    Column("host_id", String(64), nullable=True),
     Index("ix_instances_owner", "account_id", "region_id", "created", "id"),
+    Index("ix_instances_host", "host_id"),
 )
 
 disks = Table(
@@ -138,7 +141,7 @@ disks = Table(
     Column("device", String(32), nullable=False),
     Column("delete_with_instance", Boolean, nullable=False),
     Column("image_id", String(64), nullable=False),
-    Column("source_snapshot_id", String(64), nullable=False),
+    Column("source_snapshot_id", String(64), nullable=False, index=True),
     Column("lock_task_id", String(64), nullable=True),
     Column("released", Boolean, nullable=False),
     Column("portable", Boolean, nullable=False),
@@ -148,6 +151,7 @@ disks = Table(
     Column("detached_time", DateTime, nullable=True),
     Column("released_time", DateTime, nullable=True),
     Column("volume", String(200), nullable=False, default=""),
+    Column("auto_snapshot_policy_id", String(64), nullable=False, default="", index=True),
     Index("ix_disks_owner", "account_id", "region_id", "created", "id"),
 )
 
@@ -170,6 +174,8 @@ snapshots = Table(
     Column("tags", JsonDict, nullable=False),
     Column("created", DateTime, nullable=False),
     Column("last_modified", DateTime, nullable=False),
+    Column("snapshot_type", String(16), nullable=False, default="user"),
+    Column("policy_id", String(64), nullable=False, default=""),
     Index("ix_snapshots_owner", "account_id", "region_id", "created", "id"),
 )
 
@@ -205,7 +211,24 @@ tasks = Table(
     Column("error_message", Text, nullable=False),
     Column("created", DateTime, nullable=False),
     Column("finished", DateTime, nullable=True),
+    Column("host_id", String(64), nullable=True),
+    Column("owner", String(64), nullable=False, default=""),
+    Column("owner_epoch", Integer, nullable=False, default=0),
+    Column("lease_until", DateTime, nullable=True),
     Index("ix_tasks_owner", "account_id", "region_id", "created", "id"),
+)
+
+hosts = Table(
+    "hosts", metadata,
+    _id(),
+    Column("state", _enum(model.HostState), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+    Column("vcpus", Integer, nullable=False),
+    Column("memory_mib", Integer, nullable=False),
+    Column("address", String(256), nullable=False, default=""),
+    Column("ceph_addrs", JsonList, nullable=False, default=list),
+    Column("started_at", DateTime, nullable=False),
 )
 
 idempotency = Table(
@@ -243,6 +266,31 @@ invocations = Table(
     Index("ix_invocations_owner", "account_id", "region_id", "created", "id"),
 )
 
+auto_snapshot_policies = Table(
+    "auto_snapshot_policies", metadata,
+    _id(),
+    Column("account_id", String(64), nullable=False),
+    Column("region_id", String(64), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("time_points", JsonList, nullable=False),
+    Column("repeat_weekdays", JsonList, nullable=False),
+    Column("retention_days", Integer, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("tags", JsonDict, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Index("ix_auto_snapshot_policies_owner", "account_id", "region_id", "created", "id"),
+)
+
+# the last time point of a policy whose snapshot of a disk was journaled (one row a pair)
+policy_runs = Table(
+    "policy_runs", metadata,
+    Column("id", String(200), primary_key=True),
+    Column("policy_id", String(64), nullable=False, index=True),
+    Column("disk_id", String(64), nullable=False),
+    Column("last_due", DateTime, nullable=False),
+    Column("snapshot_id", String(64), nullable=False),
+)
+
 nonces = Table(
     "nonces", metadata,
     Column("key_id", String(64), primary_key=True),
@@ -263,6 +311,9 @@ MAPPED = {
     model.Task: tasks,
     model.IdempotencyRecord: idempotency,
     model.Invocation: invocations,
+    model.AutoSnapshotPolicy: auto_snapshot_policies,
+    model.PolicyRun: policy_runs,
+    model.Host: hosts,
 }
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar, cast
 
@@ -121,6 +121,36 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+def listener(url: str, channel: str) -> Callable[[float], list[str]]:
+    """`wait(timeout)` on PostgreSQL's LISTEN `channel`: the payloads of the NOTIFYs that
+    came within `timeout` seconds (waiting for the first, then taking those already
+    there), [] if none did. One connection of its own, opened again after an error."""
+    import psycopg
+
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+    held: list[Any] = []
+
+    def wait(timeout: float) -> list[str]:
+        try:
+            if not held:
+                conn = psycopg.connect(conninfo, autocommit=True)
+                conn.execute(f'LISTEN "{channel}"')
+                held.append(conn)
+            got = [n.payload for n in held[0].notifies(timeout=timeout, stop_after=1)]
+            if got:
+                got += [n.payload for n in held[0].notifies(timeout=0)]
+            return got
+        except psycopg.Error:
+            for conn in held:
+                conn.close()
+            held.clear()
+            time.sleep(min(timeout, 1.0))
+            return []
+
+    return wait
 
 
 class DetachedLoader(Generic[T]):
@@ -267,7 +297,7 @@ class SqlRepository(Generic[T]):
         listing = "count" not in what
         ordered = listing and "created" in self.table.c
         key = (self.cls, what, tuple((n, v is None) for n, v in merged.items()),
-               tuple(criteria.within), tuple(criteria.wildcard),
+               tuple(criteria.within), tuple(criteria.without), tuple(criteria.wildcard),
                criteria.created_from is not None, criteria.created_to is not None,
                ordered and criteria.after is not None, ordered and criteria.newest_first,
                listing and bool(criteria.tags), listing and bool(criteria.offset),
@@ -281,6 +311,8 @@ class SqlRepository(Generic[T]):
         params: dict[str, Any] = {f"eq_{n}": v for n, v in merged.items() if v is not None}
         for name, values in criteria.within.items():
             params[f"in_{name}"] = list(values)
+        for name, values in criteria.without.items():
+            params[f"notin_{name}"] = list(values)
         for name, pattern in criteria.wildcard.items():
             escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             params[f"like_{name}"] = escaped.replace("*", "%")
@@ -315,6 +347,8 @@ class SqlRepository(Generic[T]):
                               else c[name] == bindparam(f"eq_{name}"))
         for name in criteria.within:
             stmt = stmt.where(c[name].in_(bindparam(f"in_{name}", expanding=True)))
+        for name in criteria.without:
+            stmt = stmt.where(c[name].not_in(bindparam(f"notin_{name}", expanding=True)))
         for name in criteria.wildcard:
             stmt = stmt.where(c[name].like(bindparam(f"like_{name}"), escape="\\"))
         if criteria.created_from is not None:
@@ -354,7 +388,9 @@ def _has_tags(obj: Any, wanted: dict[str, str]) -> bool:
 
 _LOCKABLE = {"instance": orm.instances, "disk": orm.disks}
 _REPOSITORIES = ("accounts", "access_keys", "regions", "zones", "images", "instances", "disks",
-                 "snapshots", "snapshot_groups", "tasks", "idempotency", "invocations")
+                 "snapshots", "snapshot_groups", "tasks", "idempotency", "invocations",
+                 "auto_snapshot_policies", "policy_runs",
+                 "hosts")
 
 
 class ReadOnlyError(RuntimeError):
@@ -411,6 +447,10 @@ class SqlUnitOfWork:
     idempotency = functools.cached_property(
         lambda self: self._repository(model.IdempotencyRecord))
     invocations = functools.cached_property(lambda self: self._repository(model.Invocation))
+    auto_snapshot_policies = functools.cached_property(
+        lambda self: self._repository(model.AutoSnapshotPolicy))
+    policy_runs = functools.cached_property(lambda self: self._repository(model.PolicyRun))
+    hosts = functools.cached_property(lambda self: self._repository(model.Host))
 
     def __exit__(self, *exc: object) -> None:
         if self.connection is not None:
@@ -488,6 +528,118 @@ class SqlUnitOfWork:
                                                 "expires": expires, "now": now})
         return bool(result.rowcount == 1)
 
+    def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
+                           snapshot_id: str = "") -> bool:
+        """The conditional upsert of the base's docstring: on PostgreSQL a second writer
+        of the row waits for the first, then re-checks the WHERE on the committed row."""
+        key = model.PolicyRun.key(policy_id, disk_id)
+        self.session.flush()
+        result = self.session.execute(_ADVANCE_POLICY_RUN, {
+            "id": key, "policy_id": policy_id, "disk_id": disk_id, "due": due,
+            "snapshot_id": snapshot_id})
+        won = bool(getattr(result, "rowcount", 0) == 1)
+        obj = self.session.identity_map.get(self.session.identity_key(model.PolicyRun, key))
+        if won and obj is not None:
+            set_committed_value(obj, "last_due", due)
+            set_committed_value(obj, "snapshot_id", snapshot_id)
+        return won
+
+    # -- the cluster: the agents' queue, leases and epoch fencing (service/cluster.py)
+    def clock(self) -> datetime:
+        conn = self.session.connection()
+        if conn.dialect.name == "postgresql":
+            return cast(datetime, conn.execute(_PG_CLOCK).scalar_one())
+        return datetime.now(UTC).replace(tzinfo=None)
+
+    def claim_tasks(self, host_id: str, epoch: int, now: datetime, lease_until: datetime,
+                    limit: int) -> list[tuple[str, bool]]:
+        t, h = orm.tasks, orm.hosts
+        owner_up = select(h.c.id).where(h.c.id == t.c.owner, h.c.epoch == t.c.owner_epoch,
+                                        h.c.state == model.HostState.UP.value).exists()
+        self.session.flush()
+        picked = self.session.execute(
+            select(t.c.id, t.c.owner_epoch)
+            .where(t.c.status == model.TaskStatus.PROCESSING.value,
+                   (t.c.host_id.is_(None)) | (t.c.host_id == host_id),
+                   (t.c.owner == "") | ~owner_up | (t.c.lease_until < now))
+            .order_by(t.c.created, t.c.id).limit(limit)
+            .with_for_update(of=t, skip_locked=True)).tuples().all()
+        if not picked:
+            return []
+        self.session.execute(
+            update(t).where(t.c.id.in_([task_id for task_id, _ in picked]))
+            .values(owner=host_id, owner_epoch=epoch, lease_until=lease_until)
+            .execution_options(synchronize_session=False))
+        return [(task_id, bool(before)) for task_id, before in picked]
+
+    def renew_leases(self, host_id: str, epoch: int, task_ids: Sequence[str],
+                     lease_until: datetime) -> list[str]:
+        t = orm.tasks
+        if not task_ids:
+            return []
+        result = self.session.execute(
+            update(t).where(t.c.id.in_(list(task_ids)), t.c.owner == host_id,
+                            t.c.owner_epoch == epoch)
+            .values(lease_until=lease_until).returning(t.c.id)
+            .execution_options(synchronize_session=False))
+        return [row[0] for row in result]
+
+    def hold_epoch(self, host_id: str, epoch: int, task_id: str | None = None) -> bool:
+        h, t = orm.hosts, orm.tasks
+        self.session.flush()
+        row = self.session.execute(
+            select(h.c.id).where(h.c.id == host_id, h.c.epoch == epoch,
+                                 h.c.state == model.HostState.UP.value)
+            .with_for_update(read=True)).first()
+        if row is None:
+            return False
+        if task_id is None:
+            return True
+        return self.session.execute(
+            select(t.c.id).where(t.c.id == task_id, t.c.owner == host_id,
+                                 t.c.owner_epoch == epoch)
+            .with_for_update()).first() is not None
+
+    def heartbeat(self, host_id: str, epoch: int, now: datetime) -> bool:
+        h = orm.hosts
+        result = self.session.execute(
+            update(h).where(h.c.id == host_id, h.c.epoch == epoch,
+                            h.c.state == model.HostState.UP.value)
+            .values(heartbeat_at=now).execution_options(synchronize_session=False))
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+    def fence_host(self, host_id: str, epoch: int, stale_before: datetime) -> bool:
+        h = orm.hosts
+        self.session.flush()
+        result = self.session.execute(
+            update(h).where(h.c.id == host_id, h.c.epoch == epoch,
+                            h.c.state == model.HostState.UP.value,
+                            h.c.heartbeat_at < stale_before)
+            .values(epoch=epoch + 1, state=model.HostState.FENCED.value)
+            .execution_options(synchronize_session=False))
+        # its tasks become claimable by this alone (their owner is no longer Up at the
+        # epoch that claimed them); the host row is the only one locked, so an agent's
+        # commit (its rows, then the host row FOR SHARE) cannot deadlock with a fence
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        conn = self.session.connection()
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                         {"channel": channel, "payload": payload})
+
+    def lock_hosts(self) -> list[model.Host]:
+        """The Up hosts in ID order, their rows locked until the end of the transaction
+        (SELECT ... FOR UPDATE; SQLite has one writer at a time anyway): placement
+        (service/placement.py) recounts the claims on them under this lock."""
+        self.session.flush()
+        stmt = select(model.Host).where(orm.hosts.c.state == model.HostState.UP.value) \
+            .order_by(orm.hosts.c.id).with_for_update().execution_options(
+                populate_existing=True)
+        return list(self.session.scalars(stmt))
+
+
+_PG_CLOCK = text("SELECT timezone('UTC', clock_timestamp())")
 
 # The same SQL on SQLite (3.24+) and PostgreSQL; a text() statement so that it is compiled
 # once (an ORM-dialect insert with ON CONFLICT is compiled on every execution).
@@ -497,6 +649,13 @@ _REMEMBER_NONCE = text(
     "WHERE nonces.expires < :now",
 ).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
     .execution_options(preserve_rowcount=True)
+
+_ADVANCE_POLICY_RUN = text(
+    "INSERT INTO policy_runs (id, policy_id, disk_id, last_due, snapshot_id) "
+    "VALUES (:id, :policy_id, :disk_id, :due, :snapshot_id) "
+    "ON CONFLICT (id) DO UPDATE SET last_due = excluded.last_due, "
+    "snapshot_id = excluded.snapshot_id WHERE policy_runs.last_due < excluded.last_due",
+).bindparams(bindparam("due", type_=DateTime())).execution_options(preserve_rowcount=True)
 
 
 class CountCache:

@@ -34,7 +34,9 @@ from ecsnap.service import (
     inspect,
     instances,
     listing,
+    policies,
     regions,
+    restore_files,
     rollback,
     snapshots,
     tasks_view,
@@ -233,26 +235,68 @@ def describe_instance_types(c: Call) -> dict[str, Any]:
                  "IsPublic": Refused("public and private images")},
         constant={"Architecture": ("x86_64",), "OSType": ("linux",), "ImageFamily": (),
                   "IsSupportCloudinit": ("false",), "IsSupportIoOptimized": ("true",),
-                  "SnapshotId": (), "Usage": ("instance",), "Tag.N.Key": (),
-                  "Tag.N.Value": ()})
+                  "Tag.N.Key": (), "Tag.N.Value": ()})
 def describe_images(c: Call) -> dict[str, Any]:
-    """Every image of ecsnap is an Available x86_64 Linux image without tags."""
+    """Every image of ecsnap is an x86_64 Linux image without tags; custom images are
+    Creating, Available or CreateFailed (Status, Available by default)."""
     if _dry_run(c.p):
         raise dry_run_passed()
     ids_ = c.p.str("ImageId")
-    statuses = {s.lower() for s in c.p.csv("Status") or ["Available"]}
+    statuses = c.p.csv("Status") or ["Available"]
     page_number = c.p.int("PageNumber", min=1)
     page_size = c.p.int("PageSize", min=1, max=100)
-    if c.none_match() or "available" not in statuses:
+    if c.none_match():
         page = _empty_page(page_number, page_size)
     else:
         page = images.describe_images(c.ctx, c.account_id, c.region,
                                       image_ids=ids_.split(",") if ids_ else None,
                                       name=c.p.str("ImageName") or None,
                                       owner_alias=c.p.str("ImageOwnerAlias") or None,
-                                      page_number=page_number, page_size=page_size)
-    return {"Images": {"Image": [views.image(m) for m in page.items]}, "RegionId": c.region,
+                                      page_number=page_number, page_size=page_size,
+                                      statuses=statuses,
+                                      snapshot_id=c.p.str("SnapshotId") or None,
+                                      usage=c.p.str("Usage") or None)
+    usage = images.image_usage(c.ctx, c.account_id, [m.id for m in page.items])
+    return {"Images": {"Image": [views.image(m, usage[m.id]) for m in page.items]},
+            "RegionId": c.region,
             **views.page_fields(page, False)}
+
+
+_NO_MAPPING = Refused("images from a disk mapping; give SnapshotId or InstanceId")
+
+
+@action("CreateImage", ignored=("Platform", "ImageVersion", "DetectionStrategy",
+                                "Features.ImdsSupport"),
+        refused={"DiskDeviceMapping.N.Device": _NO_MAPPING,
+                 "DiskDeviceMapping.N.DiskType": _NO_MAPPING,
+                 "DiskDeviceMapping.N.Size": _NO_MAPPING,
+                 "DiskDeviceMapping.N.SnapshotId": _NO_MAPPING,
+                 "ImageFamily": Refused("ecsnap has no image families"),
+                 "Architecture": Refused("ecsnap's images are x86_64", ("x86_64",)),
+                 "BootMode": Refused("a custom image boots as its source image does"),
+                 "SecureBootOptions.SecureBootSupport": Refused("secure boot", FALSE),
+                 "Tag.N.Key": Refused("image tags"), "Tag.N.Value": Refused("image tags")})
+def create_image(c: Call) -> dict[str, Any]:
+    """A custom image of a system disk: from SnapshotId, or from InstanceId (which wins, as
+    on ECS), whose system disk is snapshotted first."""
+    if _dry_run(c.p):
+        raise dry_run_passed()
+    image_id = images.create_image(c.ctx, c.account_id, c.region,
+                                   snapshot_id=c.p.str("SnapshotId") or None,
+                                   instance_id=c.p.str("InstanceId") or None,
+                                   name=c.p.str("ImageName") or "",
+                                   description=c.p.str("Description") or "",
+                                   client_token=c.p.str("ClientToken") or None)
+    return {"ImageId": image_id}
+
+
+@action("DeleteImage")
+def delete_image(c: Call) -> dict[str, Any]:
+    if _dry_run(c.p):
+        raise dry_run_passed()
+    images.delete_image(c.ctx, c.account_id, c.region, c.p.str("ImageId", required=True),
+                        force=c.p.bool("Force", default=False))
+    return {}
 
 
 # ------------------------------------------------------------------ instances
@@ -332,7 +376,6 @@ _INSTANCE_REFUSED = {
     "DataDisk.N.EncryptAlgorithm": _NO_ENCRYPTION, "DataDisk.N.KMSKeyId": _NO_ENCRYPTION,
     "DataDisk.N.StorageClusterId": Refused("ecsnap has no dedicated block storage clusters"),
     "DataDisk.N.AutoSnapshotPolicyId": _NO_AUTO_SNAPSHOTS,
-    "DataDisk.N.SnapshotId": Refused("ecsnap cannot create a data disk from a snapshot yet"),
     "Arn.N.AssumeRoleFor": _NO_ROLES, "Arn.N.RoleType": _NO_ROLES, "Arn.N.Rolearn": _NO_ROLES,
 }
 
@@ -340,10 +383,13 @@ _INSTANCE_REFUSED = {
 def _instance_request(p: Any) -> instances.InstanceRequest:
     data = []
     for d in p.items("DataDisk", max_items=16):
+        snapshot_id = d.str("SnapshotId") or ""
         data.append(instances.DataDiskSpec(
-            size_gib=d.int("Size", default=20), category=d.str("Category") or "cloud_essd",
+            size_gib=d.int("Size") if snapshot_id else d.int("Size", default=20),
+            category=d.str("Category") or "cloud_essd",
             name=d.str("DiskName") or "", description=d.str("Description") or "",
-            delete_with_instance=d.bool("DeleteWithInstance", default=True)))
+            delete_with_instance=d.bool("DeleteWithInstance", default=True),
+            snapshot_id=snapshot_id))
     return instances.InstanceRequest(
         image_id=p.str("ImageId", required=True), instance_type=p.str("InstanceType",
                                                                        required=True),
@@ -504,7 +550,6 @@ def delete_instance(c: Call) -> dict[str, Any]:
                                "StorageSetId", "StorageSetPartitionNumber"),
         refused={"InstanceId": Refused("ecsnap creates standalone disks; attach them with "
                                        "AttachDisk"),
-                 "SnapshotId": Refused("ecsnap cannot create a disk from a snapshot yet"),
                  "Encrypted": Refused(_NO_ENCRYPTION.why, FALSE),
                  "EncryptAlgorithm": _NO_ENCRYPTION, "KMSKeyId": _NO_ENCRYPTION,
                  "Arn.N.AssumeRoleFor": _NO_ROLES, "Arn.N.RoleType": _NO_ROLES,
@@ -520,6 +565,7 @@ def create_disk(c: Call) -> dict[str, Any]:
                                 category=c.p.str("DiskCategory") or "cloud_essd",
                                 name=c.p.str("DiskName") or "",
                                 description=c.p.str("Description") or "", tags=c.p.tags(),
+                                snapshot_id=c.p.str("SnapshotId") or None,
                                 client_token=c.p.str("ClientToken") or None)
     return {"DiskId": disk_id}
 
@@ -592,11 +638,10 @@ def replace_system_disk(c: Call) -> dict[str, Any]:
                  "Portable": Refused("a filter by portability"),
                  "DeleteWithInstance": Refused("a filter by DeleteWithInstance")},
         constant={"DiskChargeType": ("PostPaid",), "Encrypted": ("false",),
-                  "EnableAutoSnapshot": ("false",),
-                  "EnableAutomatedSnapshotPolicy": ("false",),
+                  "EnableAutoSnapshot": ("true",),  # any disk may take automatic snapshots
                   "DeleteAutoSnapshot": ("false",), "EnableShared": ("false",),
                   "MultiAttach": ("Disabled",), "PerformanceLevel": ("PL1",),
-                  "AutoSnapshotPolicyId": (), "KMSKeyId": (), "LockReason": (),
+                  "KMSKeyId": (), "LockReason": (),
                   "SnapshotId": ()})
 def describe_disks(c: Call) -> dict[str, Any]:
     if _dry_run(c.p):
@@ -607,6 +652,8 @@ def describe_disks(c: Call) -> dict[str, Any]:
         instance_id=c.p.str("InstanceId") or None, disk_type=c.p.str("DiskType") or None,
         status=c.p.str("Status") or None, category=c.p.str("Category") or None,
         zone_id=c.p.str("ZoneId") or None, name=c.p.str("DiskName") or None,
+        auto_snapshot_policy_id=c.p.str("AutoSnapshotPolicyId") or None,
+        with_policy=c.p.bool("EnableAutomatedSnapshotPolicy"),
         tags=c.p.tags(), **_page_args(c.p))
     return {"Disks": {"Disk": [views.disk(d) for d in page.items]},
             **views.page_fields(page, True)}
@@ -633,8 +680,7 @@ def create_snapshot(c: Call) -> dict[str, Any]:
         refused={"Filter.N.Key": Refused("filters by time"),
                  "Filter.N.Value": Refused("filters by time"),
                  "SnapshotLinkId": Refused("a filter by snapshot chain")},
-        constant={"Category": ("standard",), "Encrypted": ("false",), "KMSKeyId": (),
-                  "SnapshotType": ("user", "all"), "Usage": ("none",)})
+        constant={"Category": ("standard",), "Encrypted": ("false",), "KMSKeyId": ()})
 def describe_snapshots(c: Call) -> dict[str, Any]:
     if _dry_run(c.p):
         raise dry_run_passed()
@@ -644,8 +690,10 @@ def describe_snapshots(c: Call) -> dict[str, Any]:
         disk_id=c.p.str("DiskId") or None, instance_id=c.p.str("InstanceId") or None,
         status=c.p.str("Status") or None, name=c.p.str("SnapshotName") or None,
         source_disk_type=c.p.str("SourceDiskType") or None, tags=c.p.tags(),
+        snapshot_type=c.p.str("SnapshotType") or None, usage=c.p.str("Usage") or None,
         **_page_args(c.p))
-    return {"Snapshots": {"Snapshot": [views.snapshot(s) for s in page.items]},
+    usage = snapshots.snapshot_usage(c.ctx, c.account_id, [s.id for s in page.items])
+    return {"Snapshots": {"Snapshot": [views.snapshot(s, usage[s.id]) for s in page.items]},
             **views.page_fields(page, True)}
 
 
@@ -701,12 +749,13 @@ def modify_snapshot_group(c: Call) -> dict[str, Any]:
 
 @action("DeleteSnapshotGroup")
 def delete_snapshot_group(c: Call) -> dict[str, Any]:
-    snap_ids, task_id = snapshots.delete_snapshot_group(
+    outcomes, task_id = snapshots.delete_snapshot_group(
         c.ctx, c.account_id, c.region, c.p.str("SnapshotGroupId", required=True))
     return {"TaskId": task_id, "OperationProgressSet": {"OperationProgress": [{
-        "OperationStatus": "Success", "ErrorCode": "", "ErrorMsg": "",
-        "RelatedItemSet": {"RelatedItem": [{"Name": "SnapshotId", "Value": s}]}}
-        for s in snap_ids]}}
+        "OperationStatus": "Failed" if o.code else "Success", "ErrorCode": o.code,
+        "ErrorMsg": o.message,
+        "RelatedItemSet": {"RelatedItem": [{"Name": "SnapshotId", "Value": o.snapshot_id}]}}
+        for o in outcomes]}}
 
 
 # ------------------------------------------------------------------ rollback
@@ -789,6 +838,135 @@ def describe_snapshot_files(c: Call) -> dict[str, Any]:
         offset=c.p.int("Offset", min=0), max_bytes=c.p.int("MaxBytes", min=1,
                                                            max=inspect.MAX_READ_BYTES))
     return views.snapshot_files(result)
+
+
+@action("RestoreSnapshotFiles")
+def restore_snapshot_files(c: Call) -> dict[str, Any]:
+    """ecsnap extension: regular files of a snapshot put back onto its disk's instance
+    (into the running guest through its agent, or onto the stopped disk)."""
+    result = restore_files.restore_snapshot_files(
+        c.ctx, c.account_id, c.p.str("InstanceId", required=True),
+        c.p.str("SnapshotId", required=True), c.p.list("Path"),
+        target_path=c.p.str("TargetPath") or None, region_id=c.region, dry_run=_dry_run(c.p))
+    return {"TaskId": result.task_id, "TaskStatus": result.status, "InstanceId":
+            result.instance_id, "DiskId": result.disk_id,
+            "RestoreMode": "GuestAgent" if result.mode == restore_files.GUEST else "Disk",
+            "Files": {"File": [{"Path": s, "TargetPath": t} for s, t in result.items]}}
+
+
+# ------------------------------------------------------------------ automatic snapshot policies
+
+
+def _named(p: Any, name: str) -> str | None:
+    """A parameter the new SDK sends in lower camel case (``autoSnapshotPolicyId``) and the
+    docs in upper (``AutoSnapshotPolicyId``): either spelling."""
+    lower = name[0].lower() + name[1:]
+    return p.str(name) or p.str(lower) or None
+
+
+def _named_list(p: Any, name: str) -> list[str] | None:
+    lower = name[0].lower() + name[1:]
+    found = p.json_list(name, max_items=None)
+    return found if found is not None else p.json_list(lower, max_items=None)
+
+
+def _named_int(p: Any, name: str) -> int | None:
+    lower = name[0].lower() + name[1:]
+    found = p.int(name)
+    return found if found is not None else p.int(lower)
+
+
+def _policy_region(c: Call) -> str:
+    region = _named(c.p, "RegionId")
+    if not region:
+        raise EcsError("MissingParameter", "The input parameter \"RegionId\" that is "
+                       "mandatory for processing this request is not supplied.", 400)
+    return region
+
+
+def _policy_id(c: Call) -> str:
+    policy_id = _named(c.p, "AutoSnapshotPolicyId")
+    if not policy_id:
+        raise EcsError("MissingParameter", "The input parameter \"AutoSnapshotPolicyId\" "
+                       "that is mandatory for processing this request is not supplied.", 400)
+    return policy_id
+
+
+_NO_COPIES = Refused("ecsnap copies no snapshots to other regions")
+_POLICY_REFUSED = {
+    "EnableCrossRegionCopy": Refused(_NO_COPIES.why, FALSE),
+    "TargetCopyRegions": _NO_COPIES, "CopiedSnapshotsRetentionDays": _NO_COPIES,
+    "CopyEncryptionConfiguration.Encrypted": Refused(_NO_ENCRYPTION.why, FALSE),
+    "CopyEncryptionConfiguration.KMSKeyId": _NO_ENCRYPTION,
+    "CopyEncryptionConfiguration.Arn.N.AssumeRoleFor": _NO_ROLES,
+    "CopyEncryptionConfiguration.Arn.N.RoleType": _NO_ROLES,
+    "CopyEncryptionConfiguration.Arn.N.Rolearn": _NO_ROLES,
+    "TargetTags.N.Key": Refused("ecsnap tags no snapshot copies"),
+    "TargetTags.N.Value": Refused("ecsnap tags no snapshot copies"),
+    "StorageLocationArn": Refused("snapshots stay in the region's pool"),
+}
+
+
+@action("CreateAutoSnapshotPolicy",
+        refused={**_POLICY_REFUSED,
+                 "AssociationType": Refused("a policy applies to the disks it is applied to",
+                                            ("Disk",))})
+def create_auto_snapshot_policy(c: Call) -> dict[str, Any]:
+    policy_id = policies.create_policy(
+        c.ctx, c.account_id, _policy_region(c),
+        time_points=_named_list(c.p, "TimePoints"),
+        repeat_weekdays=_named_list(c.p, "RepeatWeekdays"),
+        retention_days=_named_int(c.p, "RetentionDays"),
+        name=_named(c.p, "AutoSnapshotPolicyName") or "", tags=c.p.tags())
+    return {"AutoSnapshotPolicyId": policy_id}
+
+
+@action("ModifyAutoSnapshotPolicyEx", refused=_POLICY_REFUSED)
+def modify_auto_snapshot_policy(c: Call) -> dict[str, Any]:
+    lower = "autoSnapshotPolicyName"
+    name = c.p.raw("AutoSnapshotPolicyName")
+    policies.modify_policy(
+        c.ctx, c.account_id, _policy_region(c), _policy_id(c),
+        name=name if name is not None else c.p.raw(lower),
+        time_points=_named_list(c.p, "TimePoints"),
+        repeat_weekdays=_named_list(c.p, "RepeatWeekdays"),
+        retention_days=_named_int(c.p, "RetentionDays"))
+    return {}
+
+
+@action("DescribeAutoSnapshotPolicyEx")
+def describe_auto_snapshot_policy_ex(c: Call) -> dict[str, Any]:
+    given = _named(c.p, "AutoSnapshotPolicyId")
+    page = policies.describe_policies(
+        c.ctx, c.account_id, _policy_region(c), policy_ids=[given] if given else None,
+        name=_named(c.p, "AutoSnapshotPolicyName"), tags=c.p.tags(),
+        page_number=c.p.int("PageNumber", min=1), page_size=c.p.int("PageSize", min=1,
+                                                                      max=100))
+    return {"AutoSnapshotPolicies": {"AutoSnapshotPolicy": [
+        views.auto_snapshot_policy(v.policy, v.disk_nums) for v in page.items]},
+        **views.page_fields(page, False)}
+
+
+@action("DeleteAutoSnapshotPolicy")
+def delete_auto_snapshot_policy(c: Call) -> dict[str, Any]:
+    policies.delete_policy(c.ctx, c.account_id, _policy_region(c), _policy_id(c))
+    return {}
+
+
+@action("ApplyAutoSnapshotPolicy")
+def apply_auto_snapshot_policy(c: Call) -> dict[str, Any]:
+    region, policy_id = _policy_region(c), _policy_id(c)
+    policies.apply_policy(c.ctx, c.account_id, region, policy_id,
+                          _named_list(c.p, "DiskIds"))
+    return {}
+
+
+@action("CancelAutoSnapshotPolicy")
+def cancel_auto_snapshot_policy(c: Call) -> dict[str, Any]:
+    policies.cancel_policy(c.ctx, c.account_id, _policy_region(c),
+                           _named_list(c.p, "DiskIds"),
+                           policy_id=_named(c.p, "AutoSnapshotPolicyId"))
+    return {}
 
 
 # ------------------------------------------------------------------ tasks

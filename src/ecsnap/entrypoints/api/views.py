@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from ecsnap.domain.model import (
+    AutoSnapshotPolicy,
     Disk,
     Image,
     Instance,
@@ -98,6 +100,9 @@ def instance(i: Instance, image: Image | None) -> dict[str, Any]:
         "VpcAttributes": {"VpcId": "", "VSwitchId": "", "NatIpAddress": "",
                           "PrivateIpAddress": {"IpAddress": []}},
         "NetworkInterfaces": {"NetworkInterface": []},
+        # ecsnap extension: the host its compute is (or was last) claimed on ("local" on
+        # the single-host server; service/placement.py). The SDKs' models ignore it.
+        "HostId": i.host_id or "",
     }
 
 
@@ -111,7 +116,10 @@ def disk(d: Disk) -> dict[str, Any]:
         "AttachedTime": iso(d.attached_time), "DetachedTime": iso(d.detached_time),
         "CreationTime": iso(d.created), "ExpiredTime": "", "Portable": d.portable,
         "DeleteWithInstance": d.delete_with_instance, "DeleteAutoSnapshot": False,
-        "EnableAutoSnapshot": False, "EnableAutomatedSnapshotPolicy": False,
+        # every disk may take automatic snapshots; a policy is applied or not
+        "EnableAutoSnapshot": True,
+        "EnableAutomatedSnapshotPolicy": bool(d.auto_snapshot_policy_id),
+        "AutoSnapshotPolicyId": d.auto_snapshot_policy_id,
         "SourceSnapshotId": d.source_snapshot_id, "ImageId": d.image_id,
         "DiskChargeType": "PostPaid", "Encrypted": False, "PerformanceLevel": "PL1",
         "SerialNumber": d.serial_number, "OperationLocks": {"OperationLock": []},
@@ -124,7 +132,7 @@ def disk(d: Disk) -> dict[str, Any]:
     }
 
 
-def snapshot(s: Snapshot) -> dict[str, Any]:
+def snapshot(s: Snapshot, usage: str = "none") -> dict[str, Any]:
     return {
         "SnapshotId": s.id, "SnapshotName": s.name, "Description": s.description,
         "SourceDiskId": s.source_disk_id, "SourceDiskType": s.source_disk_type.value,
@@ -132,11 +140,25 @@ def snapshot(s: Snapshot) -> dict[str, Any]:
         "Status": s.status.value, "Progress": f"{s.progress}%", "RemainTime": 0,
         "CreationTime": iso(s.created), "LastModifiedTime": iso(s.last_modified),
         "RetentionDays": s.retention_days or 0, "InstantAccess": False,
-        "InstantAccessRetentionDays": 0, "SnapshotType": "user", "Usage": "none",
+        "InstantAccessRetentionDays": 0, "SnapshotType": s.snapshot_type, "Usage": usage,
         "Category": "standard", "Encrypted": False, "ProductCode": "",
         "SnapshotSN": s.id.removeprefix("s-"), "SnapshotLinkId": f"sl-{s.source_disk_id}",
         "InstanceId": s.instance_id, "SnapshotGroupId": s.group_id or "",
         "Tags": tags(s.tags),
+    }
+
+
+def auto_snapshot_policy(p: AutoSnapshotPolicy, disk_nums: int) -> dict[str, Any]:
+    """TimePoints and RepeatWeekdays as ECS answers them: JSON arrays of strings, in one
+    string."""
+    return {
+        "AutoSnapshotPolicyId": p.id, "AutoSnapshotPolicyName": p.name, "RegionId": p.region_id,
+        "TimePoints": json.dumps([str(h) for h in p.time_points]),
+        "RepeatWeekdays": json.dumps([str(d) for d in p.repeat_weekdays]),
+        "RetentionDays": p.retention_days, "DiskNums": disk_nums, "VolumeNums": 0,
+        "Status": p.status, "CreationTime": iso(p.created), "Type": "Custom",
+        "EnableCrossRegionCopy": False, "TargetCopyRegions": "[]",
+        "CopiedSnapshotsRetentionDays": -1, "ResourceGroupId": "", "Tags": tags(p.tags),
     }
 
 
@@ -157,20 +179,22 @@ def snapshot_group(v: GroupView) -> dict[str, Any]:
     }
 
 
-def image(m: Image) -> dict[str, Any]:
+def image(m: Image, usage: str = "none") -> dict[str, Any]:
     return {
         "ImageId": m.id, "ImageName": m.name, "ImageFamily": "", "ImageVersion": "1",
-        "Description": m.description, "Status": m.status, "Progress": "100%",
+        "Description": m.description, "Status": m.status,
+        "Progress": "0%" if m.status == "Creating" else "100%",
         "Size": m.size_gib, "CreationTime": iso(m.created),
         "ImageOwnerAlias": m.owner_alias, "OSType": m.os_type, "OSName": m.os_name,
         "OSNameEn": m.os_name, "Platform": "Others Linux", "Architecture": m.architecture,
-        "Usage": "instance", "IsSupportCloudinit": False, "IsSupportIoOptimized": True,
+        "Usage": usage, "IsSupportCloudinit": False, "IsSupportIoOptimized": True,
         "IsCopied": False, "IsSubscribed": False, "IsSelfShared": "",
         "BootMode": "Legacy" if m.boot_mode == "bios" else "DirectKernel",
         "Tags": tags({}),
         "DiskDeviceMappings": {"DiskDeviceMapping": [{
-            "SnapshotId": "", "Size": str(m.size_gib), "Device": "/dev/xvda",
-            "Type": "system", "Format": "qcow2", "Progress": "100%"}]},
+            "SnapshotId": m.source_snapshot_id, "Size": str(m.size_gib),
+            "Device": "/dev/xvda", "Type": "system", "Format": "qcow2",
+            "Progress": "0%" if m.status == "Creating" else "100%"}]},
     }
 
 

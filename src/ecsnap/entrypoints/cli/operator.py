@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from ecsnap import config, logs
+from ecsnap import config, logs, metrics
 from ecsnap.domain.errors import EcsError
 from ecsnap.entrypoints.cli.common import (
     DataDir,
@@ -27,13 +27,15 @@ from ecsnap.entrypoints.cli.common import (
     out,
 )
 from ecsnap.filemodes import restrict_umask
-from ecsnap.service import accounts, console_access, images, regions, setup
+from ecsnap.service import accounts, console_access, hosts, images, regions, setup
+from ecsnap.service import scheduler as policy_scheduler
 from ecsnap.service.context import ServiceContext
 
 if TYPE_CHECKING:
     from ecsnap.service.recovery import RecoveryReport
 
-image_app = typer.Typer(help="Images: build the demo guest, import your own.",
+image_app = typer.Typer(help="Images: build the demo guest, import your own (admin); "
+                        "list, create and delete your custom images.",
                         no_args_is_help=True)
 account_app = typer.Typer(help="Accounts (admin).", no_args_is_help=True)
 accesskey_app = typer.Typer(help="AccessKey pairs (admin).", no_args_is_help=True)
@@ -53,7 +55,11 @@ def _context(data_dir: Path | None, *, recover: bool = False,
     from ecsnap import bootstrap
 
     settings = config.load(data_dir)
-    return bootstrap.build(settings, background=background, recover=recover)
+    try:
+        return bootstrap.build(settings, background=background, recover=recover)
+    except ValueError as exc:  # a setting that cannot work (cluster mode on SQLite)
+        fail(EcsError("InvalidConfiguration", str(exc), 400))
+        raise
 
 
 def _default_region(data_dir: Path | None) -> str:
@@ -343,14 +349,86 @@ def serve(data_dir: DataDir = None,
     signal.signal(signal.SIGTERM, stopped)
     signal.signal(signal.SIGINT, stopped)
     asgi_app = create_app(ctx, api_threads)
+    # automatic snapshot policies: due snapshots and retention, in a background thread
+    scheduler = policy_scheduler.start_scheduler(ctx)
     quiet_garbage_collector()
     try:
         # http/loop "auto": httptools and uvloop (dependencies) when importable
         uvicorn.run(asgi_app, host=host or "127.0.0.1", port=int(port),
                     log_level="warning", access_log=False, http="auto", loop="auto")
     finally:
+        scheduler.stop()  # after its tick under way: what it took is journaled
         ctx.runner.shutdown()  # running tasks finish their steps (all are journaled anyway)
         err.print("ecsnap stopped", highlight=False)
+
+
+def agent(host_id: Annotated[str, typer.Option("--host-id", help="This host's ID")],
+          data_dir: DataDir = None,
+          vcpus: Annotated[int, typer.Option("--vcpus", min=1, help="vCPUs for VMs")] = 16,
+          memory_mib: Annotated[int, typer.Option("--memory-mib", min=64,
+                                                  help="Memory for VMs, MiB")] = 32768,
+          address: Annotated[str, typer.Option("--address", help="This agent's /metrics "
+                                                "listen address, as peers reach it")] = "",
+          ceph_addr: Annotated[list[str] | None, typer.Option(
+              "--ceph-addr", help="This host's address as Ceph sees its clients (its IP): "
+              "blocklisted when the host is fenced. Repeatable.")] = None,
+          ) -> None:
+    """Run this host's agent in a cluster (PostgreSQL, `cluster` set): it registers, heartbeats,
+    fences dead peers and runs the tasks routed to this host (VMs in DATA_DIR/run/HOST)."""
+    from ecsnap import bootstrap
+
+    restrict_umask()
+    logs.configure(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    settings = config.load(initialised_data_dir(data_dir))
+    try:
+        node = bootstrap.build_agent(settings, host_id, vcpus=vcpus, memory_mib=memory_mib,
+                                     address=address, ceph_addrs=ceph_addr or [])
+    except ValueError as exc:
+        fail(EcsError("InvalidConfiguration", str(exc), 400))
+        return
+    if address:  # its /metrics (ecsnap.metrics): tasks, steps, freeze windows, the hosts
+        where, _, port = address.rpartition(":")
+        if not port.isdigit():
+            fail(EcsError("InvalidConfiguration", f"--address {address}: HOST:PORT", 400))
+        metrics.start_metrics_server(int(port), where.strip("[]") or "127.0.0.1")
+        metrics.watch_hosts("agent", lambda: hosts.host_samples(node.ctx))
+
+    def stopped(signum: int, _frame: object) -> None:
+        node.stop()
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
+    err.print(f"ecsnap agent {host_id} running", highlight=False)
+    try:
+        node.run()
+    finally:
+        node.ctx.runner.shutdown()
+        err.print(f"ecsnap agent {host_id} stopped", highlight=False)
+
+
+def hosts_list(data_dir: DataDir = None, output: Output = OutputFormat.table) -> None:
+    """The hosts: state, epoch, heartbeat age, capacity used and free, instances (on the
+    single-host server, its implicit host `local`)."""
+    found = hosts.describe_hosts(_context(data_dir))
+    rows = [{"HostId": h.id, "State": h.state, "Epoch": h.epoch,
+             "HeartbeatAgeSeconds": None if h.heartbeat_age_s is None
+             else round(h.heartbeat_age_s, 1),
+             "Vcpus": h.vcpus, "VcpusUsed": h.vcpus_used, "VcpusFree": h.vcpus_free,
+             "MemoryMiB": h.memory_mib, "MemoryMiBUsed": h.memory_mib_used,
+             "MemoryMiBFree": h.memory_mib_free, "Address": h.address,
+             "InstanceIds": list(h.instances)} for h in found]
+    if output == OutputFormat.json:
+        print(json.dumps({"Hosts": rows}, indent=2))
+        return
+    out.print(f"{'HOST':16} {'STATE':7} {'EPOCH':>5} {'HEARTBEAT':>9} {'VCPU USED/FREE':>15} "
+              f"{'MEMORY MiB USED/FREE':>21} {'INSTANCES':>9}", highlight=False)
+    for h in found:
+        age = "-" if h.heartbeat_age_s is None else f"{h.heartbeat_age_s:.0f}s ago"
+        out.print(f"{h.id:16} {h.state:7} {h.epoch:>5} {age:>9} "
+                  f"{f'{h.vcpus_used}/{h.vcpus_free}':>15} "
+                  f"{f'{h.memory_mib_used}/{h.memory_mib_free}':>21} {len(h.instances):>9}",
+                  highlight=False)
 
 
 def _start_up_screen(ctx: ServiceContext, listen: str, report: RecoveryReport) -> str:

@@ -39,13 +39,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ecsnap.domain.errors import CheckFailure, EcsError
 from ecsnap.domain.model import iso
 from ecsnap.entrypoints.console import files
+from ecsnap.entrypoints.console import policies as policy_pages
 from ecsnap.service import (
     accounts,
     console_access,
     disks,
+    hosts,
     images,
     inspect,
     instances,
+    policies,
     regions,
     rollback,
     snapshots,
@@ -358,15 +361,74 @@ class Console:
                  error_message="The specified instance does not exist.")
         return {"task": t, "title": "Not found", "back": "/console/instances/"}
 
+    async def hosts_page(self, request: Request, s: Session) -> Response:
+        found = await run_in_threadpool(hosts.describe_hosts, self.ctx, s.account_id)
+        return self.render(request, "hosts.html", session=s, nav="hosts", hosts=found)
+
     async def images_page(self, request: Request, s: Session) -> Response:
-        page = await run_in_threadpool(images.describe_images, self.ctx, s.account_id,
-                                       s.region, page_size=100)
+        page = await run_in_threadpool(lambda: images.describe_images(
+            self.ctx, s.account_id, s.region, page_size=100, statuses=images.LISTED))
         return self.render(request, "images.html", session=s, nav="images", images=page.items)
 
+    async def create_image(self, request: Request, s: Session) -> Response:
+        """Create Custom Image: from a system disk's snapshot (a snapshot's Actions) or from
+        an instance (its page: its system disk is snapshotted first, as ECS does)."""
+        form = await self.form(request, s)
+        source = dict(request.path_params)
+        name, back = str(form.get("name", "")), \
+            "snapshots" if "snapshot_id" in source else "instances"
+        try:
+            image_id = await run_in_threadpool(lambda: images.create_image(
+                self.ctx, s.account_id, s.region, snapshot_id=source.get("snapshot_id"),
+                instance_id=source.get("instance_id"), name=name))
+        except EcsError as exc:
+            return self.back(request, back, s, f"{exc.code}: {exc.message}", "error")
+        return self.back(request, "images", s, f"Image {image_id} is being created from "
+                                                f"{next(iter(source.values()))}.")
+
+    async def image_delete(self, request: Request, s: Session) -> Response:
+        form = await self.form(request, s)
+        image_id = request.path_params["image_id"]
+        force = form.get("force") == "true"
+        return await self._act(request, s, lambda: images.delete_image(
+            self.ctx, s.account_id, s.region, image_id, force=force), "images")
+
     async def disks_page(self, request: Request, s: Session) -> Response:
-        page = await run_in_threadpool(lambda: disks.describe_disks(
-            self.ctx, s.account_id, s.region, page_size=100))
-        return self.render(request, "disks.html", session=s, nav="disks", disks=page.items)
+        def load() -> dict[str, Any]:
+            page = disks.describe_disks(self.ctx, s.account_id, s.region, page_size=100)
+            # where an Available disk can go: the instances AttachDisk takes
+            targets = [i for i in instances.describe_instances(
+                self.ctx, s.account_id, s.region, page_size=100).items
+                if i.status.value in ("Running", "Stopped")]
+            names = policies.policy_names(self.ctx, {d.auto_snapshot_policy_id
+                                                     for d in page.items})
+            return {"disks": page.items, "attach_targets": targets, "policy_names": names}
+
+        return self.render(request, "disks.html", session=s, nav="disks",
+                           **await run_in_threadpool(load))
+
+    async def disk_attach(self, request: Request, s: Session) -> Response:
+        form = await self.form(request, s)
+        disk_id = request.path_params["disk_id"]
+        instance_id = str(form.get("instance_id", ""))
+        return await self._act(request, s, lambda: disks.attach_disk(
+            self.ctx, s.account_id, instance_id, disk_id), "disks")
+
+    async def snapshot_create_disk(self, request: Request, s: Session) -> Response:
+        """Create Disk from a snapshot's Actions: a new disk with its content (Available;
+        attach it from the Disks page), the snapshot's disk untouched."""
+        form = await self.form(request, s)
+        snapshot_id = request.path_params["snapshot_id"]
+        name = str(form.get("name", ""))
+
+        try:
+            disk_id = await run_in_threadpool(lambda: disks.create_disk(
+                self.ctx, s.account_id, s.region, size_gib=None, snapshot_id=snapshot_id,
+                name=name))
+        except EcsError as exc:
+            return self.back(request, "snapshots", s, f"{exc.code}: {exc.message}", "error")
+        return self.back(request, "disks", s, f"Disk {disk_id} was created from "
+                                               f"{snapshot_id}.")
 
     async def snapshots_page(self, request: Request, s: Session) -> Response:
         tab = request.query_params.get("tab", "snapshots")
@@ -417,7 +479,8 @@ class Console:
                                     "accomplished."),
                   "StartInstance": ("Start instance", "The instance is running."),
                   "StopInstance": ("Stop instance", "The instance is stopped."),
-                  "RebootInstance": ("Reboot instance", "The instance restarted.")}
+                  "RebootInstance": ("Reboot instance", "The instance restarted."),
+                  "RestoreSnapshotFiles": ("Restore files", "The files are restored.")}
         title, success = titles.get(task.action, (task.action, "Done."))
         safety = task.result.get("SafetySnapshotGroupId") if task.action == "ResetDisks" \
             else None
@@ -634,14 +697,36 @@ def create_console(ctx: ServiceContext) -> Starlette:
         Route("/instances/{instance_id}/connect", g(c.connect_page), name="connect"),
         WebSocketRoute("/instances/{instance_id}/serial", c.serial, name="serial"),
         Route("/images/", g(c.images_page), name="images"),
+        Route("/images/{image_id}/delete", g(c.image_delete), name="image_delete",
+              methods=["POST"]),
+        Route("/snapshots/{snapshot_id}/create-image", g(c.create_image),
+              name="snapshot_create_image", methods=["POST"]),
+        Route("/instances/{instance_id}/create-image", g(c.create_image),
+              name="instance_create_image", methods=["POST"]),
+        Route("/hosts/", g(c.hosts_page), name="hosts"),
         Route("/disks/", g(c.disks_page), name="disks"),
         Route("/disks/{disk_id}/detach", g(c.disk_detach), name="disk_detach",
               methods=["POST"]),
+        Route("/disks/{disk_id}/attach", g(c.disk_attach), name="disk_attach",
+              methods=["POST"]),
+        Route("/snapshots/{snapshot_id}/create-disk", g(c.snapshot_create_disk),
+              name="snapshot_create_disk", methods=["POST"]),
         Route("/snapshots/", g(c.snapshots_page), name="snapshots"),
+        Route("/policies/", g(partial(policy_pages.page, c)), name="policies"),
+        Route("/policies/create", g(partial(policy_pages.create, c)), name="policy_create",
+              methods=["POST"]),
+        *(Route(f"/policies/{{policy_id}}/{verb}", g(partial(handler, c)),
+                name=f"policy_{verb}", methods=["POST"])
+          for verb, handler in (("modify", policy_pages.modify),
+                                ("delete", policy_pages.delete),
+                                ("apply", policy_pages.apply),
+                                ("cancel", policy_pages.cancel))),
         Route("/snapshots/{snapshot_id}/files", g(partial(files.browse, c)),
               name="snapshot_files"),
         Route("/snapshots/{snapshot_id}/files/download", g(partial(files.download, c)),
               name="snapshot_file_download"),
+        Route("/snapshots/{snapshot_id}/files/restore", g(partial(files.restore, c)),
+              name="snapshot_file_restore", methods=["POST"]),
         Route("/snapshot-groups/{group_id}/rollback", g(c.group_rollback),
               name="group_rollback", methods=["POST"]),
         Route("/snapshot-groups/{group_id}/modify", g(c.group_modify), name="group_modify",
