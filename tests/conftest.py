@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,18 @@ from tests.pg import PostgresServer
 ACCOUNT = "acc-alice"
 OTHER = "acc-bob"
 REGION = "local-1"
+
+
+@pytest.fixture(autouse=True)
+def _umask_restored() -> Iterator[None]:
+    """Every test ends with the umask it began with: an operator command run in-process
+    (CliRunner: tests/test_cli_admin.py, tests/cluster/test_hosts_views.py) restricts the
+    process's umask to 0o077 for good, and the files later tests create (the guest trees of
+    tests/inspect, whose modes they compare) would be owner-only."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture(scope="session")
