@@ -38,12 +38,13 @@ def _inspector(work_dir: Path) -> FileSystemReader:
 
 def build(settings: Settings, *, compute: ComputeDriver | None = None,
           background: bool | None = None, recover: bool = False,
-          host_id: str | None = None) -> ServiceContext:
+          host_id: str | None = None, run_dir: Path | None = None) -> ServiceContext:
     """A ServiceContext on `settings`: migrated database, qcow2 pools, QEMU driver.
 
     Cluster mode (`settings.cluster`, PostgreSQL): without `host_id` an API process (no
     hypervisor, no recovery: tasks go to the agents); with it the agent of that host (its
-    VMs in run/HOST, its task commits fenced by its epoch; see service/cluster.py)."""
+    VMs in run/HOST, or `run_dir`; its task commits fenced by its epoch; see
+    service/cluster.py)."""
     from ecsnap.adapters.storage.qcow2 import Qcow2Backend
 
     if (settings.cluster or host_id) and not settings.database_url.startswith("postgresql"):
@@ -53,7 +54,11 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
 
     # owner-only: created 0700, or wider modes of an existing one fixed (and logged)
     secure_data_dir(settings.data_dir, shallow=[settings.cache_dir])
-    engine = sql.make_engine(settings.database_url)
+    # an agent: a hung one (SIGSTOP) stopped inside a transaction would hold its host row
+    # for ever, and no peer could fence it; the server ends such a session after the
+    # heartbeat timeout (its work is refused anyway: it is fenced)
+    engine = sql.make_engine(settings.database_url, idle_in_transaction_s=settings.host_timeout_s
+                             if host_id else 0)
     sql.migrate(engine)
     factory = sql.session_factory(engine)
 
@@ -73,7 +78,8 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
     if compute is None:
         from ecsnap.adapters.compute.qemu import QemuDriver
 
-        compute = QemuDriver(settings.run_dir / host_id if host_id else settings.run_dir,
+        compute = QemuDriver(run_dir or (settings.run_dir / host_id if host_id
+                                         else settings.run_dir),
                              accel=settings.accel,
                              snapshot_observer=metrics.live_snapshot)
     ctx = ServiceContext(settings=settings, uow=lambda readonly=False: sql.SqlUnitOfWork(factory,
@@ -112,9 +118,11 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
 
 
 def build_agent(settings: Settings, host_id: str, *, vcpus: int, memory_mib: int,
-                address: str = "", ceph_addrs: list[str] | None = None) -> cluster.Agent:
-    """The agent of host `host_id` (`ecsnap agent`), on a cluster's PostgreSQL database."""
-    ctx = build(settings, host_id=host_id)
+                address: str = "", ceph_addrs: list[str] | None = None,
+                run_dir: Path | None = None) -> cluster.Agent:
+    """The agent of host `host_id` (`ecsnap agent`), on a cluster's PostgreSQL database;
+    its VMs in `run_dir` (default DATA_DIR/run/HOST)."""
+    ctx = build(settings, host_id=host_id, run_dir=run_dir)
     return cluster.Agent(ctx, host_id, vcpus=vcpus, memory_mib=memory_mib, address=address,
                          ceph_addrs=ceph_addrs, wait_for_wakeup=ctx.extras["wakeup"],
                          workers=settings.task_workers)

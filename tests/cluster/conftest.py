@@ -38,13 +38,14 @@ HEARTBEAT_S = 0.3
 
 
 class AgentProcess:
-    def __init__(self, data_dir: Path, host_id: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, host_id: str, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.data_dir, self.host_id = data_dir, host_id
         self.log = data_dir / f"agent-{host_id}.log"
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ecsnap", "agent", "--host-id", host_id, "--data-dir",
-             str(data_dir), "--vcpus", "8", "--memory-mib", "8192"],
+             str(data_dir), "--vcpus", "8", "--memory-mib", "8192", *args],
             stdout=out, stderr=out, cwd=ROOT, env={**os.environ, **(env or {})})
 
     def text(self) -> str:
@@ -74,8 +75,8 @@ class Cluster:
     apis: list[LiveServer] = dataclasses.field(default_factory=list)
 
     def agent(self, host_id: str, env: dict[str, str] | None = None,
-              wait: bool = True) -> AgentProcess:
-        agent = AgentProcess(self.data_dir, host_id, env)
+              wait: bool = True, args: tuple[str, ...] = ()) -> AgentProcess:
+        agent = AgentProcess(self.data_dir, host_id, env, args)
         self.agents.append(agent)
         if wait:
             self.until(lambda: (h := self.host(host_id)) is not None and

@@ -531,6 +531,19 @@ class InMemoryUnitOfWork:
             self._set("tasks", task_id, lease_until=lease_until)
         return held
 
+    def claim_invocations(self, host_id: str, epoch: int, now: datetime,
+                          limit: int) -> list[str]:
+        self._writable("claim_invocations")
+        self._begin()
+        self._flush()
+        rows = sorted(self._rows("invocations").values(), key=lambda v: (v.created, v.id))
+        picked = [v.id for v in rows if v.status == model.InvocationStatus.RUNNING
+                  and v.host_id == host_id and v.owner == ""][:limit]
+        for record_id in picked:
+            self._set("invocations", record_id, owner=host_id, owner_epoch=epoch,
+                      started=now)
+        return picked
+
     def hold_epoch(self, host_id: str, epoch: int, task_id: str | None = None) -> bool:
         self._writable("hold_epoch")
         self._begin()

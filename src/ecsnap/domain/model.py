@@ -618,6 +618,11 @@ class Invocation:
     created: datetime = field(default_factory=utcnow)
     started: datetime | None = None
     finished: datetime | None = None
+    # cluster mode: the host whose agent runs it (the instance's), and the agent that
+    # claimed it under which epoch ("" / 0 until claimed); None on a single host
+    host_id: str | None = None
+    owner: str = ""
+    owner_epoch: int = 0
 
     @property
     def record_status(self) -> str:

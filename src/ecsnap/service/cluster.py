@@ -48,8 +48,8 @@ from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import errors
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import Host, HostState, InstanceStatus, Task, TaskStatus
-from ecsnap.service import recovery
-from ecsnap.service.context import ServiceContext
+from ecsnap.service import commands, recovery
+from ecsnap.service.context import ServiceContext, attached_disks
 from ecsnap.service.operation import Operation, P
 from ecsnap.service.tasks import Fenced, TaskRunner
 
@@ -230,8 +230,8 @@ def fenced_uow(factory: Callable[..., UnitOfWork]) -> Callable[..., UnitOfWork]:
 
 class NoCompute:
     """The hypervisor of an API process in cluster mode: there is none. Listing VMs answers
-    none; anything else is refused with an ECS error (the callers outside task steps: the
-    console's serial terminal, Cloud Assistant commands)."""
+    none; anything else is refused with an ECS error (the one caller outside task steps:
+    the console's serial terminal; Cloud Assistant commands go to the agents)."""
 
     METHODS = frozenset(name for protocol in ComputeDriver.__mro__
                         if protocol.__module__ == ComputeDriver.__module__
@@ -267,6 +267,7 @@ class Agent:
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self._driving: dict[str, int] = {}  # task ID -> the epoch it was claimed under
+        self._commands: set[str] = set()  # the Cloud Assistant invocations it runs
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
         self.heartbeat_s = ctx.settings.heartbeat_s
@@ -276,20 +277,24 @@ class Agent:
     def register(self) -> int:
         """Join (or rejoin) under a new epoch, Up, heartbeat now. Tasks claimed under an
         older epoch of this host become claimable again (and are resumed)."""
+        ceph_addrs = self.ceph_addrs + [a for a in storage_addrs(self.ctx)
+                                        if a not in self.ceph_addrs]
         with self.ctx.uow() as uow:
             at = uow.clock()
             host = uow.hosts.get(self.host_id)
             if host is None:
                 host = Host(id=self.host_id, epoch=1, heartbeat_at=at, started_at=at,
                             vcpus=self.vcpus, memory_mib=self.memory_mib,
-                            address=self.address, ceph_addrs=self.ceph_addrs)
+                            address=self.address, ceph_addrs=ceph_addrs)
                 uow.hosts.add(host)
             else:
                 host.epoch += 1
                 host.state = HostState.UP
                 host.heartbeat_at, host.started_at = at, at
                 host.vcpus, host.memory_mib = self.vcpus, self.memory_mib
-                host.address, host.ceph_addrs = self.address, list(self.ceph_addrs)
+                host.address, host.ceph_addrs = self.address, ceph_addrs
+            # what it ran before its restart is lost: reported interrupted (commands.py)
+            commands.interrupt_host(uow, self.host_id, before_epoch=host.epoch)
             uow.notify(CHANNEL)
             uow.commit()
             self.epoch = host.epoch
@@ -332,7 +337,7 @@ class Agent:
         beat.start()
         try:
             while not self.stopping.is_set():
-                claimed = self.claim()
+                claimed = self.claim() + self.claim_commands()
                 if not claimed:
                     self.wait_for_wakeup(self.heartbeat_s)
         finally:
@@ -364,6 +369,35 @@ class Agent:
                      " (taken over: resumed)" if interrupted else "")
             self._pool.submit(self._drive, task_id, epoch, interrupted)
         return len(claimed)
+
+    def claim_commands(self) -> int:
+        """Claim the Cloud Assistant invocations routed to this host that there is room
+        for (`command_workers`) and run them in the runner's command pool
+        (service/commands.py)."""
+        with self._lock:
+            room = self.ctx.settings.command_workers - len(self._commands)
+            epoch = self.epoch
+        if epoch == 0:
+            return 0
+        claimed = commands.claim(self.ctx, self.host_id, epoch, room)
+        for record_id in claimed:
+            with self._lock:
+                self._commands.add(record_id)
+            log.info("agent %s claimed invocation %s", self.host_id, record_id)
+
+            def job(rid: str = record_id) -> None:
+                self._command(rid, epoch)
+            self.ctx.runner.spawn(job)
+        return len(claimed)
+
+    def _command(self, record_id: str, epoch: int) -> None:
+        try:
+            commands.run_claimed(self.ctx, record_id, self.host_id, epoch)
+        except Exception:
+            log.exception("agent %s: invocation %s", self.host_id, record_id)
+        finally:
+            with self._lock:
+                self._commands.discard(record_id)
 
     def _drive(self, task_id: str, epoch: int, interrupted: bool) -> None:
         token = _DRIVING.set((self.host_id, epoch, task_id))
@@ -417,6 +451,7 @@ class Agent:
             except Exception:
                 log.exception("agent %s: stopping the stale VM of %s", self.host_id,
                               instance_id)
+        reconnect_storage(self.ctx)  # its clients were blocklisted: new ones
         self.register()
 
     def check_peers(self, at: datetime) -> list[str]:
@@ -451,18 +486,65 @@ def fence(ctx: ServiceContext, host: Host, stale_before: datetime, *, by: str = 
         # step that needs its VM finds none, and the task is undone), never stuck on it
         for task in uow.tasks.find(host_id=host.id, status=TaskStatus.PROCESSING):
             task.host_id = None
+        commands.interrupt_host(uow, host.id)  # its commands with them (commands.py)
         uow.notify(CHANNEL)
         uow.commit()
     return True
 
 
 def blocklist(ctx: ServiceContext, uow: UnitOfWork, host: Host) -> None:
-    """Blocklist the fenced host's Ceph clients (`Host.ceph_addrs`, `ecsnap agent
-    --ceph-addr`) in every region whose storage can (`ClientFencing`: Ceph RBD), so that
-    its QEMUs cannot write any more. An error leaves the host unfenced (retried)."""
-    if not host.ceph_addrs:
-        return
+    """Shut the fenced host's Ceph clients out in every region whose storage can
+    (`ClientFencing`: Ceph RBD), so that its QEMUs cannot write any more. Each QEMU has its
+    own librbd client, so the agent's addresses are not enough: for every volume of the
+    host's instances that may have a VM (not Stopped, or held by a task) the clients that
+    have it open are shut out (the exclusive-lock owner's lock broken with blocklisting,
+    the other watchers blocklisted: `break_locks`), then the agent's own clients
+    (`Host.ceph_addrs`: detected at registration, and `ecsnap agent --ceph-addr`). An
+    error leaves the host unfenced (retried next round)."""
+    began = time.monotonic()
+    volumes: dict[str, list[str]] = {}
+    for inst in uow.instances.find(host_id=host.id):
+        if inst.status == InstanceStatus.STOPPED and not inst.lock_task_id:
+            continue  # no VM of it anywhere (a storage step elsewhere may hold it open)
+        volumes.setdefault(inst.region_id, []).extend(
+            d.current_volume for d in attached_disks(uow, inst.id))
     for region in uow.regions.find():
         storage = ctx.storage(uow, region.id)
-        if isinstance(storage, ClientFencing):
+        if not isinstance(storage, ClientFencing):
+            continue
+        shut = storage.break_locks(volumes.get(region.id, []))
+        if host.ceph_addrs:
             storage.blocklist(list(host.ceph_addrs))
+        log.warning("host %s fenced: in region %s, the clients of its VMs' volumes %s "
+                    "shut out (%s), and its agent's %s, in %.0f ms", host.id, region.id,
+                    volumes.get(region.id, []), ", ".join(shut) or "none open",
+                    ", ".join(host.ceph_addrs) or "none registered",
+                    (time.monotonic() - began) * 1000)
+
+
+def storage_addrs(ctx: ServiceContext) -> list[str]:
+    """This process's own client addresses on every region's shared storage (Ceph's
+    `Rados.get_addrs()`), registered with its host so that a peer fencing it blocklists
+    them. A region whose storage cannot be reached now is logged and left out."""
+    found: list[str] = []
+    with ctx.uow(readonly=True) as uow:
+        for region in uow.regions.find():
+            storage = ctx.storage(uow, region.id)
+            if not isinstance(storage, ClientFencing):
+                continue
+            try:
+                found += [a for a in storage.client_addrs() if a not in found]
+            except Exception:
+                log.exception("region %s: this host's storage client address", region.id)
+    return found
+
+
+def reconnect_storage(ctx: ServiceContext) -> None:
+    """After this host was fenced its storage clients are blocklisted: close them, so that
+    the next call opens a new client (a new address, not blocklisted)."""
+    with ctx.uow(readonly=True) as uow:
+        for region in uow.regions.find():
+            storage = ctx.storage(uow, region.id)
+            close = getattr(storage, "close", None)
+            if isinstance(storage, ClientFencing) and callable(close):
+                close()

@@ -44,6 +44,22 @@ def serial_console(ctx: ServiceContext, account_id: str, instance_id: str) -> st
     return ctx.compute.serial_socket(instance_id)
 
 
+def serial_refusal(ctx: ServiceContext, account_id: str, instance_id: str) -> str:
+    """Why this process cannot open the instance's serial console, or "" if it can. In
+    cluster mode an API process has no hypervisor: the console's socket is on the
+    instance's host, and the console page says so (no terminal) instead of failing to
+    connect; Cloud Assistant commands are carried to that host's agent."""
+    if not ctx.settings.cluster:
+        return ""
+    with ctx.uow(readonly=True) as uow:
+        inst = get_instance(uow, account_id, instance_id)
+    where = f"on its host {inst.host_id}" if inst.host_id else "on its host"
+    return (f"The serial console of {inst.id} is {where}, and this console runs in an "
+            "API process of a cluster, which has no hypervisor. Run commands in the "
+            "instance with Cloud Assistant (RunCommand, `ecsnap run`) instead: "
+            "they are carried to its host's agent.")
+
+
 # ------------------------------------------------------------------ console sessions
 
 

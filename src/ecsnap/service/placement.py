@@ -42,12 +42,19 @@ def clustered(uow: UnitOfWork) -> bool:
 
 
 def place(uow: UnitOfWork, region: Region, inst: Instance,
-          also: Sequence[Instance] = ()) -> str:
+          also: Sequence[Instance] = (), *, on: str | None = None) -> str:
     """The host where `inst` (not holding a claim yet) can claim its compute now, beside
     the claims already held and those of `also` (instances placed in this transaction, not
     yet written). The caller sets `inst.host_id` in the same transaction, which holds the
-    host rows locked until it ends. OperationDenied.NoStock when no host has room."""
+    host rows locked until it ends. OperationDenied.NoStock when no host has room. `on`
+    (a cluster): the VM boots on that host (the agent running the step), so only it is a
+    candidate."""
     pinned = None if on_shared_storage(region) else inst.host_id
+    if on is not None and clustered(uow):
+        if pinned is not None and pinned != on:  # its disks are local to another host
+            return rules.choose_host([], {}, inst.vcpus, inst.memory_mib,
+                                     pinned_to=pinned).id
+        pinned = on
     if not clustered(uow):
         others = [i for i in uow.instances.find(region_id=region.id) if i.id != inst.id]
         return rules.choose_host([local_host(region)], {LOCAL_HOST: [*others, *also]},
@@ -82,17 +89,20 @@ def place_new(uow: UnitOfWork, region: Region, vcpus: int, memory_mib: int,
     return [i.host_id or LOCAL_HOST for i in placed]
 
 
-def room_to_start(uow: UnitOfWork, region: Region, inst: Instance) -> str:
+def room_to_start(uow: UnitOfWork, region: Region, inst: Instance,
+                  on: str | None = None) -> str:
     """The host a Stopped instance starts on: the one holding its claim (KeepCharging) while
     that host is up; else a new claim where there is room (its own host only when its disks
-    are local). OperationDenied.NoStock when there is none."""
+    are local). OperationDenied.NoStock when there is none. `on`: in a cluster, the host
+    whose agent boots the VM (a step of a task routed there: ResetDisks' AutoStartInstance),
+    the only one the instance may start on."""
     if inst.holds_reservation():
         if not clustered(uow):
             return inst.host_id or LOCAL_HOST
         host = uow.hosts.get(inst.host_id) if inst.host_id else None
-        if host is not None and host.state == HostState.UP:
+        if host is not None and host.state == HostState.UP and on in (None, host.id):
             return host.id
         if not on_shared_storage(region):  # its disks are on a host that is gone: refused
             return rules.choose_host([], {}, inst.vcpus, inst.memory_mib,
                                      pinned_to=inst.host_id).id
-    return place(uow, region, inst)
+    return place(uow, region, inst, on=on)

@@ -55,13 +55,13 @@ from ecsnap.domain.model import (
     iso,
     utcnow,
 )
-from ecsnap.service import inspect, quotas, snapshot_records, volumes
+from ecsnap.service import inspect, placement, quotas, snapshot_records, volumes
 from ecsnap.service.context import ServiceContext, attached_disks, get_group, get_region
 from ecsnap.service.operation import Lock, Operation, Pair, Plan, Resume, Step
 from ecsnap.service.snapshot_records import GroupSpec
 from ecsnap.service.space import require_free_space
 from ecsnap.service.tasks import SHORT_TASK_S
-from ecsnap.service.vms import boot, check_room_to_start, vm_running
+from ecsnap.service.vms import boot, vm_running
 
 SAFETY_TAG = "ecsnap:safety-for"
 
@@ -254,6 +254,22 @@ class ResetDisks(Operation[ResetDisksPlan]):
     def locks(cls, plan: ResetDisksPlan) -> list[Lock]:
         return [("instance", plan.instance_id), *(("disk", d) for d, _ in plan.items)]
 
+    @classmethod
+    def runs_on(cls, plan: ResetDisksPlan, uow: UnitOfWork) -> str | None:
+        """With AutoStartInstance, the `start` step boots the VM where the task runs, so
+        the task goes where the instance can start: the host holding its claim, or (one
+        on RBD that gave its compute back, or whose host is gone) a host with room now, as
+        StartInstance would place it; the step claims it there (`on=`), or answers
+        NoStock. Without it, the instance's host (its storage steps may run anywhere)."""
+        host = super().runs_on(plan, uow)
+        inst = uow.instances.get(plan.instance_id)
+        if not plan.auto_start or inst is None or not placement.clustered(uow):
+            return host
+        try:
+            return placement.room_to_start(uow, get_region(uow, inst.region_id), inst)
+        except EcsError:
+            return host  # no room now: the start step tries again where it runs
+
     def steps(self) -> list[Step]:
         steps = [Step("safety", self.safety)]
         if self.plan.volumes:
@@ -311,8 +327,9 @@ class ResetDisks(Operation[ResetDisksPlan]):
         refused: EcsError | None = None
         with self.ctx.uow() as uow:
             inst = uow.instances.load(self.plan.instance_id)
-            try:
-                inst.host_id = check_room_to_start(uow, inst)
+            try:  # a cluster: only on the host whose agent runs this step (boots the VM)
+                inst.host_id = placement.room_to_start(
+                    uow, get_region(uow, inst.region_id), inst, on=self.task.owner or None)
             except EcsError as exc:
                 refused = exc
             if refused is None:

@@ -284,6 +284,17 @@ class ClientFencing(Protocol):
         (Ceph's `osd blocklist add`); idempotent; StorageError if the cluster refused."""
         ...
 
+    def break_locks(self, volumes: Sequence[str]) -> list[str]:
+        """Shut out every client that has these volumes open (each QEMU has its own
+        client): the exclusive-lock owner's lock broken with blocklisting, the other
+        watchers blocklisted, this backend's own handle spared; the addresses shut out."""
+        ...
+
+    def client_addrs(self) -> list[str]:
+        """This process's own client addresses on the storage (`IP:0/nonce`), which an
+        agent registers so that a peer fencing it blocklists them."""
+        ...
+
 
 class ImageImport(Protocol):
     def import_image(self, source: str, target: str) -> int:

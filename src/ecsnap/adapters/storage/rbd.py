@@ -152,7 +152,9 @@ class RbdBackend:
             rados, _ = _bindings()
             options = {"rados_osd_op_timeout": str(self.op_timeout_s),
                        "rados_mon_op_timeout": str(self.op_timeout_s),
-                       "client_mount_timeout": "30"}
+                       "client_mount_timeout": "30",
+                       # lock_break blocklists the lock's owner (break_locks; the default)
+                       "rbd_blocklist_on_break_lock": "true"}
             if self.keyring:
                 options["keyring"] = self.keyring
             try:
@@ -181,6 +183,41 @@ class RbdBackend:
                 ret, _, status = self._cluster.mon_command(command, b"", timeout=30)
             if ret != 0:
                 raise StorageError(f"osd blocklist add {addr}: {status} ({ret})")
+
+    def client_addrs(self) -> list[str]:
+        """This backend's own RADOS client address (`Rados.get_addrs()`, `IP:0/nonce`), the
+        one a peer fencing this host blocklists for its storage steps (ClientFencing)."""
+        self._io()
+        with self._errors("get_addrs"):
+            found = str(self._cluster.get_addrs())
+        return [a for a in found.strip("[]").replace("v1:", "").replace("v2:", "")
+                .split(",") if a]
+
+    def break_locks(self, volumes: Sequence[str]) -> list[str]:
+        """Shut out the clients that have these images open, as the field does for a fenced
+        hypervisor (ClientFencing): the exclusive-lock owner's lock is broken with librbd's
+        `lock_break`, which blocklists the owner (`rbd_blocklist_on_break_lock`, set on this
+        connection); every other watcher (a QEMU that has the image open but holds no lock
+        at this moment, and would ask for it at its next write) is blocklisted too, but for
+        this backend's own handle. Missing images are skipped. The addresses shut out."""
+        own = set(self.client_addrs())
+        shut: list[str] = []
+        for volume in volumes:
+            with self._image(volume, missing_ok=True) as image:
+                if image is None:
+                    continue
+                with self._errors(f"break the lock of {self.pool}/{volume}"):
+                    for owner in list(image.lock_get_owners()):
+                        lockers = image.list_lockers()  # [] when none, else with addresses
+                        addrs = [str(a) for _c, _k, a in lockers["lockers"]] \
+                            if isinstance(lockers, dict) else []
+                        image.lock_break(owner["mode"], owner["owner"])
+                        shut += [a for a in addrs or [str(owner["owner"])] if a not in shut]
+                    others = [str(w["addr"]) for w in image.watchers_list()
+                              if str(w["addr"]) not in own and str(w["addr"]) not in shut]
+                self.blocklist(others)
+                shut += others
+        return shut
 
     def close(self) -> None:
         """Close the cluster connection (the next call opens a new one)."""

@@ -184,6 +184,14 @@ class UnitOfWork(Protocol):
         as recovery does)."""
         ...
 
+    def claim_invocations(self, host_id: str, epoch: int, now: datetime,
+                          limit: int) -> list[str]:
+        """Take up to `limit` Running Cloud Assistant invocations routed to `host_id` and
+        never claimed: set their owner, owner_epoch and start time (FOR UPDATE SKIP
+        LOCKED). An invocation once claimed is never claimed again (a command may have
+        had effects: it is reported interrupted instead, service/commands.py). Their IDs."""
+        ...
+
     def renew_leases(self, host_id: str, epoch: int, task_ids: Sequence[str],
                      lease_until: datetime) -> list[str]:
         """Extend the leases `host_id` under `epoch` still holds; the IDs it still holds."""

@@ -263,7 +263,11 @@ invocations = Table(
     Column("created", DateTime, nullable=False),
     Column("started", DateTime, nullable=True),
     Column("finished", DateTime, nullable=True),
+    Column("host_id", String(64), nullable=True),
+    Column("owner", String(64), nullable=False, default=""),
+    Column("owner_epoch", Integer, nullable=False, default=0),
     Index("ix_invocations_owner", "account_id", "region_id", "created", "id"),
+    Index("ix_invocations_host", "host_id", "status"),
 )
 
 auto_snapshot_policies = Table(

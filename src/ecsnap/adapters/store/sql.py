@@ -48,8 +48,11 @@ _last_purge = 0.0
 RELAXED_DURABILITY = "ecsnap_relaxed_durability"  # execution option, see make_engine
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, idle_in_transaction_s: float = 0) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and write-locking transactions.
+    `idle_in_transaction_s` (PostgreSQL): the server ends a session idle inside a
+    transaction that long, releasing its row locks (a cluster agent: a hung agent, stopped
+    in the middle of a transaction, must not keep the host row its peers fence it by).
 
     Durability: a committed write survives an operating-system crash (SQLite
     `synchronous=FULL`, PostgreSQL's default), because the task journal must be on disk
@@ -90,7 +93,11 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"options": "-c idle_in_transaction_session_timeout="
+                               f"{max(1, int(idle_in_transaction_s * 1000))}"} \
+        if idle_in_transaction_s > 0 else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         connect_args=connect_args)
 
 
 def _private_database_file(url: str) -> None:
@@ -571,6 +578,23 @@ class SqlUnitOfWork:
             .values(owner=host_id, owner_epoch=epoch, lease_until=lease_until)
             .execution_options(synchronize_session=False))
         return [(task_id, bool(before)) for task_id, before in picked]
+
+    def claim_invocations(self, host_id: str, epoch: int, now: datetime,
+                          limit: int) -> list[str]:
+        v = orm.invocations
+        self.session.flush()
+        picked = self.session.execute(
+            select(v.c.id)
+            .where(v.c.status == model.InvocationStatus.RUNNING.value,
+                   v.c.host_id == host_id, v.c.owner == "")
+            .order_by(v.c.created, v.c.id).limit(limit)
+            .with_for_update(skip_locked=True)).scalars().all()
+        if picked:
+            self.session.execute(
+                update(v).where(v.c.id.in_(list(picked)), v.c.owner == "")
+                .values(owner=host_id, owner_epoch=epoch, started=now)
+                .execution_options(synchronize_session=False))
+        return list(picked)
 
     def renew_leases(self, host_id: str, epoch: int, task_ids: Sequence[str],
                      lease_until: datetime) -> list[str]:

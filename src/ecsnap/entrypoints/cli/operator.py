@@ -372,6 +372,10 @@ def agent(host_id: Annotated[str, typer.Option("--host-id", help="This host's ID
           ceph_addr: Annotated[list[str] | None, typer.Option(
               "--ceph-addr", help="This host's address as Ceph sees its clients (its IP): "
               "blocklisted when the host is fenced. Repeatable.")] = None,
+          run_dir: Annotated[Path | None, typer.Option(
+              "--run-dir", help="Where this host's VMs run (pidfiles, QMP sockets); default "
+              "DATA_DIR/run/HOST. A former single-host server joining as `--host-id local` "
+              "keeps its running VMs with --run-dir DATA_DIR/run.")] = None,
           ) -> None:
     """Run this host's agent in a cluster (PostgreSQL, `cluster` set): it registers, heartbeats,
     fences dead peers and runs the tasks routed to this host (VMs in DATA_DIR/run/HOST)."""
@@ -383,7 +387,8 @@ def agent(host_id: Annotated[str, typer.Option("--host-id", help="This host's ID
     settings = config.load(initialised_data_dir(data_dir))
     try:
         node = bootstrap.build_agent(settings, host_id, vcpus=vcpus, memory_mib=memory_mib,
-                                     address=address, ceph_addrs=ceph_addr or [])
+                                     address=address, ceph_addrs=ceph_addr or [],
+                                     run_dir=run_dir)
     except ValueError as exc:
         fail(EcsError("InvalidConfiguration", str(exc), 400))
         return

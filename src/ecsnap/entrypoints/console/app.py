@@ -623,8 +623,10 @@ class Console:
             self.ctx, s.account_id, s.region, instance_ids=[iid]))
         if not page.items:
             return self.render(request, "task.html", status=404, session=s, **self._missing())
+        refused = await run_in_threadpool(console_access.serial_refusal, self.ctx,
+                                          s.account_id, iid)
         return self.render(request, "connect.html", session=s, nav="instances",
-                           inst=page.items[0])
+                           inst=page.items[0], refused=refused)
 
     async def serial(self, websocket: WebSocket) -> None:
         if not same_origin(websocket):  # a page of another site using our cookie

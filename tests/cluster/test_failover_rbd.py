@@ -1,0 +1,197 @@
+"""RBD failover end to end (issue 14): PostgreSQL, the single-node Ceph (tests/ceph.py), two
+real `ecsnap agent` processes and an `ecsnap serve`, a real QEMU VM of the demo guest whose
+disks are RBD images.
+
+The VM runs on agent A and writes a marker; A is stopped with SIGSTOP (a hung host: its
+QEMU runs on). After the timeout A is fenced by its peer, which shuts out the clients that
+have the VM's images open (each QEMU has its own librbd client: the exclusive-lock owner's
+lock is broken with blocklisting), so the old guest's writes fail; the instance is marked
+Stopped, StartInstance places it on agent B, and the guest there reads the marker and not
+what the old guest tried to write after the fence. On SIGCONT A finds itself fenced, stops
+its stale QEMU and rejoins under a new epoch. The fencing time is logged with its parts.
+
+The guest is reached through its QEMU guest agent from the test (a QemuDriver on the
+agent's run directory): RunCommand is refused in cluster mode."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ecsnap.adapters.compute.qemu import QemuDriver
+from ecsnap.adapters.storage.rbd import RbdBackend
+from ecsnap.domain.model import HostState, InstanceStatus, TaskStatus
+from ecsnap.entrypoints.cli.client import ApiClient, load_credentials
+from tests.ceph import CephCluster, shared
+from tests.cluster.conftest import HEARTBEAT_S, HOST_TIMEOUT_S, Cluster
+from tests.cluster.test_cluster_vm import CACHE
+from tests.compute.conftest import wait_agent
+from tests.live import ecsnap
+
+pytestmark = [pytest.mark.qemu, pytest.mark.postgres]
+
+REGION = "ceph-1"
+log = logging.getLogger("ecsnap.tests")
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    with shared(tmp_path_factory) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def rbd_cluster(cluster: Cluster, ceph: CephCluster) -> Iterator[Cluster]:
+    """The cluster with a region on the Ceph pool and the demo image registered in it."""
+    config_file = cluster.data_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "cache": str(CACHE)}))
+    ecsnap("init", "--data-dir", str(cluster.data_dir), "--region", REGION,
+           "--storage-pool", ceph.spec())
+    ecsnap("image", "build-demo", "--data-dir", str(cluster.data_dir), "--region", REGION)
+    try:
+        yield cluster
+    finally:
+        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        for agent in cluster.agents:  # a stopped agent (SIGSTOP) would block the teardown
+            with contextlib.suppress(OSError):
+                agent.signal(signal.SIGCONT)
+
+
+def _client(cluster: Cluster) -> ApiClient:
+    live = cluster.api()
+    creds = dataclasses.replace(load_credentials(cluster.data_dir), endpoint=live.endpoint,
+                                region_id=REGION)
+    return ApiClient(creds)
+
+
+def _instance(cluster: Cluster, instance_id: str):  # type: ignore[no-untyped-def]
+    with cluster.ctx.uow(readonly=True) as uow:
+        return uow.instances.load(instance_id)
+
+
+def _sh(driver: QemuDriver, instance_id: str, command: str, timeout: float = 60) -> str:
+    result = driver.guest_exec(instance_id, command, timeout=timeout)
+    assert result.exit_code == 0, result
+    return result.stdout.decode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _blocklisted(ceph: CephCluster) -> set[str]:
+    text = ceph.mon_command({"prefix": "osd blocklist ls", "format": "json"})
+    listed, _ = json.JSONDecoder().raw_decode(text)  # Pacific appends its range list: []
+    return {str(entry["addr"]) for entry in listed}
+
+
+def test_a_hung_host_is_fenced_its_qemu_shut_out_and_the_instance_starts_elsewhere(
+        rbd_cluster: Cluster, ceph: CephCluster) -> None:
+    cluster = rbd_cluster
+    agents = {h: cluster.agent(h) for h in ("h1", "h2")}
+    api = _client(cluster)
+    for host_id in agents:  # each agent registered its own RADOS client's address
+        host = cluster.host(host_id)
+        assert host is not None and host.ceph_addrs, host
+    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
+    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
+    [instance_id] = api.call("RunInstances", {
+        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano",
+        "ZoneId": f"{REGION}-a"})["InstanceIdSets"]["InstanceIdSet"]
+    [run] = cluster.tasks(resource_id=instance_id)
+    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    a = _instance(cluster, instance_id).host_id
+    assert a in agents
+    [b] = [h for h in agents if h != a]
+    epoch = cluster.host(a).epoch  # type: ignore[union-attr]
+    old = QemuDriver(cluster.data_dir / "run" / a, accel="tcg")
+    wait_agent(old, instance_id)
+    _sh(old, instance_id, "echo marker-before-the-hang > /root/marker && sync")
+    [pidfile] = (cluster.data_dir / "run" / a).glob("*/*.pid")
+    vm_pid = int(pidfile.read_text())
+
+    # the clients that have the instance's images open: its QEMU's own librbd client
+    volumes = [d.current_volume for d in cluster.disks(instance_id)]
+    backend = RbdBackend.from_spec(ceph.spec())
+    try:
+        with backend._image(volumes[0]) as image:
+            own = set(backend.client_addrs())
+            qemu_clients = {str(w["addr"]) for w in image.watchers_list()} - own
+        assert qemu_clients, "the VM has its system disk open"
+        assert not qemu_clients & set(cluster.host(a).ceph_addrs)  # type: ignore[union-attr]
+    finally:
+        backend.close()
+
+    hung = time.monotonic()
+    agents[a].signal(signal.SIGSTOP)  # a hung host: its VM runs on
+    cluster.until(lambda: cluster.host(a).state == HostState.FENCED,  # type: ignore[union-attr]
+                  30, f"{a} fenced")
+    fenced = time.monotonic()
+    cluster.until(lambda: _instance(cluster, instance_id).status == InstanceStatus.STOPPED,
+                  30, "its instance marked Stopped")
+    stopped = time.monotonic()
+    assert _alive(vm_pid), "the hung host's QEMU runs on"
+    listed = _blocklisted(ceph)
+    assert qemu_clients <= listed, (qemu_clients, listed)  # its QEMU shut out of Ceph
+    assert set(cluster.host(a).ceph_addrs) <= listed  # type: ignore[union-attr]
+
+    # the old guest cannot write to its disk any more (direct I/O: no page cache between)
+    late = old.guest_exec(instance_id, "dd if=/dev/urandom of=/root/late bs=4096 count=16 "
+                          "oflag=direct conv=fsync", timeout=30)
+    assert late.exit_code != 0, late
+
+    started = time.monotonic()
+    api.call("StartInstance", {"InstanceId": instance_id})
+    start = [t for t in cluster.tasks(resource_id=instance_id) if t.action == "StartInstance"]
+    assert cluster.ended(start[-1].id, timeout=180).status == TaskStatus.FINISHED
+    running = time.monotonic()
+    inst = _instance(cluster, instance_id)
+    assert (inst.status, inst.host_id) == (InstanceStatus.RUNNING, b)
+    new = QemuDriver(cluster.data_dir / "run" / b, accel="tcg")
+    wait_agent(new, instance_id)
+    answered = time.monotonic()
+    assert _sh(new, instance_id, "cat /root/marker").strip() == "marker-before-the-hang"
+    assert _sh(new, instance_id, "test -e /root/late && echo there || echo absent").strip() \
+        == "absent"  # what the old guest wrote after the fence never reached the image
+    [shut_out_ms] = [float(m) for m in re.findall(
+        rf"host {a} fenced: in region {REGION}, .* in (\d+) ms", agents[b].text())]
+    log.warning(
+        "failover of %s from hung %s to %s: %.1f s from SIGSTOP to Running (%.1f s to the "
+        "guest agent): lease timeout and detection %.1f s (host_timeout_s %.1f, heartbeat "
+        "%.1f s; the Fenced state seen after %.1f s), fence %.1f s (of which Ceph clients "
+        "shut out %.0f ms), StartInstance on %s %.1f s (+%.1f s boot to the guest agent)",
+        instance_id, a, b, running - hung - (started - stopped),
+        answered - hung - (started - stopped), fenced - hung - shut_out_ms / 1000,
+        HOST_TIMEOUT_S, HEARTBEAT_S, fenced - hung, stopped - fenced + shut_out_ms / 1000,
+        shut_out_ms, b, running - started, answered - running)
+
+    # SIGCONT: the old agent finds itself fenced, stops its stale QEMU, rejoins empty
+    agents[a].signal(signal.SIGCONT)
+    cluster.until(lambda: (h := cluster.host(a)) is not None and h.epoch == epoch + 2 and
+                  h.state == HostState.UP, 30, "rejoined")
+    cluster.until(lambda: not _alive(vm_pid), 30, "its stale VM stopped")
+    assert "stopping the VMs of this host and rejoining empty" in agents[a].text()
+    inst = _instance(cluster, instance_id)
+    assert (inst.status, inst.host_id) == (InstanceStatus.RUNNING, b)
+    # the rejoined agent's own storage client is a new one, not blocklisted
+    assert not set(cluster.host(a).ceph_addrs) & _blocklisted(ceph)  # type: ignore[union-attr]
+    _sh(new, instance_id, "echo after-the-return > /root/after && sync")
+    assert _sh(new, instance_id, "cat /root/marker /root/after").split() == \
+        ["marker-before-the-hang", "after-the-return"]
+    api.call("StopInstance", {"InstanceId": instance_id, "ForceStop": "true"})

@@ -1,0 +1,61 @@
+"""A rollback with AutoStartInstance boots the VM in its `start` step, on the agent that
+runs the task: the task is routed where the instance can start (the host holding its
+claim, or, for one on RBD that gave its compute back, a host with room now), and the step
+claims the compute only on the host it runs on (`room_to_start(on=)`), never on another
+host than the one booting the VM. On PostgreSQL, with the placement tests' fixtures."""
+
+from __future__ import annotations
+
+from ecsnap.domain.errors import EcsError
+from ecsnap.domain.model import HostState, StoppedMode
+from ecsnap.service import placement
+from ecsnap.service.context import ServiceContext, get_region
+from ecsnap.service.rollback import ResetDisks, ResetDisksPlan
+from tests.cluster.test_placement import QCOW2, SHARED, add_host, start, stopped
+from tests.cluster.test_placement import ctx as ctx
+
+
+def _plan(instance_id: str, auto_start: bool) -> ResetDisksPlan:
+    return ResetDisksPlan(instance_id=instance_id, pairs=(), items=(), safety_group_id="",
+                          keep_safety=True, auto_start=auto_start)
+
+
+def _routed(ctx: ServiceContext, instance_id: str, auto_start: bool = True) -> str | None:
+    with ctx.uow() as uow:
+        return ResetDisks.runs_on(_plan(instance_id, auto_start), uow)
+
+
+def _room_on(ctx: ServiceContext, instance_id: str, on: str) -> str:
+    with ctx.uow() as uow:
+        inst = uow.instances.load(instance_id)
+        try:
+            return placement.room_to_start(uow, get_region(uow, inst.region_id), inst, on=on)
+        except EcsError as exc:
+            return exc.code
+
+
+def test_an_auto_start_rollback_goes_and_boots_where_the_instance_can_start(
+        ctx: ServiceContext) -> None:
+    add_host(ctx, "h1", vcpus=1, memory_mib=512)
+    add_host(ctx, "h2", vcpus=2, memory_mib=1024)
+    filler = stopped(ctx, SHARED, 1, host_id="h9")[0]
+    rbd = stopped(ctx, SHARED, 1, host_id="h1")[0]  # StopCharging: no claim, last on h1
+    assert start(ctx, filler) == "Running"
+    with ctx.uow() as uow:  # h2 (the most free) took the filler; fill h1 instead
+        uow.instances.load(filler).host_id = "h1"
+        uow.commit()
+    # h1 is full: the rollback of the RBD instance is routed to h2, where it can start
+    assert _routed(ctx, rbd) == "h2"
+    assert _routed(ctx, rbd, auto_start=False) == "h1"  # storage only: its host
+    # its start step claims the compute on the host that runs it, and only there
+    assert _room_on(ctx, rbd, "h2") == "h2"
+    assert _room_on(ctx, rbd, "h1") == "OperationDenied.NoStock"
+    # a claim held (KeepCharging) on an Up host: routed there, started there
+    kept = stopped(ctx, SHARED, 1, host_id="h2", mode=StoppedMode.KEEP_CHARGING)[0]
+    assert _routed(ctx, kept) == "h2" and _room_on(ctx, kept, "h2") == "h2"
+    # on local disks, pinned: its host fenced, no other host may boot it
+    with ctx.uow() as uow:
+        uow.hosts.load("h1").state = HostState.FENCED
+        uow.commit()
+    pinned = stopped(ctx, QCOW2, 1, host_id="h1", mode=StoppedMode.KEEP_CHARGING)[0]
+    assert _room_on(ctx, pinned, "h2") == "OperationDenied.NoStock"  # its disks are on h1
