@@ -59,3 +59,21 @@ def test_an_auto_start_rollback_goes_and_boots_where_the_instance_can_start(
         uow.commit()
     pinned = stopped(ctx, QCOW2, 1, host_id="h1", mode=StoppedMode.KEEP_CHARGING)[0]
     assert _room_on(ctx, pinned, "h2") == "OperationDenied.NoStock"  # its disks are on h1
+
+
+def test_a_task_of_a_stopped_instance_on_a_fenced_host_goes_where_its_disks_are_reached(
+        ctx: ServiceContext) -> None:
+    """Operation.runs_on: a storage-only task (a rollback without AutoStart, a snapshot) of
+    a Stopped instance whose host was fenced runs on any agent when its disks are on RBD,
+    and waits for its host when they are local files; on an Up host it runs there."""
+    add_host(ctx, "h1", vcpus=2, memory_mib=1024)
+    add_host(ctx, "h2", vcpus=2, memory_mib=1024)
+    rbd = stopped(ctx, SHARED, 1, host_id="h1")[0]
+    local = stopped(ctx, QCOW2, 1, host_id="h1")[0]
+    assert _routed(ctx, rbd, auto_start=False) == "h1"
+    assert _routed(ctx, local, auto_start=False) == "h1"
+    with ctx.uow() as uow:
+        uow.hosts.load("h1").state = HostState.FENCED
+        uow.commit()
+    assert _routed(ctx, rbd, auto_start=False) is None
+    assert _routed(ctx, local, auto_start=False) == "h1"

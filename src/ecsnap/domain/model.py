@@ -158,6 +158,12 @@ class Region:
     def instance_type(self, name: str) -> InstanceType | None:
         return next((t for t in self.catalogue() if t.name == name), None)
 
+    @property
+    def shared_storage(self) -> bool:
+        """Disks on Ceph RBD, which any host opens; else local qcow2 files, which only
+        their own host can (an instance with them is pinned to it)."""
+        return self.storage_pool.startswith("rbd:")
+
 
 @dataclass(eq=False)
 class Zone:

@@ -35,7 +35,7 @@ from enum import Enum
 from typing import Any, ClassVar, Generic, Self, TypeVar, get_type_hints
 
 from ecsnap.adapters.store.base import UnitOfWork
-from ecsnap.domain.model import Task
+from ecsnap.domain.model import HostState, InstanceStatus, Task
 from ecsnap.service.context import ServiceContext
 
 Lock = tuple[str, str]  # ("instance", "i-...") or ("disk", "d-...")
@@ -138,8 +138,17 @@ class Operation(Generic[P]):
         if not instance_id:
             return None
         inst = uow.instances.get(instance_id)
-        host = getattr(inst, "host_id", None) if inst is not None else None
-        return str(host) if host and uow.hosts.get(str(host)) is not None else None
+        host_id = inst.host_id if inst is not None else None
+        host = uow.hosts.get(host_id) if host_id else None
+        if inst is None or host is None:
+            return None
+        if host.state != HostState.UP and inst.status == InstanceStatus.STOPPED:
+            # its host was fenced (its VM is gone): disks on shared storage are reached
+            # from any agent; local files only from their host, whenever it is back
+            region = uow.regions.get(inst.region_id)
+            if region is not None and region.shared_storage:
+                return None
+        return host.id
 
     def accept(self, uow: UnitOfWork) -> None:
         """What users see at once, in the journal's transaction (rows, statuses)."""

@@ -32,11 +32,6 @@ def local_host(region: Region) -> Host:
                 memory_mib=region.memory_mib_capacity)
 
 
-def on_shared_storage(region: Region) -> bool:
-    """Disks on Ceph RBD (any host opens them); else local qcow2 files (pinned)."""
-    return region.storage_pool.startswith("rbd:")
-
-
 def clustered(uow: UnitOfWork) -> bool:
     return bool(uow.hosts.find())
 
@@ -49,7 +44,7 @@ def place(uow: UnitOfWork, region: Region, inst: Instance,
     host rows locked until it ends. OperationDenied.NoStock when no host has room. `on`
     (a cluster): the VM boots on that host (the agent running the step), so only it is a
     candidate."""
-    pinned = None if on_shared_storage(region) else inst.host_id
+    pinned = None if region.shared_storage else inst.host_id
     if on is not None and clustered(uow):
         if pinned is not None and pinned != on:  # its disks are local to another host
             return rules.choose_host([], {}, inst.vcpus, inst.memory_mib,
@@ -102,7 +97,7 @@ def room_to_start(uow: UnitOfWork, region: Region, inst: Instance,
         host = uow.hosts.get(inst.host_id) if inst.host_id else None
         if host is not None and host.state == HostState.UP and on in (None, host.id):
             return host.id
-        if not on_shared_storage(region):  # its disks are on a host that is gone: refused
+        if not region.shared_storage:  # its disks are on a host that is gone: refused
             return rules.choose_host([], {}, inst.vcpus, inst.memory_mib,
                                      pinned_to=inst.host_id).id
     return place(uow, region, inst, on=on)
