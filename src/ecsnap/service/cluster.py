@@ -4,7 +4,8 @@ The `Task` row is the job. An API process (`ecsnap serve` with `cluster` set) jo
 a task as it always did — the row, its locks and what users see, in the caller's one
 transaction — and adds the host that must run it (`Operation.runs_on`) and a NOTIFY on
 `CHANNEL`, sent by PostgreSQL when that transaction commits. It runs no step, owns no VM
-and recovers nothing: it waits for a short task's end by reading its row.
+and recovers nothing: it waits for a short task's end, told by the agent's NOTIFY on
+`ENDED` (or by reading its row now and then).
 
 An agent (`ecsnap agent --host-id H`, one per host) registers its `Host` row under a new
 epoch, then:
@@ -55,13 +56,16 @@ from ecsnap.service.tasks import Fenced, TaskRunner
 
 log = logging.getLogger("ecsnap.cluster")
 
-CHANNEL = "ecsnap_tasks"  # a task to claim (payload: none)
+CHANNEL = "ecsnap_tasks"  # something to claim (payload: a task's ID; "": look for anything)
 ENDED = "ecsnap_ended"  # a task ended (payload: its ID), for the API processes waiting
 POLL_S = 0.5  # an API process waiting for a task reads its row when told, or this often
 
 # (host ID, epoch, task ID) of the task this thread drives: its commits are fenced
 _DRIVING: contextvars.ContextVar[tuple[str, int, str] | None] = \
     contextvars.ContextVar("ecsnap_driving", default=None)
+# this thread's task was just found ours under our epoch (its claim, or a step marked done:
+# fenced commits) and nothing has run since: the runner's next guard has nothing to add
+_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("ecsnap_checked", default=False)
 
 
 def now() -> datetime:
@@ -113,15 +117,21 @@ class ApiRunner(TaskRunner):
         committed and its answer not sent.)"""
         self._crash_point(task.action, "journaled", "journaled", "after")
         if wait_up_to > 0:
-            self._poll(task.id, wait_up_to)
+            self._poll(task.id, wait_up_to, told_is_enough=True)
 
     def spawn(self, job: Callable[[], None]) -> None:
         raise not_here("A Cloud Assistant command")
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
-        return self._poll(task_id, timeout)
+        task = self._poll(task_id, timeout)
+        assert task is not None
+        return task
 
-    def _poll(self, task_id: str, timeout: float | None) -> Task:
+    def _poll(self, task_id: str, timeout: float | None, *,
+              told_is_enough: bool = False) -> Task | None:
+        """The task once it has ended (or at the deadline). `told_is_enough` (`submit`,
+        whose caller needs no row): None as soon as the agent's ENDED names it, without
+        reading the row again."""
         deadline = None if timeout is None else time.monotonic() + timeout
         ended = threading.Event()
         with self._waiting_lock:
@@ -144,7 +154,9 @@ class ApiRunner(TaskRunner):
                     return task
                 # woken by the agent's NOTIFY; read again now and then all the same (a
                 # task given up by recovery, a notification lost to a reconnection)
-                ended.wait(POLL_S if left is None else min(left, POLL_S))
+                if ended.wait(POLL_S if left is None else min(left, POLL_S)) and \
+                        told_is_enough:
+                    return None
         finally:
             with self._waiting_lock:
                 events = self._waiting.get(task_id, [])
@@ -173,14 +185,23 @@ class AgentRunner(TaskRunner):
         uow.notify(ENDED, task.id)
 
     def guard(self, task_id: str) -> None:
-        """Before a step or a compensation: Fenced if the task is no longer ours."""
+        """Before a step or a compensation: Fenced if the task is no longer ours. Not read
+        again right after a fenced commit that found it ours (`_CHECKED`): the claim, or
+        the previous step marked done, with nothing run in between."""
+        if _CHECKED.get():
+            _CHECKED.set(False)
+            return
         with self.ctx.uow():
             pass  # FencedUnitOfWork checks as it is entered
+
+    def _mark_done(self, task: Task, step: str) -> None:
+        super()._mark_done(task, step)  # a fenced commit: the task is still ours
+        _CHECKED.set(True)
 
 
 def route(uow: UnitOfWork, task: Task, op_type: type[Operation[P]], plan: P) -> None:
     task.host_id = op_type.runs_on(plan, uow)
-    uow.notify(CHANNEL)
+    uow.notify(CHANNEL, task.id)  # the agents claim tasks only (no Cloud Assistant look)
 
 
 class FencedUnitOfWork:
@@ -336,10 +357,14 @@ class Agent:
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
         try:
+            told: list[str] = []  # woken for tasks only (their IDs), or [] (look for all)
             while not self.stopping.is_set():
-                claimed = self.claim() + self.claim_commands()
-                if not claimed:
-                    self.wait_for_wakeup(self.heartbeat_s)
+                tasks_only = bool(told) and all(told)
+                more = self.claim_full()  # as many as there was room for: maybe more
+                if not tasks_only:
+                    more |= self.claim_commands() > 0
+                # else: a NOTIFY that came meanwhile is held by the listening connection
+                told = [] if more else self.wait_for_wakeup(self.heartbeat_s)
         finally:
             self.stopping.set()
             self._pool.shutdown(wait=True, cancel_futures=False)
@@ -348,6 +373,12 @@ class Agent:
         self.stopping.set()
 
     # -- the queue
+    def claim_full(self) -> bool:
+        """`claim`; True if it took as many as there was room for (there may be more)."""
+        with self._lock:
+            room = self.workers - len(self._driving)
+        return room > 0 and self.claim() >= room
+
     def claim(self) -> int:
         """Claim what there is room for and start driving it; how many were claimed."""
         with self._lock:
@@ -361,13 +392,17 @@ class Agent:
             at = uow.clock()
             claimed = uow.claim_tasks(self.host_id, epoch, at,
                                       at + timedelta(seconds=self.timeout_s), room)
+            # a new task's row as claimed, for its driver (no read of its own); a task
+            # taken over is resumed by recovery's logic, which reads it
+            rows = {task_id: uow.tasks.get(task_id) for task_id, interrupted in claimed
+                    if not interrupted}
             uow.commit()
         for task_id, interrupted in claimed:
             with self._lock:
                 self._driving[task_id] = epoch
             log.info("agent %s claimed task %s%s", self.host_id, task_id,
                      " (taken over: resumed)" if interrupted else "")
-            self._pool.submit(self._drive, task_id, epoch, interrupted)
+            self._pool.submit(self._drive, rows.get(task_id) or task_id, epoch, interrupted)
         return len(claimed)
 
     def claim_commands(self) -> int:
@@ -399,18 +434,23 @@ class Agent:
             with self._lock:
                 self._commands.discard(record_id)
 
-    def _drive(self, task_id: str, epoch: int, interrupted: bool) -> None:
+    def _drive(self, task: Task | str, epoch: int, interrupted: bool) -> None:
+        task_id = task if isinstance(task, str) else task.id
         token = _DRIVING.set((self.host_id, epoch, task_id))
+        # just claimed under this epoch: its first step needs no guard of its own (a task
+        # taken over is resumed by recovery's logic, which checks as it always does)
+        checked = _CHECKED.set(not interrupted)
         try:
             if interrupted:
                 recovery.resume_task(self.ctx, task_id)
             else:
-                self.ctx.runner.drive(task_id)
+                self.ctx.runner.drive(task)
         except Fenced as exc:
             log.warning("agent %s stops working on task %s: %s", self.host_id, task_id, exc)
         except Exception:
             log.exception("agent %s: task %s", self.host_id, task_id)
         finally:
+            _CHECKED.reset(checked)
             _DRIVING.reset(token)
             with self._lock:
                 self._driving.pop(task_id, None)

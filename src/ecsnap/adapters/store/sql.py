@@ -560,24 +560,27 @@ class SqlUnitOfWork:
 
     def claim_tasks(self, host_id: str, epoch: int, now: datetime, lease_until: datetime,
                     limit: int) -> list[tuple[str, bool]]:
+        # one statement (one round trip): UPDATE tasks ... FROM (SELECT ... FOR UPDATE OF
+        # queued SKIP LOCKED LIMIT n) AS picked ... RETURNING the owner epoch before
         t, h = orm.tasks, orm.hosts
-        owner_up = select(h.c.id).where(h.c.id == t.c.owner, h.c.epoch == t.c.owner_epoch,
+        q = t.alias("queued")
+        owner_up = select(h.c.id).where(h.c.id == q.c.owner, h.c.epoch == q.c.owner_epoch,
                                         h.c.state == model.HostState.UP.value).exists()
+        picked = (
+            select(q.c.id, q.c.owner_epoch)
+            .where(q.c.status == model.TaskStatus.PROCESSING.value,
+                   (q.c.host_id.is_(None)) | (q.c.host_id == host_id),
+                   (q.c.owner == "") | ~owner_up | (q.c.lease_until < now))
+            .order_by(q.c.created, q.c.id).limit(limit)
+            .with_for_update(of=q, skip_locked=True)).subquery("picked")
         self.session.flush()
-        picked = self.session.execute(
-            select(t.c.id, t.c.owner_epoch)
-            .where(t.c.status == model.TaskStatus.PROCESSING.value,
-                   (t.c.host_id.is_(None)) | (t.c.host_id == host_id),
-                   (t.c.owner == "") | ~owner_up | (t.c.lease_until < now))
-            .order_by(t.c.created, t.c.id).limit(limit)
-            .with_for_update(of=t, skip_locked=True)).tuples().all()
-        if not picked:
-            return []
-        self.session.execute(
-            update(t).where(t.c.id.in_([task_id for task_id, _ in picked]))
+        claimed = self.session.execute(
+            update(t).where(t.c.id == picked.c.id)
             .values(owner=host_id, owner_epoch=epoch, lease_until=lease_until)
-            .execution_options(synchronize_session=False))
-        return [(task_id, bool(before)) for task_id, before in picked]
+            .returning(t.c.id, picked.c.owner_epoch, t.c.created)
+            .execution_options(synchronize_session=False)).tuples().all()
+        return [(task_id, bool(before)) for task_id, before, _ in
+                sorted(claimed, key=lambda row: (row[2], row[0]))]
 
     def claim_invocations(self, host_id: str, epoch: int, now: datetime,
                           limit: int) -> list[str]:
