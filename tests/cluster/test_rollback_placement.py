@@ -7,8 +7,8 @@ host than the one booting the VM. On PostgreSQL, with the placement tests' fixtu
 from __future__ import annotations
 
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import HostState, StoppedMode
-from ecsnap.service import placement
+from ecsnap.domain.model import HostState, StoppedMode, Task
+from ecsnap.service import cluster, placement
 from ecsnap.service.context import ServiceContext, get_region
 from ecsnap.service.rollback import ResetDisks, ResetDisksPlan
 from tests.cluster.test_placement import QCOW2, SHARED, add_host, start, stopped
@@ -77,3 +77,21 @@ def test_a_task_of_a_stopped_instance_on_a_fenced_host_goes_where_its_disks_are_
         uow.commit()
     assert _routed(ctx, rbd, auto_start=False) is None
     assert _routed(ctx, local, auto_start=False) == "h1"
+
+
+def test_a_fenced_hosts_tasks_go_to_any_agent_on_shared_storage_and_wait_on_local_files(
+        ctx: ServiceContext) -> None:
+    add_host(ctx, "h1", vcpus=2, memory_mib=1024)
+    with ctx.uow() as uow:
+        for task_id, region in (("t-rbd", SHARED), ("t-local", QCOW2)):
+            task = Task(id=task_id, account_id="acc-alice", region_id=region,
+                        action="CreateSnapshot")
+            task.host_id = "h1"
+            uow.tasks.add(task)
+        uow.commit()
+    with ctx.uow() as uow:
+        cluster.reroute(uow, "h1")
+        uow.commit()
+    with ctx.uow(readonly=True) as uow:
+        assert uow.tasks.load("t-rbd").host_id is None
+        assert uow.tasks.load("t-local").host_id == "h1"

@@ -507,8 +507,8 @@ def fence(ctx: ServiceContext, host: Host, stale_before: datetime, *, by: str = 
     """Fence `host` if it is still Up at the epoch read, its heartbeat older than
     `stale_before`: True for the one caller that won. Its Ceph clients are blocklisted in
     the fencing transaction (a failure leaves it unfenced, tried again next round); then
-    its instances are marked Stopped, the tasks routed to it routed to any host, and the
-    agents woken to take its tasks over."""
+    its instances are marked Stopped, the tasks routed to it routed to any host (on
+    shared storage: `reroute`), and the agents woken to take its tasks over."""
     with ctx.uow() as uow:
         if not uow.fence_host(host.id, host.epoch, stale_before):
             return False
@@ -522,14 +522,22 @@ def fence(ctx: ServiceContext, host: Host, stale_before: datetime, *, by: str = 
                 continue  # a task that holds it decides its state when it is resumed
             inst.reconcile(False)
             log.warning("instance %s of fenced host %s marked Stopped", inst.id, host.id)
-        # its VMs are gone for the cluster: what was routed to it is any agent's now (a
-        # step that needs its VM finds none, and the task is undone), never stuck on it
-        for task in uow.tasks.find(host_id=host.id, status=TaskStatus.PROCESSING):
-            task.host_id = None
+        reroute(uow, host.id)
         commands.interrupt_host(uow, host.id)  # its commands with them (commands.py)
         uow.notify(CHANNEL)
         uow.commit()
     return True
+
+
+def reroute(uow: UnitOfWork, host_id: str) -> None:
+    """The tasks routed to a fenced host: its VMs are gone for the cluster, so those in a
+    region on shared storage (Ceph RBD) are any agent's now (a step that needs the VM finds
+    none, and the task is undone), never stuck on it; those on local files wait for the
+    host, the only one that can reach the files (it resumes them when it rejoins)."""
+    shared = {r.id for r in uow.regions.find() if r.shared_storage}
+    for task in uow.tasks.find(host_id=host_id, status=TaskStatus.PROCESSING):
+        if task.region_id in shared:
+            task.host_id = None
 
 
 def blocklist(ctx: ServiceContext, uow: UnitOfWork, host: Host) -> None:
