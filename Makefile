@@ -32,8 +32,16 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache --no-logo  # the layer contracts: [tool.importlinter]
 
+# Two pytest processes side by side on the 2 cores CI has: the VM-heavy half (end-to-end
+# tests, the QEMU driver, the benchmark and soak smoke runs) and the rest; each has its own
+# PostgreSQL and Ceph (free ports) and tmp dir. The first one's report follows the second's.
+VM_TESTS := tests/e2e tests/compute tests/test_bench_smoke.py tests/test_soak_smoke.py
 test: deps venv lint
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	@rm -f .test-vms.log; \
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS) > .test-vms.log 2>&1 & vms=$$!; \
+	$(BIN)/pytest -q $(PYTEST_ARGS) $(addprefix --ignore=,$(VM_TESTS)); rest=$$?; \
+	wait $$vms; vm=$$?; echo "== $(VM_TESTS)"; cat .test-vms.log; \
+	test $$rest = 0 -a $$vm = 0
 
 # the tests that need no QEMU VM, no PostgreSQL server and no Ceph cluster, in under a
 # minute: the service tests on in-memory fakes (tests/fast), the contracts, the domain, the

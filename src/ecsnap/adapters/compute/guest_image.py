@@ -216,7 +216,11 @@ def _fetch(cache: Path, names: list[str]) -> dict[str, Path]:
         # as root, apt drops to its sandbox user, which may not write here: stay root
         sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
         try:
-            _run("apt-get", "download", "-q", *sandbox, *missing, cwd=cache)
+            # one download into a cache at a time (builds of other output directories,
+            # other processes, share it); a file another one fetched meanwhile is kept
+            with _exclusive(cache / ".download.lock"):
+                if not all(n in wanted and (cache / wanted[n]).is_file() for n in missing):
+                    _run("apt-get", "download", "-q", *sandbox, *missing, cwd=cache)
         except ImageBuildError as exc:
             older = {n: _newest(list(cache.glob(f"{n}_*.deb"))) for n in missing}
             if any(p is None for p in older.values()):
