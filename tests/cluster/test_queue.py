@@ -131,7 +131,11 @@ def test_a_fenced_hosts_writes_are_refused_and_its_tasks_taken_over(
         uow.commit()
 
 
-def test_a_task_routed_to_a_fenced_host_goes_to_any_agent(pg_ctx: ServiceContext) -> None:
+def test_a_task_routed_to_a_fenced_host_on_local_files_waits_for_it(
+        pg_ctx: ServiceContext) -> None:
+    """Fencing reroutes a host's tasks to any agent only on shared storage (RBD:
+    tests/cluster/test_rollback_placement.py); the region "r" here is no RBD pool, so the
+    task waits for its host, which claims it when it rejoins under a new epoch."""
     _hosts(pg_ctx, "h1", "h2")
     [routed] = _tasks(pg_ctx, 1, host_id="h1")
     later = cluster.now() + timedelta(seconds=5)
@@ -142,7 +146,13 @@ def test_a_task_routed_to_a_fenced_host_goes_to_any_agent(pg_ctx: ServiceContext
         h1 = uow.hosts.load("h1")
     assert cluster.fence(pg_ctx, h1, later)
     with pg_ctx.uow() as uow:
-        assert uow.claim_tasks("h2", 1, later, later, 5) == [(routed, False)]
+        assert uow.claim_tasks("h2", 1, later, later, 5) == []
+        host = uow.hosts.load("h1")  # h1 rejoins (Agent.register)
+        host.epoch, host.state, host.heartbeat_at = host.epoch + 1, HostState.UP, later
+        epoch = host.epoch
+        uow.commit()
+    with pg_ctx.uow() as uow:
+        assert uow.claim_tasks("h1", epoch, later, later, 5) == [(routed, False)]
         uow.commit()
 
 
