@@ -56,7 +56,7 @@ from ecsnap.service.tasks import Fenced, TaskRunner
 
 log = logging.getLogger("ecsnap.cluster")
 
-CHANNEL = "ecsnap_tasks"  # something to claim (payload: a task's ID; "": look for anything)
+CHANNEL = commands.AGENTS_CHANNEL  # something to claim (payload: a task ID; "": anything)
 ENDED = "ecsnap_ended"  # a task ended (payload: its ID), for the API processes waiting
 POLL_S = 0.5  # an API process waiting for a task reads its row when told, or this often
 

@@ -33,7 +33,7 @@ from ecsnap.service.context import ServiceContext, get_instance
 from ecsnap.service.listing import Page, page_list
 
 OUTPUT_CAP = 24 * 1024
-AGENTS_CHANNEL = "ecsnap_tasks"  # the agents' wake-up (cluster.CHANNEL: cluster is above)
+AGENTS_CHANNEL = "ecsnap_tasks"  # the agents' wake-up, cluster.CHANNEL (cluster is above)
 
 log = logging.getLogger("ecsnap.commands")
 
