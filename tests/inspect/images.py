@@ -32,15 +32,23 @@ def build_tree(root: Path, tree: Tree) -> Path:
     return root
 
 
-def make_disk(work: Path, tree: Tree | Path, *, size: str = "64M", name: str = "disk",
-              fs: str = "ext4") -> Path:
-    """A qcow2 disk holding an ext4 (or `fs`) file system made from `tree`."""
+def make_raw(work: Path, tree: Tree | Path, *, size: str = "64M", name: str = "disk",
+             fs: str = "ext4") -> Path:
+    """A raw disk image holding an ext4 (or `fs`) file system made from `tree`; every
+    timestamp is MTIME, so two images built from the same files differ only in content."""
     source = tree if isinstance(tree, Path) else build_tree(work / f"{name}-tree", tree)
     raw = work / f"{name}.raw"
     raw.unlink(missing_ok=True)
     subprocess.run(["truncate", "-s", size, str(raw)], check=True)
     subprocess.run(["mke2fs", "-q", "-F", "-t", fs, "-d", str(source), str(raw)], check=True,
                    env={**os.environ, "E2FSPROGS_FAKE_TIME": str(MTIME)})
+    return raw
+
+
+def make_disk(work: Path, tree: Tree | Path, *, size: str = "64M", name: str = "disk",
+              fs: str = "ext4") -> Path:
+    """A qcow2 disk holding an ext4 (or `fs`) file system made from `tree`."""
+    raw = make_raw(work, tree, size=size, name=name, fs=fs)
     qcow2 = work / f"{name}.qcow2"
     subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
                     str(qcow2)], check=True)

@@ -23,6 +23,7 @@ from ecsnap.service.context import ServiceContext, attached_disks
 from ecsnap.service.volumes import MAX_CLONE_DEPTH
 from tests.ceph import CephCluster, shared
 from tests.conftest import ACCOUNT
+from tests.inspect.images import make_raw
 from tests.storage.guest_data import read, write
 
 RBD_REGION = "ceph-1"
@@ -278,8 +279,8 @@ def test_files_of_snapshots_on_any_volume(ctx: ServiceContext, world: dict[str, 
     """DescribeSnapshotFiles and the preview's file level read an RBD snapshot on whichever
     volume of the disk holds it (a snapshot taken after a rollback is on the clone)."""
     data = world["disks"][1]
-    first = ext4(tmp_path / "a", {"one": b"1", "both": b"old"})
-    second = ext4(tmp_path / "b", {"two": b"2", "both": b"new"})
+    first = make_raw(tmp_path / "a", {"one": b"1", "both": b"old"})
+    second = make_raw(tmp_path / "b", {"two": b"2", "both": b"new"})
     fs_copy(first, storage(ctx).path(data))
     s1 = snapshots.create_snapshot(ctx, ACCOUNT, data)
     finished(ctx, rollback.reset_disks(ctx, ACCOUNT, RBD_REGION, [(data, s1)]).task_id)
@@ -299,18 +300,6 @@ def test_files_of_snapshots_on_any_volume(ctx: ServiceContext, world: dict[str, 
     assert {(f.path, f.change) for f in files.files} == {  # since the snapshot
         ("/two", inspect.Change.ADDED), ("/one", inspect.Change.DELETED),
         ("/both", inspect.Change.MODIFIED)}
-
-
-def ext4(folder: Path, files: dict[str, bytes]) -> Path:
-    """A 64 MiB raw ext4 image holding `files`."""
-    root = folder / "root"
-    root.mkdir(parents=True)
-    for name, content in files.items():
-        (root / name).write_bytes(content)
-    image = folder / "fs.raw"
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(image), "64M"],
-                   check=True, capture_output=True)
-    return image
 
 
 def fs_copy(image: Path, location: str) -> None:

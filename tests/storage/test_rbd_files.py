@@ -16,6 +16,7 @@ from ecsnap.adapters.inspect.debugfs import DebugfsReader
 from ecsnap.adapters.storage.rbd import RbdBackend
 from ecsnap.service.inspect import Change, diff
 from tests.ceph import CephCluster, shared
+from tests.inspect.images import make_raw
 
 DISK = "d-rbdfiles00000000000"
 
@@ -26,25 +27,13 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
         yield cluster
 
 
-def ext4(folder: Path, files: dict[str, bytes]) -> Path:
-    """A 64 MiB raw ext4 image holding `files`."""
-    root = folder / "root"
-    root.mkdir(parents=True)
-    for name, content in files.items():
-        (root / name).write_bytes(content)
-    image = folder / "fs.raw"
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(image), "64M"],
-                   check=True, capture_output=True)
-    return image
-
-
 def test_files_of_an_rbd_snapshot(ceph: CephCluster, tmp_path: Path) -> None:
     backend = RbdBackend(ceph.pool, conf=str(ceph.conf), client="admin")
     reader = DebugfsReader(tmp_path / "work")
     try:
         backend.create_blank(DISK, 64 * 1024 * 1024)
-        before = ext4(tmp_path / "a", {"kept": b"same", "changed": b"old", "gone": b"x"})
-        after = ext4(tmp_path / "b", {"kept": b"same", "changed": b"new!", "added": b"y"})
+        before = make_raw(tmp_path / "a", {"kept": b"same", "changed": b"old", "gone": b"x"})
+        after = make_raw(tmp_path / "b", {"kept": b"same", "changed": b"new!", "added": b"y"})
         subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(before),
                         backend.path(DISK)], check=True, capture_output=True)
         backend.create_snapshots([(DISK, "s-files1")])
