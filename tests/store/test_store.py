@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from ecsnap.adapters.store import sql
 from ecsnap.adapters.store.base import Criteria
@@ -203,6 +204,71 @@ def test_read_only_units_of_work_read_the_same_objects(uow_factory) -> None:  # 
     with uow_factory() as uow:
         assert uow.instances.get("i-0003").name == "web-3"
         assert uow.instances.count() == 5
+
+
+def test_rows_give_only_the_columns_asked_for(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    start = utcnow()
+    with uow_factory() as uow:
+        for n in range(4):
+            uow.instances.add(make_instance(n, created=start, status=InstanceStatus.RUNNING))
+        uow.commit()
+    for readonly in (True, False):
+        with uow_factory(readonly=readonly) as uow:
+            rows = uow.instances.rows(("id", "status"),
+                                      Criteria(within={"id": ["i-0001", "i-0003", "x"]},
+                                               newest_first=False))
+            assert [tuple(r) for r in rows] == [("i-0001", InstanceStatus.RUNNING),
+                                                ("i-0003", InstanceStatus.RUNNING)]
+            assert rows[0].status is InstanceStatus.RUNNING and not hasattr(rows[0], "name")
+
+
+def test_a_nonce_commit_skips_the_fsync_and_nothing_else_does(
+        request: pytest.FixtureRequest) -> None:
+    """PostgreSQL: the nonce's transaction commits with synchronous_commit off, set by its
+    own INSERT; the next transaction on that connection is durable again."""
+    engine = sql.make_engine(request.getfixturevalue("postgres").fresh_database())
+    sql.migrate(engine)
+    factory = sql.session_factory(engine)
+
+    def uow_factory() -> sql.SqlUnitOfWork:
+        return sql.SqlUnitOfWork(factory)
+
+    now = utcnow()
+    with uow_factory() as uow:
+        assert uow.remember_nonce("k", "n-sync", now + timedelta(minutes=15), now)
+        assert uow.session.execute(text("SHOW synchronous_commit")).scalar() == "off"
+        uow.commit()
+    with uow_factory() as uow:  # the same pooled connection: its next transaction is durable
+        uow.instances.add(make_instance(1))
+        assert uow.session.execute(text("SHOW synchronous_commit")).scalar() == "on"
+        uow.commit()
+    engine.dispose()
+
+
+def test_a_pooled_connection_dropped_while_idle_is_replaced_unseen(
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection the server ended while it sat in the pool (a restart, an idle timeout
+    of a proxy) is tested before use once it has been idle a while, and replaced; the
+    caller never sees the error."""
+    url = request.getfixturevalue("postgres").fresh_database()
+    engine = sql.make_engine(url)
+    killer = sql.make_engine(url)
+    sql.migrate(engine)
+    factory = sql.session_factory(engine)
+    try:
+        for readonly in (True, False):
+            with sql.SqlUnitOfWork(factory, readonly) as uow:
+                pid = uow.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar() \
+                    if readonly else uow.session.execute(text("SELECT pg_backend_pid()")).scalar()
+            with killer.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            monkeypatch.setattr(sql, "PING_AFTER_IDLE_S", 0.0)
+            with sql.SqlUnitOfWork(factory, readonly) as uow:
+                assert uow.instances.count() == 0
+            monkeypatch.setattr(sql, "PING_AFTER_IDLE_S", 2.0)
+    finally:
+        engine.dispose()
+        killer.dispose()
 
 
 def test_counts_are_exact_after_every_commit(uow_factory,  # type: ignore[no-untyped-def]

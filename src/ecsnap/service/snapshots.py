@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 from ecsnap.adapters.store.base import Criteria, UnitOfWork
 from ecsnap.domain import ids, rules
@@ -20,6 +21,7 @@ from ecsnap.domain.model import (
     Consistency,
     Disk,
     DiskStatus,
+    DiskType,
     Instance,
     InstanceStatus,
     Snapshot,
@@ -463,10 +465,35 @@ def snapshot_usage(ctx: ServiceContext, account_id: str,
             else "disk" if s in disked else "none" for s in snapshot_ids}
 
 
+class GroupMember(Protocol):
+    """What a listing of snapshot groups shows of each member snapshot (a Snapshot has
+    it; DescribeSnapshotGroups reads only these columns of its members)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def group_id(self) -> str | None: ...
+    @property
+    def source_disk_id(self) -> str: ...
+    @property
+    def source_disk_type(self) -> DiskType: ...
+    @property
+    def progress(self) -> int: ...
+    @property
+    def status(self) -> SnapshotStatus: ...
+    @property
+    def created(self) -> datetime: ...
+
+
+M = TypeVar("M", bound=GroupMember)
+MEMBER_COLUMNS = ("id", "group_id", "source_disk_id", "source_disk_type", "progress", "status",
+                  "created")
+
+
 @dataclass
 class GroupView:
     group: SnapshotGroup
-    snapshots: list[Snapshot]
+    snapshots: Sequence[GroupMember]
 
     @property
     def progress(self) -> int:
@@ -498,9 +525,10 @@ def describe_snapshot_groups(ctx: ServiceContext, account_id: str, region_id: st
         ctx.check_region(uow, region_id)
         page = paginate(uow.snapshot_groups, criteria, next_token=next_token,
                         max_results=max_results, token_only=True)
-        members: dict[str, list[Snapshot]] = {g.id: [] for g in page.items}
+        members: dict[str, list[GroupMember]] = {g.id: [] for g in page.items}
         if members:
-            for snap in uow.snapshots.find(Criteria(within={"group_id": list(members)},
+            for snap in uow.snapshots.rows(MEMBER_COLUMNS,
+                                           Criteria(within={"group_id": list(members)},
                                                     newest_first=False)):
                 members[snap.group_id or ""].append(snap)
         views = [GroupView(g, _system_first(members[g.id])) for g in page.items]
@@ -513,5 +541,5 @@ def get_snapshot_group(ctx: ServiceContext, account_id: str, group_id: str) -> G
         return GroupView(group, _system_first(uow.snapshots.find(group_id=group.id)))
 
 
-def _system_first(snaps: list[Snapshot]) -> list[Snapshot]:
+def _system_first(snaps: Sequence[M]) -> list[M]:
     return sorted(snaps, key=lambda s: (s.source_disk_type.value != "system", s.created, s.id))

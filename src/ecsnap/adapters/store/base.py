@@ -86,6 +86,11 @@ class Repository(Protocol[T]):
 
     def find(self, criteria: Criteria | None = None, **equals: Any) -> list[T]: ...
 
+    def rows(self, columns: Sequence[str], criteria: Criteria | None = None,
+             **equals: Any) -> list[Any]:
+        """Only `columns` of the rows `find` would give, as read-only named tuples."""
+        ...
+
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int: ...
 
 

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar, cast
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     Table,
+    Text,
     bindparam,
     create_engine,
     delete,
@@ -26,14 +27,16 @@ from sqlalchemy import (
     func,
     select,
     text,
-    type_coerce,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy import (
+    cast as sql_cast,
+)
+from sqlalchemy.engine import Result, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.types import NullType
 
 from ecsnap.adapters.store import orm
 from ecsnap.adapters.store.base import Criteria, MissingRow
@@ -96,8 +99,34 @@ def make_engine(url: str, *, idle_in_transaction_s: float = 0) -> Engine:
     connect_args = {"options": "-c idle_in_transaction_session_timeout="
                                f"{max(1, int(idle_in_transaction_s * 1000))}"} \
         if idle_in_transaction_s > 0 else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                         connect_args=connect_args)
+    engine = create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
+    _ping_when_idle(engine)
+    return engine
+
+
+PING_AFTER_IDLE_S = 2.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Test a pooled connection before use when it sat idle in the pool for more than
+    PING_AFTER_IDLE_S (the server may have restarted, or a proxy dropped it): a dead one is
+    replaced before the caller sees it (SQLAlchemy's pessimistic disconnect handling, as
+    pool_pre_ping does on every checkout; a connection in use moments ago needs no test, and
+    the round trip was one in four of a Describe request's)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool retries the checkout with a new connection
+            raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc
 
 
 def _private_database_file(url: str) -> None:
@@ -179,23 +208,22 @@ class DetachedLoader(Generic[T]):
         self.keys = [mapper.get_property_by_column(c).key for c in self.columns]
         self.single_key = len(table.primary_key.columns) == 1
         self.pk = [self.columns.index(c) for c in table.primary_key.columns]
-        # JSON columns come raw and are parsed here: most hold "{}", which needs no parser
+        # JSON columns come as text (cast in SQL, so the driver's JSON parser is not used)
+        # and are parsed here: most hold "{}", which needs no parser
         self.json = [i for i, c in enumerate(self.columns) if isinstance(c.type, JSON)]
-        self.selected = [type_coerce(c, NullType()) if i in self.json else c
+        self.selected = [sql_cast(c, Text) if i in self.json else c
                          for i, c in enumerate(self.columns)]
         # built once: a statement object keeps its compiled form's cache key
         self.by_key = select(*self.selected).where(
             table.primary_key.columns[0] == bindparam("key"))
 
-    def __call__(self, rows: Iterable[Any], json_text: bool) -> list[T]:
-        """`json_text`: the driver hands JSON columns over as text (SQLite's does;
-        PostgreSQL's parses them itself)."""
+    def __call__(self, result: Result[Any]) -> list[T]:
         out = []
-        new, keys, cls, pk = self.new, self.keys, self.cls, self.pk
-        json_at = self.json if json_text else ()
-        for row in rows:
+        new, keys, cls, pk, json_at = self.new, self.keys, self.cls, self.pk, self.json
+        for fetched in result.all():  # one fetch (row by row costs a driver call per row)
+            row: Sequence[Any] = fetched
             if json_at:
-                row = list(row)
+                row = list(fetched)
                 for i in json_at:
                     row[i] = _json_value(row[i])
             obj = new()
@@ -205,11 +233,10 @@ class DetachedLoader(Generic[T]):
         return out
 
 
-def _json_value(raw: Any) -> Any:
-    """What SQLAlchemy's JSON type makes of SQLite's raw value (JSON text; numbers come
-    as numbers)."""
-    if not isinstance(raw, str):
-        return raw
+def _json_value(raw: str | None) -> Any:
+    """What SQLAlchemy's JSON type makes of a JSON column's text."""
+    if raw is None:
+        return None
     if raw == "{}":
         return {}
     if raw == "[]":
@@ -237,7 +264,6 @@ class SqlRepository(Generic[T]):
         self.table = orm.MAPPED[cls]
         self.connection = connection
         self.loader = _loader(cls) if connection is not None else None
-        self.json_text = connection is not None and connection.dialect.name == "sqlite"
         self.counts = counts if self.table.name in CountCache.TABLES else None
 
     def add(self, obj: T) -> None:
@@ -246,8 +272,7 @@ class SqlRepository(Generic[T]):
     def get(self, obj_id: Any) -> T | None:
         if self.connection is None or self.loader is None or not self.loader.single_key:
             return self.session.get(self.cls, obj_id)
-        found = self.loader(self.connection.execute(self.loader.by_key, {"key": obj_id}),
-                            self.json_text)
+        found = self.loader(self.connection.execute(self.loader.by_key, {"key": obj_id}))
         return found[0] if found else None
 
     def load(self, obj_id: Any) -> T:
@@ -266,12 +291,23 @@ class SqlRepository(Generic[T]):
         if self.connection is None or self.loader is None:
             rows = list(self.session.scalars(stmt, params))
         else:
-            rows = self.loader(self.connection.execute(stmt, params), self.json_text)
+            rows = self.loader(self.connection.execute(stmt, params))
         if criteria.tags:
             rows = [r for r in rows if _has_tags(r, criteria.tags)][:TAG_FILTER_CAP]
             end = None if criteria.limit is None else criteria.offset + criteria.limit
             return rows[criteria.offset:end]
         return rows
+
+    def rows(self, columns: Sequence[str], criteria: Criteria | None = None,
+             **equals: Any) -> list[Any]:
+        """`columns` of the rows `find` would give, as named tuples (read a field as
+        `row.name`), never saved: a listing that shows a few fields of many rows skips
+        building whole objects."""
+        criteria = criteria or Criteria()
+        assert not criteria.tags, "tags are filtered on whole objects: use find"
+        stmt, params, _ = self._query(criteria, equals, "columns", tuple(columns))
+        run = self.session.execute if self.connection is None else self.connection.execute
+        return list(run(stmt, params).all())
 
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int:
         criteria = criteria or Criteria()
@@ -293,17 +329,18 @@ class SqlRepository(Generic[T]):
             cache.put(key, found, since)
         return found
 
-    def _query(self, criteria: Criteria, equals: dict[str, Any],
-               what: str) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
+    def _query(self, criteria: Criteria, equals: dict[str, Any], what: str,
+               only: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
         """The statement for `criteria` and its parameters. A statement is built once per
         shape of criteria (which columns, which clauses), with every value a bound
         parameter: building one and working out its cache key cost more than running it.
-        `what`: "rows" (ORM entities), "columns" (for DetachedLoader), "count", or
-        "orm count" (through the session: it flushes pending objects first)."""
+        `what`: "rows" (ORM entities), "columns" (for DetachedLoader, or `only` these
+        columns), "count", or "orm count" (through the session: it flushes pending objects
+        first)."""
         merged = {**criteria.equals, **equals}
         listing = "count" not in what
         ordered = listing and "created" in self.table.c
-        key = (self.cls, what, tuple((n, v is None) for n, v in merged.items()),
+        key = (self.cls, what, only, tuple((n, v is None) for n, v in merged.items()),
                tuple(criteria.within), tuple(criteria.without), tuple(criteria.wildcard),
                criteria.created_from is not None, criteria.created_to is not None,
                ordered and criteria.after is not None, ordered and criteria.newest_first,
@@ -311,7 +348,7 @@ class SqlRepository(Generic[T]):
                listing and criteria.limit is not None)
         stmt = _STATEMENTS.get(key)
         if stmt is None:
-            stmt = self._build(criteria, merged, what, ordered)
+            stmt = self._build(criteria, merged, what, ordered, only)
             if len(_STATEMENTS) > 1000:  # shapes come from code, not input; just in case
                 _STATEMENTS.clear()
             _STATEMENTS[key] = stmt
@@ -339,14 +376,15 @@ class SqlRepository(Generic[T]):
         return stmt, params, key
 
     def _build(self, criteria: Criteria, merged: dict[str, Any], what: str,
-               ordered: bool) -> Any:
+               ordered: bool, only: tuple[str, ...] = ()) -> Any:
         c = self.table.c
         if what == "count":
             stmt = select(func.count()).select_from(self.table)
         elif what == "orm count":
             stmt = select(func.count()).select_from(self.cls)  # ORM: autoflush
         elif what == "columns":
-            stmt = select(*_loader(self.cls).selected)
+            stmt = select(*(c[n] for n in only)) if only else \
+                select(*_loader(self.cls).selected)
         else:
             stmt = select(self.cls)
         for name, value in merged.items():
@@ -427,6 +465,11 @@ class SqlUnitOfWork:
             counts = _COUNT_CACHES.get(engine)
             since = counts.sequence if counts is not None else 0  # before the first read
             self.connection = engine.connect().execution_options(ecsnap_readonly=True)
+            if self.connection.dialect.name == "postgresql":
+                # READ COMMITTED gives each statement its own snapshot, in a transaction or
+                # not: without one there is no BEGIN and no ROLLBACK, two round trips less
+                self.connection = self.connection.execution_options(
+                    isolation_level="AUTOCOMMIT")
             self.session = cast(Session, _NoSession())
         else:
             self.connection = None
@@ -526,13 +569,15 @@ class SqlUnitOfWork:
         if self.session.get_transaction() is None:
             self.session.connection(execution_options={RELAXED_DURABILITY: True})
         conn = self.session.connection()
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
         if time.monotonic() - _last_purge > NONCE_PURGE_SECONDS:  # not on every request
             conn.execute(delete(orm.nonces).where(orm.nonces.c.expires < now))
             _last_purge = time.monotonic()
-        result = conn.execute(_REMEMBER_NONCE, {"key_id": key_id, "nonce": nonce,
-                                                "expires": expires, "now": now})
+        # on PostgreSQL the statement itself sets synchronous_commit off for its
+        # transaction (set_config(..., true) is SET LOCAL): no round trip of its own
+        result = conn.execute(_REMEMBER_NONCE_PG if conn.dialect.name == "postgresql"
+                              else _REMEMBER_NONCE,
+                              {"key_id": key_id, "nonce": nonce, "expires": expires,
+                               "now": now})
         return bool(result.rowcount == 1)
 
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
@@ -672,6 +717,14 @@ _PG_CLOCK = text("SELECT timezone('UTC', clock_timestamp())")
 # once (an ORM-dialect insert with ON CONFLICT is compiled on every execution).
 _REMEMBER_NONCE = text(
     "INSERT INTO nonces (key_id, nonce, expires) VALUES (:key_id, :nonce, :expires) "
+    "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
+    "WHERE nonces.expires < :now",
+).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
+    .execution_options(preserve_rowcount=True)
+
+_REMEMBER_NONCE_PG = text(
+    "INSERT INTO nonces (key_id, nonce, expires) SELECT :key_id, :nonce, :expires "
+    "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed "
     "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
     "WHERE nonces.expires < :now",
 ).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
