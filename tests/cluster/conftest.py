@@ -39,12 +39,15 @@ HEARTBEAT_S = 0.3
 
 class AgentProcess:
     def __init__(self, data_dir: Path, host_id: str, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), program: tuple[str, ...] = ("-m", "ecsnap"),
+                 ) -> None:
+        """`program`: what the interpreter runs, `ecsnap` or a wrapper of it (a test's
+        fault injection, e.g. tests/cluster/frozen_kill.py)."""
         self.data_dir, self.host_id = data_dir, host_id
         self.log = data_dir / f"agent-{host_id}.log"
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ecsnap", "agent", "--host-id", host_id, "--data-dir",
+            [sys.executable, *program, "agent", "--host-id", host_id, "--data-dir",
              str(data_dir), "--vcpus", "8", "--memory-mib", "8192", *args],
             stdout=out, stderr=out, cwd=ROOT, env={**os.environ, **(env or {})})
 
@@ -75,8 +78,9 @@ class Cluster:
     apis: list[LiveServer] = dataclasses.field(default_factory=list)
 
     def agent(self, host_id: str, env: dict[str, str] | None = None,
-              wait: bool = True, args: tuple[str, ...] = ()) -> AgentProcess:
-        agent = AgentProcess(self.data_dir, host_id, env, args)
+              wait: bool = True, args: tuple[str, ...] = (),
+              program: tuple[str, ...] = ("-m", "ecsnap")) -> AgentProcess:
+        agent = AgentProcess(self.data_dir, host_id, env, args, program)
         self.agents.append(agent)
         if wait:
             self.until(lambda: (h := self.host(host_id)) is not None and

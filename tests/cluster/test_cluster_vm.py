@@ -1,6 +1,7 @@
 """Cluster mode with a real QEMU VM of the demo image: kill -9 of the agent that is taking
-a live instance snapshot; the VM outlives it, the agent restarted takes the task back and
-finishes or undoes it, and the guest is not left frozen (the next snapshot is taken)."""
+a live instance snapshot, in the middle of its freeze window (the guest's file systems
+frozen, no snapshot taken yet); the VM outlives it, the agent restarted takes the task back
+and finishes or undoes it, and the guest is thawed (and the next snapshot is taken)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from ecsnap.adapters.compute.qemu import QemuDriver
 from ecsnap.domain.model import InstanceStatus, SnapshotStatus, TaskStatus
 from ecsnap.service.context import attached_disks
 from ecsnap.service.disk_files import INITIAL
 from tests import qcow
 from tests.cluster.conftest import Cluster
+from tests.compute.conftest import wait_agent
 from tests.live import ROOT, ecsnap
 
 pytestmark = [pytest.mark.qemu, pytest.mark.postgres]
@@ -41,7 +44,7 @@ def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
 
 def test_kill_9_of_an_agent_mid_live_snapshot_then_it_restarts(vm_cluster: Cluster) -> None:
     cluster = vm_cluster
-    agent = cluster.agent("h1", env={"ECSNAP_CRASH_AT": "TakeSnapshots:transaction:after"})
+    agent = cluster.agent("h1", program=(str(Path(__file__).with_name("frozen_kill.py")),))
     api = cluster.client(cluster.api())
     images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
     [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
@@ -53,11 +56,15 @@ def test_kill_9_of_an_agent_mid_live_snapshot_then_it_restarts(vm_cluster: Clust
     with cluster.ctx.uow(readonly=True) as uow:
         inst = uow.instances.load(instance_id)
     assert inst.status == InstanceStatus.RUNNING and inst.host_id == "h1"
+    vms = QemuDriver(cluster.data_dir / "run" / "h1", accel="tcg")
+    wait_agent(vms, instance_id)  # the guest agent answers: the snapshot freezes the guest
 
     api.call("CreateSnapshotGroup", {"InstanceId": instance_id})
     [task] = cluster.tasks(action="TakeSnapshots")
     assert agent.proc.wait(120) == -signal.SIGKILL
+    assert "SIGKILL with the guest frozen" in agent.text()
     assert cluster.task(task.id).status == TaskStatus.PROCESSING
+    assert vms.agent_command(instance_id, "guest-fsfreeze-status") == "frozen"
     pids = [int(p.read_text()) for p in (cluster.data_dir / "run" / "h1").glob("*/*.pid")]
     assert pids
     for pid in pids:
@@ -73,6 +80,7 @@ def test_kill_9_of_an_agent_mid_live_snapshot_then_it_restarts(vm_cluster: Clust
     assert group.status == (SnapshotStatus.ACCOMPLISHED if ended.status ==
                             TaskStatus.FINISHED else SnapshotStatus.FAILED)
     assert inst.status == InstanceStatus.RUNNING and not inst.lock_task_id and not locked
+    assert vms.agent_command(instance_id, "guest-fsfreeze-status") == "thawed"
     with cluster.ctx.uow(readonly=True) as uow:  # no snapshot left behind in a disk file
         for disk in attached_disks(uow, instance_id):
             known = {s.id for s in uow.snapshots.find(source_disk_id=disk.id)}
