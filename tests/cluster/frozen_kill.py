@@ -23,7 +23,7 @@ def _killed_when_frozen(self: AgentSession, name: str, *args: Any, **kwargs: Any
     return result
 
 
-AgentSession.call = _killed_when_frozen  # type: ignore[method-assign]
+setattr(AgentSession, "call", _killed_when_frozen)  # noqa: B010 (a method replaced)
 
 if __name__ == "__main__":
     from ecsnap.entrypoints.cli.main import main

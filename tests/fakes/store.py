@@ -783,6 +783,12 @@ class MemoryRepository(Generic[T]):
     def find(self, criteria: Criteria | None = None, **equals: Any) -> list[T]:
         return cast(list[T], self._uow._find(self._table, criteria, equals))
 
+    def rows(self, columns: Sequence[str], criteria: Criteria | None = None,
+             **equals: Any) -> list[Any]:
+        assert not (criteria and criteria.tags), "tags are filtered on whole objects: use find"
+        row = typing.NamedTuple("Row", [(c, Any) for c in columns])  # type: ignore[misc]
+        return [row(*(getattr(obj, c) for c in columns)) for obj in self.find(criteria, **equals)]
+
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int:
         return self._uow._count_rows(self._table, criteria, equals)
 

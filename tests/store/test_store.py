@@ -222,6 +222,7 @@ def test_rows_give_only_the_columns_asked_for(uow_factory) -> None:  # type: ign
             assert rows[0].status is InstanceStatus.RUNNING and not hasattr(rows[0], "name")
 
 
+@pytest.mark.postgres
 def test_a_nonce_commit_skips_the_fsync_and_nothing_else_does(
         request: pytest.FixtureRequest) -> None:
     """PostgreSQL: the nonce's transaction commits with synchronous_commit off, set by its
@@ -245,6 +246,7 @@ def test_a_nonce_commit_skips_the_fsync_and_nothing_else_does(
     engine.dispose()
 
 
+@pytest.mark.postgres
 def test_a_pooled_connection_dropped_while_idle_is_replaced_unseen(
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection the server ended while it sat in the pool (a restart, an idle timeout
@@ -258,8 +260,8 @@ def test_a_pooled_connection_dropped_while_idle_is_replaced_unseen(
     try:
         for readonly in (True, False):
             with sql.SqlUnitOfWork(factory, readonly) as uow:
-                pid = uow.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar() \
-                    if readonly else uow.session.execute(text("SELECT pg_backend_pid()")).scalar()
+                run = uow.session.execute if uow.connection is None else uow.connection.execute
+                pid = run(text("SELECT pg_backend_pid()")).scalar()
             with killer.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
                 other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
             monkeypatch.setattr(sql, "PING_AFTER_IDLE_S", 0.0)
