@@ -346,15 +346,18 @@ def test_an_api_process_refuses_a_command_for_an_instance_without_a_host(
         ("h1", "", InvocationStatus.RUNNING)
 
 
-def test_the_console_of_an_api_process_says_where_the_serial_console_is(
+def test_the_console_of_an_api_process_says_when_the_serial_console_is_out_of_reach(
         cluster: Cluster) -> None:
+    """The serial console is carried to the agent of the instance's host (test_serial_proxy):
+    an agent started without --address cannot be reached, and the Connect page says so."""
     lab = cluster
     inst = lab.stopped_instance()
     settings = config.load(lab.data_dir)
     assert settings.cluster
     api_ctx = bootstrap.build(settings)  # an API process: no hypervisor
     carol = accounts.create_account(api_ctx, "carol", PASSWORD)
-    with lab.ctx.uow() as uow:  # an instance of carol's, on h1
+    with lab.ctx.uow() as uow:  # an instance of carol's, on h1, whose agent has no address
+        uow.hosts.add(Host(id="h1", heartbeat_at=cluster_service.now()))
         row = uow.instances.load(inst.id)
         row.account_id, row.host_id = carol.id, "h1"
         uow.commit()
@@ -364,10 +367,11 @@ def test_the_console_of_an_api_process_says_where_the_serial_console_is(
         refused = re.search(r'<p class="sub" id="serial-refused"[^>]*>(.*?)</p>', page.text,
                             re.S)
         assert refused is not None
-        assert f"The serial console of {inst.id} is on its host h1" in refused.group(1)
+        assert f"The serial console of {inst.id} is unavailable: the agent of its host h1 " \
+            "was started without --address" in refused.group(1)
         assert "RunCommand" in refused.group(1)
         assert "data-serial-path" not in page.text and "connect.js" not in page.text
-        # the socket itself is refused as before (NoCompute), never a traceback
+        # the socket itself is refused, never a traceback
         with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(
                 f"/console/instances/{inst.id}/serial",
                 headers={"origin": "http://testserver"}) as ws:
@@ -375,6 +379,13 @@ def test_the_console_of_an_api_process_says_where_the_serial_console_is(
         assert closed.value.code == 4404
         # another account's instance, or none: not found, as any page of it
         assert client.get("/console/instances/i-none/connect").status_code == 404
+    with lab.ctx.uow() as uow:  # its agent now listens: the terminal
+        uow.hosts.load("h1").address = "127.0.0.1:9"
+        uow.commit()
+    for client in console(api_ctx):
+        page = client.get(f"/console/instances/{inst.id}/connect")
+        assert "data-serial-path" in page.text and "connect.js" in page.text
+        assert "serial-refused" not in page.text
     # the same page of a single-host server (same database): the terminal, no refusal
     for client in console(lab.ctx):
         page = client.get(f"/console/instances/{inst.id}/connect")

@@ -6,6 +6,7 @@ framework. `eq=False` keeps identity semantics, which the store's identity map n
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -562,9 +563,12 @@ class Host:
     heartbeat_at: datetime = field(default_factory=utcnow)
     vcpus: int = 0
     memory_mib: int = 0
-    address: str = ""  # the agent's /metrics listen address, host:port
+    address: str = ""  # the agent's listen address (/metrics, serial consoles), host:port
     ceph_addrs: list[str] = field(default_factory=list)  # its RADOS clients, for blocklisting
     started_at: datetime = field(default_factory=utcnow)
+    # made when the agent first registers: the key of the short-lived tokens an API process
+    # gives the agent to open a serial console (service/console_access.py); never shown
+    serial_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
 
 class IdempotencyKey(NamedTuple):

@@ -1,5 +1,15 @@
 """The web console's access: serial console sockets, session validity, log-on throttling.
 
+Serial consoles in a cluster: an API process has no hypervisor, so the console proxies the
+browser's WebSocket to the agent of the instance's host (`ecsnap agent --address`), which
+opens the VM's serial socket there. After its own checks (session, origin, the owner's
+instance, Running on host H with an address) the API process gives the agent a token
+`EXPIRY.NONCE.MAC`, MAC = HMAC-SHA256(H's `serial_secret`, instance, expiry, nonce), the
+expiry `SERIAL_TOKEN_TTL_S` ahead on the database server's clock (hosts' clocks need not
+agree). The agent (`agent_serial_console`) takes it once, before it expires, for an
+instance Running on its own host only. The secret is made when the agent first registers
+and lives in the database, the state every process already trusts.
+
 Log-on throttling counts failed console log-ons per account name (or AccessKey ID) and per
 client address, in a window (`Settings.logon_window_s`). After the first
 `FREE_FAILURES` failures each further attempt must wait a growing delay (1 s, 2 s, 4 s...
@@ -15,18 +25,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ecsnap.domain import rules
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import InstanceStatus
+from ecsnap.domain.model import Host, HostState, InstanceStatus
 from ecsnap.service.context import ServiceContext, get_instance
 
 THROTTLE_FILE = "logon-throttle.json"
@@ -36,28 +49,122 @@ MAX_ENTRIES = 10_000  # the oldest entries go first beyond this (random-name spr
 KINDS = ("account", "access_key", "address")
 
 
-def serial_console(ctx: ServiceContext, account_id: str, instance_id: str) -> str:
-    """The unix socket of the instance's serial console; only its owner may have it."""
-    with ctx.uow() as uow:
+SERIAL_TOKEN_TTL_S = 30  # how long an API process's token to an agent is good for
+SERIAL_TOKEN_HEADER = "x-ecsnap-serial-token"  # how the API process sends it to the agent
+
+
+@dataclass(frozen=True)
+class AgentSerial:
+    """The serial console of an instance on another host (cluster mode): the WebSocket of
+    that host's agent and the short-lived token that opens it (in `SERIAL_TOKEN_HEADER`)."""
+
+    host_id: str
+    url: str
+    token: str = field(repr=False)
+
+
+def serial_console(ctx: ServiceContext, account_id: str, instance_id: str) -> str | AgentSerial:
+    """The instance's serial console; only its owner may have it, and only Running. On the
+    single-host server, the unix socket of its VM; in a cluster, its host's agent
+    (`AgentSerial`), refused (an ECS error) when that agent has no --address or is down."""
+    if not ctx.settings.cluster:
+        with ctx.uow() as uow:
+            inst = get_instance(uow, account_id, instance_id)
+            rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        return ctx.compute.serial_socket(instance_id)
+    with ctx.uow() as uow:  # writes nothing; a read-only one has no clock
         inst = get_instance(uow, account_id, instance_id)
         rules.require_instance_status(inst, InstanceStatus.RUNNING)
+        host = uow.hosts.get(inst.host_id) if inst.host_id else None
+        if host is None or host.state != HostState.UP:
+            raise EcsError("IncorrectInstanceStatus", f"The host of {inst.id} "
+                           f"({inst.host_id or 'none'}) is not up.", 403)
+        if not host.address or not host.serial_secret:
+            raise EcsError("SerialConsoleUnavailable", _no_address(inst.id, host.id), 403)
+        expiry = _seconds(uow.clock()) + SERIAL_TOKEN_TTL_S
+        nonce = secrets.token_hex(16)
+        token = f"{expiry}.{nonce}.{_serial_mac(host.serial_secret, inst.id, expiry, nonce)}"
+        return AgentSerial(host.id, f"ws://{host.address}/serial/{inst.id}", token)
+
+
+def agent_serial_console(ctx: ServiceContext, host_id: str, instance_id: str,
+                         token: str) -> str:
+    """For the agent of `host_id`: the unix socket of the instance's serial console, if
+    `token` is an API process's token for it (`serial_console`), not expired and not used
+    before, and the instance is Running on this host. `InvalidSerialToken` (401) for a bad,
+    expired or replayed token; `InvalidInstanceId.NotFound` (404) for an instance that is
+    not on this host; `IncorrectInstanceStatus` (403) when it is not Running."""
+    refused = EcsError("InvalidSerialToken", "The serial console token is not valid.", 401)
+    expiry_text, _, rest = token.partition(".")
+    nonce, _, mac = rest.partition(".")
+    if not expiry_text.isdigit() or len(expiry_text) > 12 or not nonce or not mac:
+        raise refused
+    expiry = int(expiry_text)
+    with ctx.uow() as uow:  # writes nothing; a read-only one has no clock
+        now = _seconds(uow.clock())
+        host = uow.hosts.get(host_id)
+        secret = host.serial_secret if host is not None else ""
+        inst = uow.instances.get(instance_id)
+        on_host = inst is not None and inst.host_id == host_id
+    if not secret or not hmac.compare_digest(
+            _serial_mac(secret, instance_id, expiry, nonce).encode(), mac.encode()):
+        raise refused
+    if not now <= expiry <= now + SERIAL_TOKEN_TTL_S + 5:  # expired, or not one of ours
+        raise EcsError("InvalidSerialToken", "The serial console token expired.", 401)
+    if not _first_use(mac, expiry, now):
+        raise EcsError("InvalidSerialToken", "The serial console token was used already.",
+                       401)
+    if inst is None or not on_host:
+        raise EcsError("InvalidInstanceId.NotFound",
+                       f"The instance {instance_id} is not on host {host_id}.", 404)
+    rules.require_instance_status(inst, InstanceStatus.RUNNING)
     return ctx.compute.serial_socket(instance_id)
 
 
 def serial_refusal(ctx: ServiceContext, account_id: str, instance_id: str) -> str:
-    """Why this process cannot open the instance's serial console, or "" if it can. In
-    cluster mode an API process has no hypervisor: the console's socket is on the
-    instance's host, and the console page says so (no terminal) instead of failing to
-    connect; Cloud Assistant commands are carried to that host's agent."""
+    """Why the console cannot show the instance's serial console, or "" if it can (then a
+    connection that fails says so by its close code). In cluster mode the console is
+    proxied to the agent of the instance's host: refused when that agent has no address."""
     if not ctx.settings.cluster:
         return ""
     with ctx.uow(readonly=True) as uow:
         inst = get_instance(uow, account_id, instance_id)
-    where = f"on its host {inst.host_id}" if inst.host_id else "on its host"
-    return (f"The serial console of {inst.id} is {where}, and this console runs in an "
-            "API process of a cluster, which has no hypervisor. Run commands in the "
-            "instance with Cloud Assistant (RunCommand, `ecsnap run`) instead: "
-            "they are carried to its host's agent.")
+        host: Host | None = uow.hosts.get(inst.host_id) if inst.host_id else None
+    if host is None or host.address:
+        return ""
+    return _no_address(inst.id, host.id)
+
+
+def _no_address(instance_id: str, host_id: str) -> str:
+    return (f"The serial console of {instance_id} is unavailable: the agent of its host "
+            f"{host_id} was started without --address, so this console cannot reach it. "
+            "Run commands in the instance with Cloud Assistant (RunCommand, `ecsnap run`) "
+            "instead, or restart that agent with --address HOST:PORT.")
+
+
+def _seconds(at: datetime) -> int:
+    """A database clock reading (naive UTC) as Unix seconds."""
+    return int(at.replace(tzinfo=UTC).timestamp())
+
+
+def _serial_mac(secret: str, instance_id: str, expiry: int, nonce: str) -> str:
+    message = f"ecsnap-serial\0{instance_id}\0{expiry}\0{nonce}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+_used_tokens: dict[str, int] = {}  # this agent's tokens taken: MAC -> expiry
+_used_lock = threading.Lock()
+
+
+def _first_use(mac: str, expiry: int, now: int) -> bool:
+    """Record a token as taken; False if it was taken before (a replay)."""
+    with _used_lock:
+        for old in [m for m, e in _used_tokens.items() if e < now]:
+            del _used_tokens[old]
+        if mac in _used_tokens:
+            return False
+        _used_tokens[mac] = expiry
+        return True
 
 
 # ------------------------------------------------------------------ console sessions

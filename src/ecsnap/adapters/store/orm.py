@@ -229,6 +229,7 @@ hosts = Table(
     Column("address", String(256), nullable=False, default=""),
     Column("ceph_addrs", JsonList, nullable=False, default=list),
     Column("started_at", DateTime, nullable=False),
+    Column("serial_secret", String(64), nullable=False, default=""),
 )
 
 idempotency = Table(

@@ -367,8 +367,10 @@ def agent(host_id: Annotated[str, typer.Option("--host-id", help="This host's ID
           vcpus: Annotated[int, typer.Option("--vcpus", min=1, help="vCPUs for VMs")] = 16,
           memory_mib: Annotated[int, typer.Option("--memory-mib", min=64,
                                                   help="Memory for VMs, MiB")] = 32768,
-          address: Annotated[str, typer.Option("--address", help="This agent's /metrics "
-                                                "listen address, as peers reach it")] = "",
+          address: Annotated[str, typer.Option("--address", help="This agent's listen "
+                                                "address (/metrics, and the serial consoles "
+                                                "of its VMs for the API processes), as "
+                                                "peers reach it")] = "",
           ceph_addr: Annotated[list[str] | None, typer.Option(
               "--ceph-addr", help="This host's address as Ceph sees its clients (its IP): "
               "blocklisted when the host is fenced. Repeatable.")] = None,
@@ -392,11 +394,15 @@ def agent(host_id: Annotated[str, typer.Option("--host-id", help="This host's ID
     except ValueError as exc:
         fail(EcsError("InvalidConfiguration", str(exc), 400))
         return
-    if address:  # its /metrics (ecsnap.metrics): tasks, steps, freeze windows, the hosts
-        where, _, port = address.rpartition(":")
-        if not port.isdigit():
-            fail(EcsError("InvalidConfiguration", f"--address {address}: HOST:PORT", 400))
-        metrics.start_metrics_server(int(port), where.strip("[]") or "127.0.0.1")
+    if address:  # its /metrics (tasks, steps, freeze windows, the hosts), serial consoles
+        from ecsnap.entrypoints import agent_http
+
+        try:
+            sock = agent_http.listen(address)
+        except (ValueError, OSError) as exc:
+            fail(EcsError("InvalidConfiguration", f"--address {address}: {exc}", 400))
+            return
+        agent_http.serve_in_thread(node.ctx, host_id, sock)
         metrics.watch_hosts("agent", lambda: hosts.host_samples(node.ctx))
 
     def stopped(signum: int, _frame: object) -> None:

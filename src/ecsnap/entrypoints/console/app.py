@@ -16,7 +16,6 @@ AccessKey is disabled or the password changes (`console_access.session_stamp`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -34,10 +33,12 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
+from websockets.exceptions import WebSocketException
 
 from ecsnap.domain.errors import CheckFailure, EcsError
 from ecsnap.domain.model import iso
+from ecsnap.entrypoints import serial_pipe
 from ecsnap.entrypoints.console import files
 from ecsnap.entrypoints.console import policies as policy_pages
 from ecsnap.service import (
@@ -637,44 +638,20 @@ class Console:
             await websocket.close(code=4401)
             return
         iid = websocket.path_params["instance_id"]
-        try:
-            path = await run_in_threadpool(console_access.serial_console, self.ctx,
-                                           s.account_id, iid)
-            reader, writer = await asyncio.open_unix_connection(path)
-        except (EcsError, OSError):
+        try:  # this host's VM, or (cluster) its host's agent, given a short-lived token
+            target = await run_in_threadpool(console_access.serial_console, self.ctx,
+                                             s.account_id, iid)
+            stream = await serial_pipe.open_serial(target)
+        except (EcsError, OSError, WebSocketException):
             await websocket.close(code=4404)
             return
         await websocket.accept()
-
-        async def pump_out() -> None:
-            while data := await reader.read(4096):
-                await websocket.send_bytes(data)
-
-        async def pump_in() -> None:
-            while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                data = message.get("bytes") or (message.get("text") or "").encode()
-                writer.write(data)
-                await writer.drain()
 
         async def watch_session() -> None:  # a revoked session closes its serial console
             while await self.session(websocket) is not None:
                 await asyncio.sleep(SERIAL_SESSION_CHECK_S)
 
-        tasks = [asyncio.create_task(pump_out()), asyncio.create_task(pump_in()),
-                 asyncio.create_task(watch_session())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            for t in tasks:
-                t.cancel()
-            writer.close()
-            with contextlib.suppress(RuntimeError):
-                await websocket.close()
+        await serial_pipe.pump(websocket, stream, watch_session())
 
 
 def create_console(ctx: ServiceContext) -> Starlette:
