@@ -40,6 +40,7 @@ def test_the_cluster_benchmark_runs_on_tiny_sizes(tmp_path: Path) -> None:
     # 3. fencing: the instance moved to another host, every part measured
     assert "on Ceph RBD" in report and "(h1->h" in report and "(h1->h1)" not in report
     for part in ("its lease expired", "fence committed by a peer", "marked Stopped",
-                 "StartInstance → Running on another host", "rejoined", "osd blocklist add"):
+                 "automatic restart: fence committed → Running on another host", "rejoined",
+                 "osd blocklist add"):
         [line] = [x for x in report.splitlines() if part in x and x.startswith("| ")]
         assert " ms |" in line or " s |" in line, line

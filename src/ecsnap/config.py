@@ -3,7 +3,8 @@
 Environment variables: ECSNAP_DATA_DIR, ECSNAP_DATABASE_URL, ECSNAP_ACCEL (auto|kvm|tcg),
 ECSNAP_SIGNATURE_WINDOW (minutes), ECSNAP_CACHE_DIR, ECSNAP_CRASH_AT (fault injection for
 crash tests: the process kills itself with SIGKILL at the named task step), ECSNAP_CLUSTER
-(1: cluster mode), ECSNAP_HOST_TIMEOUT and ECSNAP_HEARTBEAT (seconds).
+(1: cluster mode), ECSNAP_HOST_TIMEOUT and ECSNAP_HEARTBEAT (seconds), ECSNAP_RESTART_FENCED
+(0: a fenced host's instances are not started again elsewhere).
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ class Settings:
     # per host), which heartbeat every `heartbeat_s`; a host whose last heartbeat is older
     # than `host_timeout_s` is fenced by another agent (its epoch bumped, its tasks taken
     # over). Without it `ecsnap serve` is one process with an embedded agent, as always.
+    # `restart_fenced`: the fencing agent starts the fenced host's Running instances again
+    # on other hosts (those on shared storage, Ceph RBD; StartInstance's placement).
     cluster: bool = False
     heartbeat_s: float = 1.0
     host_timeout_s: float = 10.0
+    restart_fenced: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -137,6 +141,7 @@ def load(data_dir: str | Path | None = None, **overrides: Any) -> Settings:
         "cluster": os.environ.get("ECSNAP_CLUSTER"),
         "host_timeout_s": os.environ.get("ECSNAP_HOST_TIMEOUT"),
         "heartbeat_s": os.environ.get("ECSNAP_HEARTBEAT"),
+        "restart_fenced": os.environ.get("ECSNAP_RESTART_FENCED"),
     }
     values.update({k: v for k, v in env.items() if v})
     values.update(overrides)

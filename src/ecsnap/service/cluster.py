@@ -21,8 +21,10 @@ epoch, then:
   fenced by whichever agent wins the conditional UPDATE (epoch+1, Fenced), its Ceph
   clients blocklisted first (in that transaction, so nothing is taken over before), then
   its instances are marked Stopped and its tasks become claimable (their owner is no
-  longer Up at the epoch that claimed them). Death is only ever decided from missing
-  heartbeats, never from one failed call.
+  longer Up at the epoch that claimed them); the instances that ran there on shared
+  storage are started again on other hosts, their StartInstance journaled in the
+  transaction that marks them Stopped (`settle`; setting `restart_fenced`). Death is
+  only ever decided from missing heartbeats, never from one failed call.
 
 Epoch fencing: every commit an agent makes while driving a task (a step done, the end, a
 note, the failure) is accepted only if, in that transaction, its host row is still Up at
@@ -35,21 +37,22 @@ directory and rejoins under a new epoch, empty.
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from ecsnap.adapters.compute.base import ComputeDriver
 from ecsnap.adapters.storage.base import ClientFencing
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.domain import errors
 from ecsnap.domain.errors import EcsError
-from ecsnap.domain.model import Host, HostState, InstanceStatus, Task, TaskStatus
-from ecsnap.service import commands, recovery
+from ecsnap.domain.model import Host, HostState, Instance, InstanceStatus, Task, TaskStatus
+from ecsnap.service import commands, instances, recovery
 from ecsnap.service.context import ServiceContext, attached_disks
 from ecsnap.service.operation import Operation, P
 from ecsnap.service.tasks import Fenced, TaskRunner
@@ -293,6 +296,7 @@ class Agent:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
         self.heartbeat_s = ctx.settings.heartbeat_s
         self.timeout_s = ctx.settings.host_timeout_s
+        self._swept = -float("inf")  # when it last looked for fences cut short (monotonic)
 
     # -- membership
     def register(self) -> int:
@@ -495,20 +499,36 @@ class Agent:
         self.register()
 
     def check_peers(self, at: datetime) -> list[str]:
-        """Fence the peers whose heartbeat is older than the timeout; the ones fenced."""
+        """Fence the peers whose heartbeat is older than the timeout; the ones fenced.
+        Every `host_timeout_s` (and first thing after a start), also finish the fences cut
+        short: a fenced host left `unsettled` (its fencer died between the fence's commit
+        and `settle`'s) is settled now (`settle`, `before` its last heartbeat)."""
         stale_before = at - timedelta(seconds=self.timeout_s)
+        sweep = time.monotonic() - self._swept >= self.timeout_s
         with self.ctx.uow(readonly=True) as uow:
-            stale = [h for h in uow.hosts.find(state=HostState.UP)
-                     if h.id != self.host_id and h.heartbeat_at < stale_before]
-        return [h.id for h in stale if fence(self.ctx, h, stale_before, by=self.host_id)]
+            hosts = [h for h in uow.hosts.find() if h.id != self.host_id]
+            stale = [h for h in hosts
+                     if h.state == HostState.UP and h.heartbeat_at < stale_before]
+            cut_short = [h for h in hosts if sweep and h.state != HostState.UP and
+                         unsettled(uow, h)]
+        if sweep:
+            self._swept = time.monotonic()
+        fenced = [h.id for h in stale if fence(self.ctx, h, stale_before, by=self.host_id)]
+        for host in cut_short:
+            if settle(self.ctx, host.id, restart=self.ctx.settings.restart_fenced,
+                      before=host.heartbeat_at):
+                log.warning("host %s: its fence had been cut short before its instances "
+                            "were settled; settled by %s", host.id, self.host_id)
+        return fenced
 
 
 def fence(ctx: ServiceContext, host: Host, stale_before: datetime, *, by: str = "") -> bool:
     """Fence `host` if it is still Up at the epoch read, its heartbeat older than
     `stale_before`: True for the one caller that won. Its Ceph clients are blocklisted in
     the fencing transaction (a failure leaves it unfenced, tried again next round); then
-    its instances are marked Stopped, the tasks routed to it routed to any host (on
-    shared storage: `reroute`), and the agents woken to take its tasks over."""
+    its instances are settled (`settle`: marked Stopped, those that ran started again on
+    other hosts), the tasks routed to it routed to any host (on shared storage:
+    `reroute`), and the agents woken to take its tasks over."""
     with ctx.uow() as uow:
         if not uow.fence_host(host.id, host.epoch, stale_before):
             return False
@@ -516,17 +536,170 @@ def fence(ctx: ServiceContext, host: Host, stale_before: datetime, *, by: str = 
         uow.commit()
     log.warning("host %s fenced by %s: no heartbeat since %s (epoch %d -> %d)", host.id,
                 by or "?", host.heartbeat_at, host.epoch, host.epoch + 1)
+    settle(ctx, host.id, restart=ctx.settings.restart_fenced)
+    return True
+
+
+RESTARTED = (InstanceStatus.RUNNING, InstanceStatus.STARTING)  # what ran on a fenced host
+
+
+class _Again(Exception):
+    """The settling transaction must be rolled back and made again (see `settle`)."""
+
+
+def unsettled(uow: UnitOfWork, host: Host) -> bool:
+    """Whether the fenced `host` has what `settle` does left undone: an instance
+    `orphaned` (`before` its last heartbeat), or a task still routed to it on shared
+    storage (`reroute`)."""
+    if any(orphaned(i, host.heartbeat_at) for i in uow.instances.find(host_id=host.id)):
+        return True
+    shared = {r.id for r in uow.regions.find() if r.shared_storage}
+    return any(t.region_id in shared
+               for t in uow.tasks.find(host_id=host.id, status=TaskStatus.PROCESSING))
+
+
+def orphaned(inst: Instance, before: datetime | None = None) -> bool:
+    """An instance of a fenced host that `settle` marks Stopped: no task holds it (a task
+    that holds it decides its state when it is resumed), not Stopped, and — `before`, for
+    a fence cut short — Running since before the host's last heartbeat (one marked Running
+    later was started by a task taken over, whose VM is not on the fenced host)."""
+    return not inst.lock_task_id and inst.status != InstanceStatus.STOPPED and (
+        before is None or inst.started is None or inst.started <= before)
+
+
+def settle(ctx: ServiceContext, host_id: str, *, restart: bool = True,
+           before: datetime | None = None) -> int:
+    """The instances of the fenced host `host_id` (`orphaned`), in ONE transaction that
+    begins by locking the Up hosts' rows (placement's lock: one `settle` at a time, each
+    reading what the one before committed). Each is marked Stopped (its VM is gone for
+    the cluster; KeepCharging, its claim on the fenced host no longer counted). With
+    `restart` (the setting `restart_fenced`) each one that was Running or Starting, its
+    disks on shared storage (its region's `shared_storage`: Ceph RBD), is started again
+    through StartInstance's own service function, `instances.start_instance`, joined to
+    this transaction (`joined`): its checks, its placement (an Up host with room, never
+    the fenced one) and its task, journaled and routed to the chosen host. Marking
+    Stopped and journaling the start commit together: a crash of this agent leaves both
+    or neither (then `Agent.check_peers` settles them later), never an instance Stopped
+    with its restart forgotten; the start task, once committed, is the agents' like any
+    task (claimed, resumed after a crash). An instance whose start is refused
+    (OperationDenied.NoStock: no host has room; any ECS error) stays Stopped, with one
+    warning line and the code; one on local files stays Stopped (it cannot start
+    elsewhere). The host's tasks are rerouted and its commands interrupted in that commit.
+
+    A start that finds the instance taken meanwhile by a task (Operation.Conflict: the
+    journal writes before it finds out), or any unexpected error, rolls everything back
+    and the whole is made again (an instance a task holds now is left to it); the last
+    attempt starts nothing, so that the instances are marked Stopped all the same.
+    Returns how many instances it settled."""
+    attempts, why_not = 3, "" if restart else "restart_fenced is off"
+    for attempt in range(attempts):
+        try:
+            return _settle(ctx, host_id, why_not=why_not, before=before)
+        except Exception as exc:  # rolled back (the unit of work ends with it)
+            if attempt == attempts - 1:
+                log.exception("host %s fenced: its instances could not be settled", host_id)
+                return 0
+            last = attempt == attempts - 2
+            log.warning("host %s fenced: %s; its instances settled again%s", host_id, exc,
+                        " without restarting any" if last else "",
+                        exc_info=None if isinstance(exc.__cause__, EcsError) else exc)
+            if last:
+                why_not = "its automatic restart failed (above)"
+    return 0
+
+
+def _settle(ctx: ServiceContext, host_id: str, *, why_not: str,
+            before: datetime | None) -> int:
+    """`settle` once; `why_not`: why none is restarted ("": restart them)."""
+    said: list[str] = []  # logged once committed
     with ctx.uow() as uow:
-        for inst in uow.instances.find(host_id=host.id):
-            if inst.lock_task_id or inst.status == InstanceStatus.STOPPED:
-                continue  # a task that holds it decides its state when it is resumed
+        uow.lock_hosts()
+        shared = {r.id for r in uow.regions.find() if r.shared_storage}
+        settled = [i for i in uow.instances.find(host_id=host_id) if orphaned(i, before)]
+        again = []
+        for inst in settled:
+            was = inst.status
             inst.reconcile(False)
-            log.warning("instance %s of fenced host %s marked Stopped", inst.id, host.id)
-        reroute(uow, host.id)
-        commands.interrupt_host(uow, host.id)  # its commands with them (commands.py)
+            what = f"instance {inst.id} of fenced host {host_id} marked Stopped"
+            if was not in RESTARTED:
+                said.append(what)
+            elif why_not:
+                said.append(f"{what}; not restarted: {why_not}")
+            elif inst.region_id not in shared:
+                said.append(f"{what}; not restarted elsewhere: its disks are local files of "
+                            f"{host_id} (region {inst.region_id}), it can start there only")
+            else:
+                again.append(inst)
+        inner, submitted = joined(ctx, uow)
+        for inst in again:
+            what = f"instance {inst.id} of fenced host {host_id} marked Stopped"
+            try:
+                task_id = instances.start_instance(inner, inst.account_id, inst.id)
+            except EcsError as exc:
+                if exc.code == CONFLICT:  # its journal wrote before it found the lock held
+                    raise _Again(f"restarting {inst.id}: {exc.code}") from exc
+                said.append(f"{what}; it stays Stopped, its automatic restart refused: "
+                            f"{exc.code}: {exc.message}")
+            except Exception as exc:
+                raise _Again(f"restarting {inst.id}: {exc!r}") from exc
+            else:
+                said.append(f"{what} and restarted on host {inst.host_id} (task {task_id})")
+        reroute(uow, host_id)
+        commands.interrupt_host(uow, host_id)  # its commands with them (commands.py)
         uow.notify(CHANNEL)
         uow.commit()
-    return True
+    for task in submitted:
+        ctx.runner.submit(task)
+    for line in said:
+        log.warning("%s", line)
+    return len(settled)
+
+
+CONFLICT = "Operation.Conflict"  # errors.operation_conflict
+
+
+class _Joined:
+    """The caller's open unit of work, handed to a service function as its own: entering,
+    leaving and committing it do nothing; the caller commits (or rolls back) once."""
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._uow = uow
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._uow, name)
+
+    def __enter__(self) -> _Joined:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+
+class _Held:
+    """The runner of a service function joined to the caller's transaction: it journals in
+    that transaction; what it submits is kept for the caller to submit once committed."""
+
+    def __init__(self, runner: TaskRunner, kept: list[Task]) -> None:
+        self._runner, self._kept = runner, kept
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def submit(self, task: Task, *, wait_up_to: float = 0.0) -> None:
+        self._kept.append(task)
+
+
+def joined(ctx: ServiceContext, uow: UnitOfWork) -> tuple[ServiceContext, list[Task]]:
+    """A context whose service functions run in `uow`'s transaction (not committed by
+    them), and the tasks they submitted: submit them after the commit."""
+    inner = copy.copy(ctx)
+    kept: list[Task] = []
+    inner.uow = lambda readonly=False: cast(UnitOfWork, _Joined(uow))
+    inner.runner = cast(TaskRunner, _Held(ctx.runner, kept))
+    return inner, kept
 
 
 def reroute(uow: UnitOfWork, host_id: str) -> None:
