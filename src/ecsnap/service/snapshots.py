@@ -542,4 +542,5 @@ def get_snapshot_group(ctx: ServiceContext, account_id: str, group_id: str) -> G
 
 
 def _system_first(snaps: Sequence[M]) -> list[M]:
-    return sorted(snaps, key=lambda s: (s.source_disk_type.value != "system", s.created, s.id))
+    system = DiskType.SYSTEM  # (compared by identity: an enum's .value is a slow property)
+    return sorted(snaps, key=lambda s: (s.source_disk_type is not system, s.created, s.id))
