@@ -211,3 +211,29 @@ def test_one_client_token_racing_in_two_threads_makes_one_disk(
     assert disks.create_disk(ctx, "acc-alice", "local-1", size_gib=20,
                              client_token="tok-1") == made[0].id
     ctx.extras["engine"].dispose()
+
+
+def test_a_failed_claim_never_ends_the_agents_loop(pg_ctx: ServiceContext,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim that fails (the database away a moment; the host stopped inside the claim's
+    transaction, whose session the server then ended) is logged and tried again: the
+    loop goes on claiming (it once left `run`, and the agent never claimed again)."""
+    agent = cluster.Agent(pg_ctx, "h1", vcpus=4, memory_mib=4096,
+                          wait_for_wakeup=lambda _: [])
+    calls = []
+
+    def claim_full() -> bool:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("the connection was closed")
+        if len(calls) >= 3:
+            agent.stop()
+        return False
+
+    monkeypatch.setattr(agent, "claim_full", claim_full)
+    monkeypatch.setattr(agent, "claim_commands", lambda: 0)
+    monkeypatch.setattr(agent, "_heartbeats", lambda: None)
+    runner = threading.Thread(target=agent.run)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive() and len(calls) >= 3

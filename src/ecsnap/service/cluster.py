@@ -364,9 +364,16 @@ class Agent:
             told: list[str] = []  # woken for tasks only (their IDs), or [] (look for all)
             while not self.stopping.is_set():
                 tasks_only = bool(told) and all(told)
-                more = self.claim_full()  # as many as there was room for: maybe more
-                if not tasks_only:
-                    more |= self.claim_commands() > 0
+                try:
+                    more = self.claim_full()  # as many as there was room for: maybe more
+                    if not tasks_only:
+                        more |= self.claim_commands() > 0
+                except Exception:  # the database away a moment, or this host was stopped
+                    # (SIGSTOP) inside a claim and its session ended: claim again, never
+                    # leave the loop (the heartbeat thread finds out whether it was fenced)
+                    log.exception("agent %s: claiming work failed; trying again",
+                                  self.host_id)
+                    more = False
                 # else: a NOTIFY that came meanwhile is held by the listening connection
                 told = [] if more else self.wait_for_wakeup(self.heartbeat_s)
         finally:
