@@ -220,7 +220,7 @@ def test_a_failed_claim_never_ends_the_agents_loop(pg_ctx: ServiceContext,
     loop goes on claiming (it once left `run`, and the agent never claimed again)."""
     agent = cluster.Agent(pg_ctx, "h1", vcpus=4, memory_mib=4096,
                           wait_for_wakeup=lambda _: [])
-    calls = []
+    calls: list[int] = []
 
     def claim_full() -> bool:
         calls.append(len(calls))
