@@ -6,12 +6,15 @@ host than the one booting the VM. On PostgreSQL, with the placement tests' fixtu
 
 from __future__ import annotations
 
+import pytest
+
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import HostState, StoppedMode, Task
 from ecsnap.service import cluster, placement
 from ecsnap.service.context import ServiceContext, get_region
+from ecsnap.service.instances import RunInstance, RunInstancePlan
 from ecsnap.service.rollback import ResetDisks, ResetDisksPlan
-from tests.cluster.test_placement import QCOW2, SHARED, add_host, start, stopped
+from tests.cluster.test_placement import QCOW2, SHARED, add_host, host_of, start, stopped
 from tests.cluster.test_placement import ctx as ctx
 
 
@@ -95,3 +98,28 @@ def test_a_fenced_hosts_tasks_go_to_any_agent_on_shared_storage_and_wait_on_loca
     with ctx.uow(readonly=True) as uow:
         assert uow.tasks.load("t-rbd").host_id is None
         assert uow.tasks.load("t-local").host_id == "h1"
+
+
+def test_run_instances_taken_over_from_a_fenced_host_claims_the_host_that_boots_it(
+        ctx: ServiceContext) -> None:
+    """A RunInstances whose host was fenced before its boot step is driven by another
+    agent (its disks on RBD): the VM boots there, so the claim moves there; with no room
+    there, NoStock (the task is undone), never a VM on a host that does not count it."""
+    add_host(ctx, "h1", vcpus=2, memory_mib=1024)
+    add_host(ctx, "h2", vcpus=1, memory_mib=512)
+    new, other = stopped(ctx, SHARED, 2, host_id="h1", mode=StoppedMode.KEEP_CHARGING)
+    with ctx.uow() as uow:
+        uow.hosts.load("h1").state = HostState.FENCED
+        uow.commit()
+
+    def boot_on(host_id: str, instance_id: str) -> None:
+        task = Task(id=f"t-run-{instance_id}", account_id="acc-alice", region_id=SHARED,
+                    action="RunInstance", resource_id=instance_id, owner=host_id)
+        RunInstance(ctx, task, RunInstancePlan(instance_id, (), True, "")).boot()
+
+    boot_on("h2", new)
+    assert host_of(ctx, new) == "h2" and ctx.compute.state(new).running
+    with pytest.raises(EcsError) as refused:  # h2 is full now
+        boot_on("h2", other)
+    assert refused.value.code == "OperationDenied.NoStock"
+    assert host_of(ctx, other) == "h1" and not ctx.compute.state(other).running

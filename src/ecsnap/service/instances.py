@@ -249,6 +249,12 @@ class RunInstance(Operation[RunInstancePlan]):
     def boot(self) -> None:
         with self.ctx.uow() as uow:
             inst = uow.instances.load(self.plan.instance_id)
+            here = self.task.owner or None  # a cluster: the agent that boots the VM
+            if here is not None and inst.host_id != here:
+                # taken over from a fenced host (its disks on shared storage): the VM boots
+                # here, so its claim moves here, if there is room (NoStock: undone)
+                inst.host_id = placement.place(uow, get_region(uow, inst.region_id), inst,
+                                               on=here)
             for disk in attached_disks(uow, inst.id):
                 disk.attach(inst.id, disk.device)
             inst.mark_starting()
