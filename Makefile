@@ -44,19 +44,20 @@ test: deps venv lint
 	test $$rest = 0 -a $$vm = 0
 
 # the tests that need no QEMU VM, no PostgreSQL server and no Ceph cluster, in under a
-# minute: the service tests on in-memory fakes (tests/fast), the contracts, the domain, the
-# API, the store on SQLite, the qcow2 backend (qemu-img). Not the real-file service stories,
-# crash tests, the demo image build, end-to-end tests and benchmarks of `make test`. The
-# PostgreSQL and RBD cases are parametrised, not marked: -k deselects them by their IDs.
+# minute on two pytest-xdist workers: the service tests on in-memory fakes (tests/fast),
+# the contracts, the domain, the API, the store on SQLite, the qcow2 backend (qemu-img).
+# Not the real-file service stories, crash tests, the demo image build, end-to-end tests
+# (the SDK conformance run: 40 s of CPU), the CLI's tables (a process per command: 20 s)
+# and benchmarks of `make test`. The PostgreSQL and RBD cases are parametrised, not marked:
+# -k deselects them by their IDs.
 FAST_TESTS := tests/fast tests/test_contracts.py tests/test_layers.py tests/domain tests/api \
               tests/store tests/storage tests/compute tests/console \
               tests/service/test_accounts.py tests/service/test_task_runner.py \
               tests/service/test_plans.py tests/test_logs.py tests/test_cli_admin.py \
-              tests/e2e/test_conformance.py tests/test_readme_actions.py tests/test_cli_tables.py \
-              --ignore=tests/compute/test_guest_image.py
+              tests/test_readme_actions.py --ignore=tests/compute/test_guest_image.py
 test-fast: venv
 	@command -v qemu-img >/dev/null || { echo "make test-fast needs qemu-img (apt-get install qemu-utils, or make deps)"; exit 1; }
-	$(BIN)/pytest -q -m "not qemu and not postgres" -k "not postgres and not rbd" \
+	$(BIN)/pytest -q -n 2 -m "not qemu and not postgres" -k "not postgres and not rbd" \
 	    $(PYTEST_ARGS) $(FAST_TESTS)
 
 run: deps venv

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ecsnap.adapters.storage import qcow2
 from ecsnap.adapters.storage.base import StorageBackend, StorageError
 from ecsnap.adapters.storage.qcow2 import Qcow2Backend
 from tests.storage.guest_data import read, whole, write
@@ -107,7 +108,9 @@ def test_import_image(backend: Qcow2Backend, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- snapshots
 
-def test_queries_work_while_the_file_is_open(backend: Qcow2Backend) -> None:
+def test_queries_work_while_the_file_is_open(backend: Qcow2Backend,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qcow2, "LOCK_WAIT_S", 0.3)  # the refused snapshot waits no 10 s
     backend.create_blank("d-1", GIB)
     write(backend.path("d-1"), 0x11, 0, MIB)
     backend.create_snapshots([("d-1", "s-a")])
