@@ -1,6 +1,6 @@
 """ecsnap's Prometheus metrics: every metric is defined here, through the official
-`prometheus-client`, and read at `/metrics` (the API app) or on an agent's own port
-(`start_metrics_server`).
+`prometheus-client`, and read at `/metrics` (the API app, and an agent's `--address`
+listener: `entrypoints/agent_http.py`).
 
 A leaf module (contract `metrics` in pyproject.toml): it imports nothing of ecsnap, so the
 service layer records into it as it reads `ecsnap.config`, and no import cycle can come of
@@ -27,7 +27,6 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -170,13 +169,6 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve this process's metrics at http://addr:port/metrics in a daemon thread (the
-    agent: it has no HTTP app of its own)."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
-    log.info("metrics at http://%s:%d/metrics", addr, port)
-
-
 def now() -> float:
     """The clock the timings use (monotonic)."""
     return time.monotonic()
@@ -184,4 +176,4 @@ def now() -> float:
 
 __all__ = ["API_LATENCY", "API_REQUESTS", "FREEZE_WINDOW", "HOSTS", "STEP_DURATION", "TASKS",
            "HostCollector", "HostSample", "api_request", "exposition", "know_actions",
-           "live_snapshot", "start_metrics_server", "task_ended", "task_step", "watch_hosts"]
+           "live_snapshot", "task_ended", "task_step", "watch_hosts"]
