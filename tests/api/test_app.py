@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from starlette.testclient import TestClient
 
 from ecsnap.domain.model import Image
 from ecsnap.entrypoints.api.actions import ACTIONS
-from ecsnap.entrypoints.api.app import create_app
+from ecsnap.entrypoints.api.app import Api, create_app
 from ecsnap.entrypoints.api.signature import rpc_v1_request_params
 from ecsnap.service import accounts, setup
 from ecsnap.service.context import ServiceContext
@@ -188,3 +189,13 @@ def test_a_replayed_request_is_refused_even_after_a_restart(ctx: ServiceContext,
     response = client.post("/", params=tampered)
     assert response.json()["Code"] == "SignatureDoesNotMatch" and ":" in response.json()[
         "Message"]
+
+
+def test_describe_threads_follow_the_database_and_the_cluster(ctx: ServiceContext) -> None:
+    """One Describe thread on SQLite (all CPU in this process) and in a cluster (the other
+    API processes fill the database waits); two on a single-host PostgreSQL."""
+    assert Api(ctx).workers == 1
+    pg = replace(ctx, settings=replace(ctx.settings, database_url="postgresql+psycopg://h/d"))
+    assert Api(pg).workers == 2
+    assert Api(replace(pg, settings=replace(pg.settings, cluster=True))).workers == 1
+    assert Api(pg, 3).workers == 3

@@ -320,7 +320,8 @@ def serve(data_dir: DataDir = None,
           listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:8080",
           api_threads: Annotated[int, typer.Option(
               "--api-threads", min=0,
-              help="Threads answering API requests (0: 1 on SQLite, 2 on PostgreSQL)")] = 0,
+              help="Threads answering Describe requests (0: 1 on SQLite and in a "
+                   "cluster, 2 on a single-host PostgreSQL)")] = 0,
           ) -> None:
     """Serve the ECS API at / and the web console at /console/ (recovery runs first)."""
     # Lazy: uvicorn and the ASGI app (Starlette, Jinja, the console: ~170 modules, ~0.17 s)
