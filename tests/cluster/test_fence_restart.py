@@ -280,7 +280,9 @@ def test_a_task_that_takes_the_instance_meanwhile_keeps_it(
         fencing = threading.Thread(target=fence_h1, args=(ctx,))
         fencing.start()
         deadline = time.monotonic() + 30
-        with engine.connect() as conn:  # the fence waits for this transaction's row lock
+        # the fence waits for this transaction's row lock; polled outside a transaction
+        # (in one, pg_stat_activity answers the snapshot of its first read, every time)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             while conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                                     "current_database() AND wait_event_type = 'Lock'")
                                ).scalar_one() == 0:
