@@ -141,6 +141,16 @@ def test_criteria_and_keyset_pages(uow_factory) -> None:  # type: ignore[no-unty
         assert uow.instances.count(account_id="acc") == 25
         assert uow.instances.count(Criteria(wildcard={"name": "web-1*"})) == 11
         assert uow.instances.count(Criteria(within={"id": ["i-0001", "i-0002", "x"]})) == 2
+        # lists of IDs (PostgreSQL: one array parameter, = ANY / <> ALL), and enum values
+        many = [f"i-{n:04d}" for n in range(0, 25, 2)] + [f"x-{n}" for n in range(200)]
+        assert uow.instances.count(Criteria(within={"id": many})) == 13
+        assert uow.instances.count(Criteria(without={"id": many})) == 12
+        assert uow.instances.count(Criteria(within={"id": []})) == 0
+        assert uow.instances.count(Criteria(without={"id": []})) == 25
+        assert uow.instances.count(Criteria(within={"id": many}, without={"id": ["i-0000"]})) \
+            == 12
+        assert uow.instances.count(Criteria(within={"status": ["Running", "Pending"]})) == \
+            uow.instances.count(Criteria(without={"status": ["Stopped", "Starting"]}))
         assert uow.instances.count(Criteria(tags={"n": "0"})) == 9
         assert [i.id for i in uow.instances.find(Criteria(tags={"n": "0"}, limit=2,
                                                           offset=1))] == ["i-0021", "i-0018"]

@@ -18,8 +18,11 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Integer,
+    String,
     Table,
     Text,
+    all_,
+    any_,
     bindparam,
     create_engine,
     delete,
@@ -30,8 +33,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import (
+    Enum as SqlEnum,
+)
+from sqlalchemy import (
     cast as sql_cast,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Result, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
@@ -340,7 +347,9 @@ class SqlRepository(Generic[T]):
         merged = {**criteria.equals, **equals}
         listing = "count" not in what
         ordered = listing and "created" in self.table.c
-        key = (self.cls, what, only, tuple((n, v is None) for n, v in merged.items()),
+        bind = self.connection if self.connection is not None else self.session.get_bind()
+        arrays = bind.dialect.name == "postgresql"
+        key = (self.cls, what, only, arrays, tuple((n, v is None) for n, v in merged.items()),
                tuple(criteria.within), tuple(criteria.without), tuple(criteria.wildcard),
                criteria.created_from is not None, criteria.created_to is not None,
                ordered and criteria.after is not None, ordered and criteria.newest_first,
@@ -348,7 +357,7 @@ class SqlRepository(Generic[T]):
                listing and criteria.limit is not None)
         stmt = _STATEMENTS.get(key)
         if stmt is None:
-            stmt = self._build(criteria, merged, what, ordered, only)
+            stmt = self._build(criteria, merged, what, ordered, only, arrays)
             if len(_STATEMENTS) > 1000:  # shapes come from code, not input; just in case
                 _STATEMENTS.clear()
             _STATEMENTS[key] = stmt
@@ -376,7 +385,11 @@ class SqlRepository(Generic[T]):
         return stmt, params, key
 
     def _build(self, criteria: Criteria, merged: dict[str, Any], what: str,
-               ordered: bool, only: tuple[str, ...] = ()) -> Any:
+               ordered: bool, only: tuple[str, ...] = (), arrays: bool = False) -> Any:
+        """`arrays` (PostgreSQL): a list of IDs is one array parameter (`= ANY`, `<> ALL`),
+        not one parameter each (IN): the statement's text stays the same whatever the
+        number of IDs (a page's 100: SQLAlchemy rendered them, and the driver parsed the
+        long text again, every time: a fifth of a DescribeSnapshots page)."""
         c = self.table.c
         if what == "count":
             stmt = select(func.count()).select_from(self.table)
@@ -391,9 +404,14 @@ class SqlRepository(Generic[T]):
             stmt = stmt.where(c[name].is_(None) if value is None
                               else c[name] == bindparam(f"eq_{name}"))
         for name in criteria.within:
-            stmt = stmt.where(c[name].in_(bindparam(f"in_{name}", expanding=True)))
+            stmt = stmt.where(c[name] == any_(bindparam(f"in_{name}", type_=ARRAY(String())))
+                              if arrays and _plain_string(c[name]) else
+                              c[name].in_(bindparam(f"in_{name}", expanding=True)))
         for name in criteria.without:
-            stmt = stmt.where(c[name].not_in(bindparam(f"notin_{name}", expanding=True)))
+            stmt = stmt.where(c[name] != all_(bindparam(f"notin_{name}",
+                                                        type_=ARRAY(String())))
+                              if arrays and _plain_string(c[name]) else
+                              c[name].not_in(bindparam(f"notin_{name}", expanding=True)))
         for name in criteria.wildcard:
             stmt = stmt.where(c[name].like(bindparam(f"like_{name}"), escape="\\"))
         if criteria.created_from is not None:
@@ -424,6 +442,11 @@ class SqlRepository(Generic[T]):
 
 
 _STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _plain_string(column: Any) -> bool:
+    """A text column whose values go to the database as they are (an enum's do not)."""
+    return isinstance(column.type, String) and not isinstance(column.type, SqlEnum)
 
 
 def _has_tags(obj: Any, wanted: dict[str, str]) -> bool:
