@@ -9,6 +9,7 @@ what the agents do to them (snapshots, rollbacks) is storage work on real qcow2 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,6 +36,7 @@ from tests.pg import PostgresServer
 
 HOST_TIMEOUT_S = 3.0
 HEARTBEAT_S = 0.3
+CACHE = Path(os.environ.get("ECSNAP_TEST_CACHE", ROOT / ".cache"))  # the demo image's packages
 
 
 class AgentProcess:
@@ -174,3 +176,19 @@ def cluster(postgres: PostgresServer, template: Path,
                 api.stop()
         for agent in lab.agents:
             agent.stop()
+
+
+@pytest.fixture
+def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster with the demo image (QEMU tests); the VMs its agents left behind are
+    killed at the end (they outlive their agents by design)."""
+    config_file = cluster.data_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "cache": str(CACHE)}))
+    ecsnap("image", "build-demo", "--data-dir", str(cluster.data_dir))
+    try:
+        yield cluster
+    finally:
+        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)

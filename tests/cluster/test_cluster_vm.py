@@ -5,11 +5,8 @@ and finishes or undoes it, and the guest is thawed (and the next snapshot is tak
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,25 +18,9 @@ from ecsnap.service.disk_files import INITIAL
 from tests import qcow
 from tests.cluster.conftest import Cluster
 from tests.compute.conftest import wait_agent
-from tests.live import ROOT, ecsnap
 
 pytestmark = [pytest.mark.qemu, pytest.mark.postgres]
 
-CACHE = Path(os.environ.get("ECSNAP_TEST_CACHE", ROOT / ".cache"))
-
-
-@pytest.fixture
-def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
-    config_file = cluster.data_dir / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                       "cache": str(CACHE)}))
-    ecsnap("image", "build-demo", "--data-dir", str(cluster.data_dir))
-    try:
-        yield cluster
-    finally:
-        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
-            with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
 
 def test_kill_9_of_an_agent_mid_live_snapshot_then_it_restarts(vm_cluster: Cluster) -> None:

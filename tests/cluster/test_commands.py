@@ -9,9 +9,6 @@ Real parts: a throwaway PostgreSQL, `ecsnap agent` and `ecsnap serve` child proc
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
 import signal
 import threading
@@ -43,27 +40,11 @@ from ecsnap.service import cluster as cluster_service
 from ecsnap.service.context import ServiceContext
 from tests.cluster.conftest import Cluster
 from tests.doubles import FileBackedCompute
-from tests.live import ROOT, ecsnap
 from tests.pg import PostgresServer
 
 pytestmark = [pytest.mark.postgres]
 
-CACHE = Path(os.environ.get("ECSNAP_TEST_CACHE", ROOT / ".cache"))
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
-    config_file = cluster.data_dir / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                       "cache": str(CACHE)}))
-    ecsnap("image", "build-demo", "--data-dir", str(cluster.data_dir))
-    try:
-        yield cluster
-    finally:
-        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
-            with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
 
 def results(api: ApiClient, invoke_id: str) -> list[dict[str, Any]]:

@@ -34,8 +34,7 @@ from ecsnap.adapters.storage.rbd import RbdBackend
 from ecsnap.domain.model import HostState, InstanceStatus, TaskStatus
 from ecsnap.entrypoints.cli.client import ApiClient, load_credentials
 from tests.ceph import CephCluster, shared
-from tests.cluster.conftest import HEARTBEAT_S, HOST_TIMEOUT_S, Cluster
-from tests.cluster.test_cluster_vm import CACHE
+from tests.cluster.conftest import CACHE, HEARTBEAT_S, HOST_TIMEOUT_S, Cluster
 from tests.compute.conftest import wait_agent
 from tests.live import ecsnap
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
 import socket
 import threading
 import time
@@ -33,11 +31,10 @@ from ecsnap.domain.model import InstanceStatus, TaskStatus
 from ecsnap.service import console_access
 from ecsnap.service.context import ServiceContext
 from tests.cluster.conftest import Cluster
-from tests.live import ROOT, LiveServer, ecsnap
+from tests.live import LiveServer
 
 pytestmark = [pytest.mark.postgres]
 
-CACHE = Path(os.environ.get("ECSNAP_TEST_CACHE", ROOT / ".cache"))
 
 
 def _port() -> int:
@@ -263,20 +260,6 @@ def test_the_console_of_an_api_process_carries_the_serial_console_to_the_agent(
 
 
 # ------------------------------------------------------------------ a real guest
-
-
-@pytest.fixture
-def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
-    config_file = cluster.data_dir / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                       "cache": str(CACHE)}))
-    ecsnap("image", "build-demo", "--data-dir", str(cluster.data_dir))
-    try:
-        yield cluster
-    finally:
-        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
-            with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
 
 @pytest.mark.qemu
