@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
-import queue
 import shutil
 import signal
 import statistics
@@ -50,10 +48,8 @@ from bench.run import Series, alternate, machine, row
 from bench.scale import (
     REQUESTS,
     LeanClient,
-    _failed,
     _percentiles,
-    _process_cpu,
-    _worker,
+    run_load,
     seed_metadata,
 )
 
@@ -223,37 +219,9 @@ def wait_status(api: LeanClient, instance_id: str, status: str, region: str = RE
 def load(targets: list[dict[str, str]], pids: list[int], kind: str, seconds: float,
          clients: int) -> tuple[list[float], float, float]:
     """(latencies, requests/s, servers' CPU s) of `clients` load generator processes
-    (bench/scale.py's workers), spread in turn over the API processes' `targets`."""
-    mp = multiprocessing.get_context("spawn")
-    ready, go, out = mp.Semaphore(0), mp.Event(), mp.Queue()
-    workers = [mp.Process(target=_worker, args=(targets[n % len(targets)], kind, seconds,
-                                                ready, go, out)) for n in range(clients)]
-    for w in workers:
-        w.start()
-    deadline = time.monotonic() + 120
-    for _ in workers:
-        while not ready.acquire(timeout=0.5):
-            if time.monotonic() > deadline or any(w.exitcode is not None for w in workers):
-                _failed(workers)
-    cpu0 = sum(_process_cpu(p) for p in pids)
-    began = time.monotonic()
-    go.set()
-    latencies: list[float] = []
-    for _ in workers:
-        try:
-            mine, _cpu = out.get(timeout=seconds + 60)
-        except queue.Empty:
-            _failed(workers)
-        latencies += mine
-    elapsed = time.monotonic() - began
-    cpu = sum(_process_cpu(p) for p in pids) - cpu0
-    for w in workers:
-        w.join()
-    if kind == "groups":
-        from bench.scale import PAGES
-
-        latencies = [x / PAGES for x in latencies for _ in range(PAGES)]
-    return latencies, len(latencies) / elapsed, cpu
+    (bench/scale.py's), spread in turn over the API processes' `targets`."""
+    latencies, rps, _client_cpu, cpu = run_load(targets, pids, kind, seconds, clients)
+    return latencies, rps, cpu
 
 
 @dataclass

@@ -224,15 +224,23 @@ def load(server: Server, kind: str, seconds: float, clients: int,
     """(latencies per request, requests/s, load generator CPU s, server CPU s) of `clients`
     worker processes issuing `kind` back to back for `seconds`; with `bare`, the reference
     (BareSql) instead of ecsnap's API."""
-    mp = multiprocessing.get_context("spawn")  # nothing of this process (engine, pool)
     target = json.loads((server.data_dir / "credentials.json").read_text())
     if bare:
         engine = server.ctx.extras["engine"]
         target = {"url": engine.url.render_as_string(hide_password=False),
-                 "account": server.account_id, "region": "local-1"}
+                  "account": server.account_id, "region": "local-1"}
+    return run_load([target], [server.proc.pid], kind, seconds, clients)
+
+
+def run_load(targets: list[dict[str, str]], pids: list[int], kind: str, seconds: float,
+             clients: int) -> tuple[list[float], float, float, float]:
+    """(latencies per request, requests/s, load generator CPU s, CPU s of the processes
+    `pids`) of `clients` worker processes issuing `kind` back to back for `seconds`, spread
+    in turn over `targets` (several API processes: as a round-robin proxy would)."""
+    mp = multiprocessing.get_context("spawn")  # nothing of this process (engine, pool)
     ready, go, out = mp.Semaphore(0), mp.Event(), mp.Queue()
-    workers = [mp.Process(target=_worker, args=(target, kind, seconds, ready, go, out))
-               for _ in range(clients)]
+    workers = [mp.Process(target=_worker, args=(targets[n % len(targets)], kind, seconds,
+                                                ready, go, out)) for n in range(clients)]
     for w in workers:
         w.start()
     deadline = time.monotonic() + 120
@@ -240,7 +248,7 @@ def load(server: Server, kind: str, seconds: float, clients: int,
         while not ready.acquire(timeout=0.5):
             if time.monotonic() > deadline or any(w.exitcode is not None for w in workers):
                 _failed(workers)
-    server_cpu = _process_cpu(server.proc.pid)
+    server_cpu = sum(_process_cpu(pid) for pid in pids)
     began = time.monotonic()
     go.set()
     latencies: list[float] = []
@@ -253,7 +261,7 @@ def load(server: Server, kind: str, seconds: float, clients: int,
         latencies += mine
         client_cpu += cpu
     elapsed = time.monotonic() - began
-    server_cpu = _process_cpu(server.proc.pid) - server_cpu
+    server_cpu = sum(_process_cpu(pid) for pid in pids) - server_cpu
     for w in workers:
         w.join()
     if kind == "groups":

@@ -27,6 +27,7 @@ from ecsnap import bootstrap, config
 from ecsnap.domain.model import Disk, Host, Instance, InstanceStatus, Task, TaskStatus
 from ecsnap.entrypoints.cli.client import ApiClient, load_credentials
 from ecsnap.service import accounts, images, instances
+from ecsnap.service import cluster as cluster_service
 from ecsnap.service.context import ServiceContext, attached_disks
 from tests.crash import Lab
 from tests.crash_compute import JsonFileCompute
@@ -100,6 +101,19 @@ class Cluster:
     def client(self, live: LiveServer) -> ApiClient:
         creds = dataclasses.replace(load_credentials(self.data_dir), endpoint=live.endpoint)
         return ApiClient(creds)
+
+    def run_demo(self, api: ApiClient, zone: str = "local-1-a",
+                 params: dict[str, Any] | None = None) -> str:
+        """RunInstances of the demo image (vm_cluster) through `api`, waited for until its
+        task finished: the instance's ID."""
+        images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
+        [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
+        [instance_id] = api.call("RunInstances", {
+            "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano", "ZoneId": zone,
+            **(params or {})})["InstanceIdSets"]["InstanceIdSet"]
+        [run] = self.tasks(resource_id=instance_id)
+        assert self.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+        return str(instance_id)
 
     def stopped_instance(self) -> Instance:
         req = instances.InstanceRequest(image_id=self.image_id,
@@ -189,6 +203,31 @@ def vm_cluster(cluster: Cluster) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
-            with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        kill_vms(cluster)
+
+
+def kill_vms(cluster: Cluster) -> None:
+    """SIGKILL every VM the cluster's agents started (their pidfiles in DATA_DIR/run)."""
+    for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def pg_ctx(postgres: PostgresServer, tmp_path: Path) -> Iterator[ServiceContext]:
+    """An agent's context in this process (its unit of work fenced) on a fresh database,
+    the hypervisor the test double."""
+    settings = config.load(tmp_path / "data", database_url=postgres.fresh_database(),
+                           background_tasks=False)
+    ctx = bootstrap.build(settings, compute=FileBackedCompute(), background=False)
+    ctx.uow = cluster_service.fenced_uow(ctx.uow)
+    yield ctx
+    ctx.extras["engine"].dispose()

@@ -16,7 +16,7 @@ from ecsnap.domain.model import InstanceStatus, SnapshotStatus, TaskStatus
 from ecsnap.service.context import attached_disks
 from ecsnap.service.disk_files import INITIAL
 from tests import qcow
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, alive
 from tests.compute.conftest import wait_agent
 
 pytestmark = [pytest.mark.qemu, pytest.mark.postgres]
@@ -27,13 +27,7 @@ def test_kill_9_of_an_agent_mid_live_snapshot_then_it_restarts(vm_cluster: Clust
     cluster = vm_cluster
     agent = cluster.agent("h1", program=(str(Path(__file__).with_name("frozen_kill.py")),))
     api = cluster.client(cluster.api())
-    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
-    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
-    [instance_id] = api.call("RunInstances", {
-        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano", "ZoneId": "local-1-a",
-        "DataDisk.1.Size": 20})["InstanceIdSets"]["InstanceIdSet"]
-    [run] = cluster.tasks(action="RunInstances") or cluster.tasks(resource_id=instance_id)
-    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    instance_id = cluster.run_demo(api, params={"DataDisk.1.Size": 20})
     with cluster.ctx.uow(readonly=True) as uow:
         inst = uow.instances.load(instance_id)
     assert inst.status == InstanceStatus.RUNNING and inst.host_id == "h1"
@@ -78,13 +72,7 @@ def test_a_hung_agent_is_fenced_its_instance_stopped_and_its_stale_vm_stopped_on
     cluster = vm_cluster
     agents = {h: cluster.agent(h) for h in ("h1", "h2")}
     api = cluster.client(cluster.api())
-    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
-    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
-    [instance_id] = api.call("RunInstances", {
-        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano",
-        "ZoneId": "local-1-a"})["InstanceIdSets"]["InstanceIdSet"]
-    [run] = cluster.tasks(resource_id=instance_id)
-    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    instance_id = cluster.run_demo(api)
     with cluster.ctx.uow(readonly=True) as uow:
         host_id = uow.instances.load(instance_id).host_id
     assert host_id in agents
@@ -101,19 +89,11 @@ def test_a_hung_agent_is_fenced_its_instance_stopped_and_its_stale_vm_stopped_on
     agents[host_id].signal(signal.SIGCONT)  # it finds itself fenced, stops its stale VM
     cluster.until(lambda: (h := cluster.host(host_id)) is not None and
                   h.epoch == epoch + 2 and h.state.value == "Up", 30, "rejoined")
-    cluster.until(lambda: not _alive(vm_pid), 30, "its stale VM stopped")
+    cluster.until(lambda: not alive(vm_pid), 30, "its stale VM stopped")
     # its disks are local: it starts again on its own host, once that host is back
     api.call("StartInstance", {"InstanceId": instance_id})
-    start = [t for t in cluster.tasks(resource_id=instance_id) if t.id != run.id]
+    start = cluster.tasks(resource_id=instance_id, action="StartInstance")
     assert cluster.ended(start[-1].id, timeout=120).status == TaskStatus.FINISHED
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _status(cluster: Cluster, instance_id: str) -> InstanceStatus:

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +30,6 @@ from ecsnap.domain.model import (
     InstanceStatus,
     Invocation,
     InvocationStatus,
-    TaskStatus,
 )
 from ecsnap.entrypoints.api.app import create_app
 from ecsnap.entrypoints.cli.client import ApiClient
@@ -39,8 +37,6 @@ from ecsnap.service import accounts, commands
 from ecsnap.service import cluster as cluster_service
 from ecsnap.service.context import ServiceContext
 from tests.cluster.conftest import Cluster
-from tests.doubles import FileBackedCompute
-from tests.pg import PostgresServer
 
 pytestmark = [pytest.mark.postgres]
 
@@ -91,13 +87,7 @@ def test_run_command_is_carried_to_the_instances_agent_and_an_agent_killed_mid_c
     lab = vm_cluster
     agent_a = lab.agent("h1")
     api = lab.client(lab.api())
-    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
-    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
-    [instance_id] = api.call("RunInstances", {
-        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano", "ZoneId": "local-1-a",
-    })["InstanceIdSets"]["InstanceIdSet"]
-    [boot] = lab.tasks(resource_id=instance_id)
-    assert lab.ended(boot.id, timeout=300).status == TaskStatus.FINISHED
+    instance_id = lab.run_demo(api)
     with lab.ctx.uow(readonly=True) as uow:
         assert uow.instances.load(instance_id).host_id == "h1"
     agent_b = lab.agent("h2")  # up before the commands: it hears every NOTIFY, claims none
@@ -138,16 +128,6 @@ def test_run_command_is_carried_to_the_instances_agent_and_an_agent_killed_mid_c
     # the instance is Stopped with its fenced host: a command is refused, not queued
     with pytest.raises(EcsError, match="IncorrectInstanceStatus"):
         run(api, instance_id, "true")
-
-
-@pytest.fixture
-def pg_ctx(postgres: PostgresServer, tmp_path: Path) -> Iterator[ServiceContext]:
-    settings = config.load(tmp_path / "data", database_url=postgres.fresh_database(),
-                           background_tasks=False)
-    ctx = bootstrap.build(settings, compute=FileBackedCompute(), background=False)
-    ctx.uow = cluster_service.fenced_uow(ctx.uow)
-    yield ctx
-    ctx.extras["engine"].dispose()
 
 
 def routed(ctx: ServiceContext, host_id: str, n: int, instance_id: str = "i-x",

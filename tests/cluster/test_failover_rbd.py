@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import signal
 import threading
@@ -34,7 +33,14 @@ from ecsnap.adapters.storage.rbd import RbdBackend
 from ecsnap.domain.model import HostState, InstanceStatus, TaskStatus
 from ecsnap.entrypoints.cli.client import ApiClient, load_credentials
 from tests.ceph import CephCluster, shared
-from tests.cluster.conftest import CACHE, HEARTBEAT_S, HOST_TIMEOUT_S, Cluster
+from tests.cluster.conftest import (
+    CACHE,
+    HEARTBEAT_S,
+    HOST_TIMEOUT_S,
+    Cluster,
+    alive,
+    kill_vms,
+)
 from tests.compute.conftest import wait_agent
 from tests.live import ecsnap
 
@@ -62,9 +68,7 @@ def rbd_cluster(cluster: Cluster, ceph: CephCluster) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        for pidfile in (cluster.data_dir / "run").glob("*/*/*.pid"):
-            with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        kill_vms(cluster)
         for agent in cluster.agents:  # a stopped agent (SIGSTOP) would block the teardown
             with contextlib.suppress(OSError):
                 agent.signal(signal.SIGCONT)
@@ -88,14 +92,6 @@ def _sh(driver: QemuDriver, instance_id: str, command: str, timeout: float = 60)
     return result.stdout.decode()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _blocklisted(ceph: CephCluster) -> set[str]:
     text = ceph.mon_command({"prefix": "osd blocklist ls", "format": "json"})
     listed, _ = json.JSONDecoder().raw_decode(text)  # Pacific appends its range list: []
@@ -111,13 +107,7 @@ def test_a_hung_host_is_fenced_its_qemu_shut_out_and_the_instance_starts_elsewhe
     for host_id in agents:  # each agent registered its own RADOS client's address
         host = cluster.host(host_id)
         assert host is not None and host.ceph_addrs, host
-    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
-    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
-    [instance_id] = api.call("RunInstances", {
-        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano",
-        "ZoneId": f"{REGION}-a"})["InstanceIdSets"]["InstanceIdSet"]
-    [run] = cluster.tasks(resource_id=instance_id)
-    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    instance_id = cluster.run_demo(api, zone=f"{REGION}-a")
     a = _instance(cluster, instance_id).host_id
     assert a in agents
     [b] = [h for h in agents if h != a]
@@ -145,7 +135,7 @@ def test_a_hung_host_is_fenced_its_qemu_shut_out_and_the_instance_starts_elsewhe
     cluster.until(lambda: cluster.host(a).state == HostState.FENCED,  # type: ignore[union-attr]
                   30, f"{a} fenced")
     fenced = time.monotonic()
-    assert _alive(vm_pid), "the hung host's QEMU runs on"
+    assert alive(vm_pid), "the hung host's QEMU runs on"
     listed = _blocklisted(ceph)
     assert qemu_clients <= listed, (qemu_clients, listed)  # its QEMU shut out of Ceph
     assert set(cluster.host(a).ceph_addrs) <= listed  # type: ignore[union-attr]
@@ -199,7 +189,7 @@ def test_a_hung_host_is_fenced_its_qemu_shut_out_and_the_instance_starts_elsewhe
     agents[a].signal(signal.SIGCONT)
     cluster.until(lambda: (h := cluster.host(a)) is not None and h.epoch == epoch + 2 and
                   h.state == HostState.UP, 30, "rejoined")
-    cluster.until(lambda: not _alive(vm_pid), 30, "its stale VM stopped")
+    cluster.until(lambda: not alive(vm_pid), 30, "its stale VM stopped")
     assert "stopping the VMs of this host and rejoining empty" in agents[a].text()
     inst = _instance(cluster, instance_id)
     assert (inst.status, inst.host_id) == (InstanceStatus.RUNNING, b)

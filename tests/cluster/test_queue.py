@@ -4,7 +4,6 @@ and the store's claim_tasks / hold_epoch / heartbeat / fence_host)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,16 +18,6 @@ from tests.doubles import FileBackedCompute
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_ctx(postgres: PostgresServer, tmp_path: Path) -> Iterator[ServiceContext]:
-    settings = config.load(tmp_path / "data", database_url=postgres.fresh_database(),
-                           background_tasks=False)
-    ctx = bootstrap.build(settings, compute=FileBackedCompute(), background=False)
-    ctx.uow = cluster.fenced_uow(ctx.uow)
-    yield ctx
-    ctx.extras["engine"].dispose()
 
 
 def _hosts(ctx: ServiceContext, *host_ids: str) -> None:

@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
 from ecsnap import bootstrap, config
-from ecsnap.domain.model import InstanceStatus, TaskStatus
+from ecsnap.domain.model import InstanceStatus
 from ecsnap.service import console_access
 from ecsnap.service.context import ServiceContext
 from tests.cluster.conftest import Cluster
@@ -270,13 +270,7 @@ def test_log_on_to_a_vm_of_the_demo_image_through_the_console_of_an_api_process(
     cluster.agent("h1", args=("--address", f"127.0.0.1:{port}"))
     live = cluster.api()
     api = cluster.client(live)
-    images = api.call("DescribeImages", {"ImageOwnerAlias": "system"})["Images"]["Image"]
-    [demo] = [i["ImageId"] for i in images if i["ImageName"] == "ecsnap-demo-debian12"]
-    [instance_id] = api.call("RunInstances", {
-        "ImageId": demo, "InstanceType": "ecs.t5-lc2m1.nano",
-        "ZoneId": "local-1-a"})["InstanceIdSets"]["InstanceIdSet"]
-    [run] = cluster.tasks(resource_id=instance_id)
-    assert cluster.ended(run.id, timeout=300).status == TaskStatus.FINISHED
+    instance_id = cluster.run_demo(api)
     with cluster.ctx.uow(readonly=True) as uow:
         inst = uow.instances.load(instance_id)
     assert inst.status == InstanceStatus.RUNNING and inst.host_id == "h1"

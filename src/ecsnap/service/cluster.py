@@ -37,14 +37,13 @@ directory and rejoins under a new epoch, empty.
 from __future__ import annotations
 
 import contextvars
-import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from ecsnap.adapters.compute.base import ComputeDriver
 from ecsnap.adapters.storage.base import ClientFencing
@@ -582,9 +581,9 @@ def settle(ctx: ServiceContext, host_id: str, *, restart: bool = True,
     the cluster; KeepCharging, its claim on the fenced host no longer counted). With
     `restart` (the setting `restart_fenced`) each one that was Running or Starting, its
     disks on shared storage (its region's `shared_storage`: Ceph RBD), is started again
-    through StartInstance's own service function, `instances.start_instance`, joined to
-    this transaction (`joined`): its checks, its placement (an Up host with room, never
-    the fenced one) and its task, journaled and routed to the chosen host. Marking
+    through StartInstance's own checks and journal (`instances.journal_start`) in this
+    transaction: its placement (an Up host with room, never the fenced one) and its task,
+    journaled and routed to the chosen host. Marking
     Stopped and journaling the start commit together: a crash of this agent leaves both
     or neither (then `Agent.check_peers` settles them later), never an instance Stopped
     with its restart forgotten; the start task, once committed, is the agents' like any
@@ -637,11 +636,11 @@ def _settle(ctx: ServiceContext, host_id: str, *, why_not: str,
                             f"{host_id} (region {inst.region_id}), it can start there only")
             else:
                 again.append(inst)
-        inner, submitted = joined(ctx, uow)
+        submitted: list[Task] = []  # submitted to the runner once committed
         for inst in again:
             what = f"instance {inst.id} of fenced host {host_id} marked Stopped"
             try:
-                task_id = instances.start_instance(inner, inst.account_id, inst.id)
+                submitted.append(instances.journal_start(ctx, uow, inst))
             except EcsError as exc:
                 if exc.code == CONFLICT:  # its journal wrote before it found the lock held
                     raise _Again(f"restarting {inst.id}: {exc.code}") from exc
@@ -650,7 +649,8 @@ def _settle(ctx: ServiceContext, host_id: str, *, why_not: str,
             except Exception as exc:
                 raise _Again(f"restarting {inst.id}: {exc!r}") from exc
             else:
-                said.append(f"{what} and restarted on host {inst.host_id} (task {task_id})")
+                said.append(f"{what} and restarted on host {inst.host_id} "
+                            f"(task {submitted[-1].id})")
         reroute(uow, host_id)
         commands.interrupt_host(uow, host_id)  # its commands with them (commands.py)
         uow.notify(CHANNEL)
@@ -663,50 +663,6 @@ def _settle(ctx: ServiceContext, host_id: str, *, why_not: str,
 
 
 CONFLICT = "Operation.Conflict"  # errors.operation_conflict
-
-
-class _Joined:
-    """The caller's open unit of work, handed to a service function as its own: entering,
-    leaving and committing it do nothing; the caller commits (or rolls back) once."""
-
-    def __init__(self, uow: UnitOfWork) -> None:
-        self._uow = uow
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._uow, name)
-
-    def __enter__(self) -> _Joined:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-
-class _Held:
-    """The runner of a service function joined to the caller's transaction: it journals in
-    that transaction; what it submits is kept for the caller to submit once committed."""
-
-    def __init__(self, runner: TaskRunner, kept: list[Task]) -> None:
-        self._runner, self._kept = runner, kept
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runner, name)
-
-    def submit(self, task: Task, *, wait_up_to: float = 0.0) -> None:
-        self._kept.append(task)
-
-
-def joined(ctx: ServiceContext, uow: UnitOfWork) -> tuple[ServiceContext, list[Task]]:
-    """A context whose service functions run in `uow`'s transaction (not committed by
-    them), and the tasks they submitted: submit them after the commit."""
-    inner = copy.copy(ctx)
-    kept: list[Task] = []
-    inner.uow = lambda readonly=False: cast(UnitOfWork, _Joined(uow))
-    inner.runner = cast(TaskRunner, _Held(ctx.runner, kept))
-    return inner, kept
 
 
 def reroute(uow: UnitOfWork, host_id: str) -> None:

@@ -302,6 +302,15 @@ def _on_instance(ctx: ServiceContext, account_id: str, instance_id: str,
     return task.id
 
 
+def journal_start(ctx: ServiceContext, uow: UnitOfWork, inst: Instance) -> Task:
+    """StartInstance's checks and journal in the caller's open transaction, as
+    `start_instance` makes them in its own (the fence's automatic restart: service/cluster.py
+    `settle`). The caller commits, then submits the task to the runner."""
+    plan = StartInstance.check(uow, inst)
+    return ctx.runner.journal(uow, StartInstance, plan, account_id=inst.account_id,
+                              region_id=inst.region_id, resource_id=inst.id)
+
+
 @dataclass(frozen=True)
 class InstancePlan(Plan):
     """The plan of an operation on one instance's VM."""

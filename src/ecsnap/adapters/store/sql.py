@@ -272,6 +272,9 @@ class SqlRepository(Generic[T]):
         self.connection = connection
         self.loader = _loader(cls) if connection is not None else None
         self.counts = counts if self.table.name in CountCache.TABLES else None
+        # PostgreSQL: lists of IDs as one array parameter (see _build)
+        bind = connection if connection is not None else session.get_bind()
+        self.arrays = bind.dialect.name == "postgresql"
 
     def add(self, obj: T) -> None:
         self.session.add(obj)
@@ -347,8 +350,7 @@ class SqlRepository(Generic[T]):
         merged = {**criteria.equals, **equals}
         listing = "count" not in what
         ordered = listing and "created" in self.table.c
-        bind = self.connection if self.connection is not None else self.session.get_bind()
-        arrays = bind.dialect.name == "postgresql"
+        arrays = self.arrays
         key = (self.cls, what, only, arrays, tuple((n, v is None) for n, v in merged.items()),
                tuple(criteria.within), tuple(criteria.without), tuple(criteria.wildcard),
                criteria.created_from is not None, criteria.created_to is not None,
