@@ -11,6 +11,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(CURDIR)/var/data
 LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
+SHELL  := /bin/bash
 
 .PHONY: test test-fast run deps venv lint bench soak clean
 
@@ -37,11 +38,12 @@ lint: venv
 # PostgreSQL and Ceph (free ports) and tmp dir. The first one's report follows the second's.
 VM_TESTS := tests/e2e tests/compute tests/test_bench_smoke.py tests/test_soak_smoke.py
 test: deps venv lint
-	@rm -f .test-vms.log; \
+	@rm -f .test-vms.log .test-rest.log; \
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS) > .test-vms.log 2>&1 & vms=$$!; \
-	$(BIN)/pytest -q $(PYTEST_ARGS) $(addprefix --ignore=,$(VM_TESTS)); rest=$$?; \
+	set -o pipefail; $(BIN)/pytest -q $(PYTEST_ARGS) $(addprefix --ignore=,$(VM_TESTS)) 2>&1 \
+	    | tee .test-rest.log; rest=$$?; \
 	wait $$vms; vm=$$?; echo "== $(VM_TESTS)"; cat .test-vms.log; \
-	test $$rest = 0 -a $$vm = 0
+	bash scripts/test-why.sh "$$rest" .test-rest.log "$$vm" .test-vms.log
 
 # the tests that need no QEMU VM, no PostgreSQL server and no Ceph cluster, in under a
 # minute on two pytest-xdist workers: the service tests on in-memory fakes (tests/fast),
