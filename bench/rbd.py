@@ -301,10 +301,7 @@ def run(sizes: list[float], repeats: int, propose: float | None, where: Path,
             print(f"{gib} GiB: " + ", ".join(f"{k} {v.median * 1000:.0f} ms"
                                              for k, v in results[gib].items()),
                   file=sys.stderr, flush=True)
-        ctx.runner.shutdown()
-        backend = ctx.storage_of(REGION)
-        if isinstance(backend, RbdBackend):
-            backend.close()
+        ctx.close()  # the runner's steps first, then the pool's Ceph connection
         return results
     finally:
         cluster.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -62,15 +63,19 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
     sql.migrate(engine)
     factory = sql.session_factory(engine)
 
+    connected: list[Callable[[], None]] = []  # the RBD pools' close, for ctx.close
+
     @functools.cache
     def storage_for(pool: str) -> StorageBackend:
         """A region's pool: `rbd:POOL?conf=…&client=…[&keyring=…]` is a Ceph RBD pool (one
-        cluster connection per pool, opened at its first use), anything else a directory
-        of qcow2 files."""
+        cluster connection per pool, opened at its first use, closed by ctx.close), anything
+        else a directory of qcow2 files."""
         if pool.startswith("rbd:"):
             from ecsnap.adapters.storage.rbd import RbdBackend
 
-            return RbdBackend.from_spec(pool)
+            backend = RbdBackend.from_spec(pool)
+            connected.append(backend.close)
+            return backend
         return Qcow2Backend(pool)
 
     if compute is None and api_only:
@@ -89,6 +94,12 @@ def build(settings: Settings, *, compute: ComputeDriver | None = None,
                          image_import=Qcow2Backend(str(settings.images_dir)),
                          inspector=_inspector(settings.run_dir / "inspect"))
     ctx.extras["engine"] = engine
+
+    def close_pools() -> None:
+        for close in connected:
+            close()
+
+    ctx.closers.append(close_pools)
     if api_only:
         ctx.runner = cluster.ApiRunner(
             ctx, OPERATIONS,

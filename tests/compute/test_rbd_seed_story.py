@@ -109,7 +109,4 @@ def test_the_seed_story_on_rbd_with_a_real_vm(tmp_path_factory: pytest.TempPathF
     finally:
         for vm in driver.running():
             driver.stop(vm, force=True)
-        ctx.runner.shutdown()
-        backend = ctx.storage_of(REGION)
-        if isinstance(backend, RbdBackend):
-            backend.close()
+        ctx.close()  # the runner's steps first, then the pool's Ceph connection

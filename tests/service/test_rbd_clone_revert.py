@@ -41,13 +41,8 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
 def rbd_image(ctx: ServiceContext, ceph: CephCluster, template: Path) -> Iterator[Image]:
     spec = ceph.spec()
     regions.ensure_region(ctx, RBD_REGION, vcpus=8, memory_mib=8192, storage_pool=spec)
-    try:
-        yield images.register_image(ctx, RBD_REGION, name="tiny", os_name="Tiny Linux",
-                                    template=template, size_gib=1)
-    finally:
-        backend = ctx.storage_for(spec)
-        assert isinstance(backend, RbdBackend)
-        backend.close()
+    yield images.register_image(ctx, RBD_REGION, name="tiny", os_name="Tiny Linux",
+                                template=template, size_gib=1)  # ctx's teardown closes the pool
 
 
 def storage(ctx: ServiceContext) -> RbdBackend:

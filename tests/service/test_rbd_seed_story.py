@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ecsnap.adapters.storage.rbd import RbdBackend
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import (
     Consistency,
@@ -43,13 +42,8 @@ def rbd_image(ctx: ServiceContext, ceph: CephCluster, template: Path) -> Iterato
     """The tiny image, registered in a region on the cluster's pool."""
     spec = ceph.spec()
     regions.ensure_region(ctx, RBD_REGION, vcpus=8, memory_mib=8192, storage_pool=spec)
-    try:
-        yield images.register_image(ctx, RBD_REGION, name="tiny", os_name="Tiny Linux",
-                                    template=template, size_gib=1)
-    finally:
-        backend = ctx.storage_for(spec)
-        assert isinstance(backend, RbdBackend)
-        backend.close()
+    yield images.register_image(ctx, RBD_REGION, name="tiny", os_name="Tiny Linux",
+                                template=template, size_gib=1)  # ctx's teardown closes the pool
 
 
 def holds(path: str, pattern: int) -> bool:

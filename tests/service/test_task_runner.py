@@ -73,3 +73,33 @@ def test_a_long_task_goes_on_in_the_background(tmp_path: Path, template: Path,
     finally:
         release.set()
         ctx.runner.shutdown()
+
+
+def test_close_lets_the_running_steps_end_before_it_closes_the_storage(
+        tmp_path: Path, template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctx.close (a server or agent stopping, a test's end) waits for the steps under way,
+    then closes what the context opened: librados aborts the whole process when a pool's
+    connection is shut under an operation that runs on it."""
+    ctx, instance_id = background_ctx(tmp_path, template)
+    release, events = threading.Event(), []
+    original = Qcow2Backend.create_snapshots
+
+    def held(self: Qcow2Backend, items: list[tuple[str, str]]) -> None:
+        release.wait(30)
+        original(self, items)
+        events.append("step ended")
+
+    monkeypatch.setattr(Qcow2Backend, "create_snapshots", held)
+    ctx.closers.append(lambda: events.append("storage closed"))
+    try:
+        snapshots.create_snapshot_group(ctx, ACCOUNT, REGION, instance_id)
+        closing = threading.Thread(target=ctx.close)
+        closing.start()
+        closing.join(0.5)
+        assert closing.is_alive() and events == []  # waiting for the step
+        release.set()
+        closing.join(30)
+        assert not closing.is_alive() and events == ["step ended", "storage closed"]
+    finally:
+        release.set()
+        ctx.close()

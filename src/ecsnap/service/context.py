@@ -13,7 +13,7 @@ from ecsnap.adapters.storage.base import ImageImport, StorageBackend
 from ecsnap.adapters.store.base import UnitOfWork
 from ecsnap.config import Settings
 from ecsnap.domain import errors
-from ecsnap.domain.model import Disk, Image, Instance, Region, Snapshot, SnapshotGroup
+from ecsnap.domain.model import AccessKey, Disk, Image, Instance, Region, Snapshot, SnapshotGroup
 
 if TYPE_CHECKING:
     from ecsnap.service.tasks import TaskRunner
@@ -33,7 +33,22 @@ class ServiceContext:
     runner: TaskRunner = field(init=False)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    # service.accounts.signing_key: usable AccessKeys (plain secrets) and when they were read
+    signing_keys: dict[str, tuple[AccessKey, float]] = field(default_factory=dict,
+                                                            init=False, repr=False)
     _pools: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    # close(): what was opened for this context (a Ceph pool's cluster connection)
+    closers: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
+
+    def close(self) -> None:
+        """The end of this context (a server or agent stopping, a test's end): running
+        tasks finish their steps first (the runner's threads are waited for), then what was
+        opened for it closes: a storage connection is never shut under a running step."""
+        runner = self.__dict__.get("runner")
+        if runner is not None:
+            runner.shutdown()
+        while self.closers:
+            self.closers.pop()()
 
     def storage(self, uow: UnitOfWork, region_id: str) -> StorageBackend:
         """The storage backend of a region's pool (a region's pool never changes, so it is

@@ -359,7 +359,7 @@ def serve(data_dir: DataDir = None,
                     log_level="warning", access_log=False, http="auto", loop="auto")
     finally:
         scheduler.stop()  # after its tick under way: what it took is journaled
-        ctx.runner.shutdown()  # running tasks finish their steps (all are journaled anyway)
+        ctx.close()  # running tasks finish their steps (all are journaled anyway)
         err.print("ecsnap stopped", highlight=False)
 
 
@@ -415,7 +415,7 @@ def agent(host_id: Annotated[str, typer.Option("--host-id", help="This host's ID
     try:
         node.run()
     finally:
-        node.ctx.runner.shutdown()
+        node.ctx.close()
         err.print(f"ecsnap agent {host_id} stopped", highlight=False)
 
 
