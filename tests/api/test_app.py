@@ -80,7 +80,9 @@ def test_regions_zones_and_envelope(alice: Caller) -> None:
 def test_seed_story_through_the_api(alice: Caller, image: Image) -> None:
     instance_id = run_instance(alice, image)
     status, body = alice("DescribeInstances", InstanceIds=json.dumps([instance_id]))
-    assert body["Instances"]["Instance"][0]["Status"] == "Running"
+    [shown] = body["Instances"]["Instance"]
+    assert (shown["Status"], shown["OSName"], shown["ImageId"]) == ("Running", "Tiny Linux",
+                                                                   image.id)
     status, body = alice("CreateSnapshotGroup", InstanceId=instance_id, Name="before")
     assert status == 200, body
     group_id = body["SnapshotGroupId"]
@@ -88,6 +90,9 @@ def test_seed_story_through_the_api(alice: Caller, image: Image) -> None:
     [group] = body["SnapshotGroups"]["SnapshotGroup"]
     assert group["Status"] == "accomplished" and len(group["Snapshots"]["Snapshot"]) == 3
     members = group["Snapshots"]["Snapshot"]
+    assert [m["SourceDiskType"] for m in members] == ["system", "data", "data"]
+    assert (group["ConsistencyLevel"], group["Purpose"], group["ProgressStatus"]) == (
+        "FileSystemConsistent", "user", "100%"), group
     disks = {f"Disk__{n}__DiskId": s["SourceDiskId"] for n, s in enumerate(members[:2], 1)}
     snaps = {f"Disk__{n}__SnapshotId": s["SnapshotId"] for n, s in enumerate(members[:2], 1)}
     status, body = alice("ResetDisks", **disks, **snaps)
@@ -189,6 +194,32 @@ def test_a_replayed_request_is_refused_even_after_a_restart(ctx: ServiceContext,
     response = client.post("/", params=tampered)
     assert response.json()["Code"] == "SignatureDoesNotMatch" and ":" in response.json()[
         "Message"]
+
+
+def test_a_key_disabled_after_its_last_request_is_refused_at_its_next(
+        ctx: ServiceContext, client: TestClient) -> None:
+    """The API keeps the keys it checked signatures with (accounts.signing_key): a key
+    disabled, deleted, or whose account is disabled since (by this process or another;
+    neither tells the cache) is refused at its very next request, with its own code."""
+    done = setup.initialise(ctx, REGION)
+    key_id = done.access_key.id
+    call = caller(client, key_id, done.access_key.secret)
+
+    def answer() -> tuple[int, str]:
+        status, body = call("DescribeRegions")
+        return status, body.get("Code", "")
+
+    assert answer() == (200, "") and key_id in ctx.signing_keys  # now used from the cache
+    accounts.disable_access_key(ctx, key_id)
+    assert answer() == (403, "Forbidden.AccessKeyDisabled")
+    accounts.enable_access_key(ctx, key_id)
+    assert answer() == (200, "")
+    accounts.disable_account(ctx, done.account.name)
+    assert answer() == (403, "Forbidden.AccessKeyDisabled")
+    accounts.enable_account(ctx, done.account.name)
+    assert answer() == (200, "") and key_id in ctx.signing_keys
+    accounts.delete_access_key(ctx, key_id)
+    assert answer() == (400, "InvalidAccessKeyId.NotFound")
 
 
 def test_describe_threads_follow_the_database_and_the_cluster(ctx: ServiceContext) -> None:

@@ -265,3 +265,27 @@ def test_control_characters_are_refused_with_the_fields_code(
     status, body = alice("CreateSnapshotGroup", InstanceId=instance_id, **params)
     assert status == 400 and body["Code"] == code, body
     assert alice("DescribeSnapshotGroups")[1]["SnapshotGroups"]["SnapshotGroup"] == []
+
+
+def test_the_api_answers_get_and_post_only_and_nothing_to_a_client_that_left(
+        ctx: ServiceContext) -> None:
+    """Another method at `/` is 405 with Allow, before anything is read; a client that
+    hangs up while its body streams in is sent nothing (and nothing runs)."""
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    async def left() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "scheme": "http", "path": "/", "raw_path": b"/", "root_path": "",
+            "query_string": b"Action=DescribeRegions", "headers": [(b"host", b"127.0.0.1")],
+            "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080)}
+    app = create_app(ctx)
+    asyncio.run(app({**base, "method": "PUT"}, left, send))
+    assert sent[0]["status"] == 405 and (b"allow", b"GET, HEAD, POST") in sent[0]["headers"]
+    sent.clear()
+    asyncio.run(app({**base, "method": "POST"}, left, send))
+    assert sent == []

@@ -454,15 +454,39 @@ class InMemoryUnitOfWork:
                 if entry is not None and entry.obj.lock_task_id == task_id:
                     self._told(table, obj_id, None)
 
-    def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
-        self._writable("remember_nonce")
+    def spend_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
+        """sql.py's one statement: the nonce is stored only while the key and its account
+        are enabled; in a read-only unit of work it commits at once (under the write lock,
+        as SQLite's takes it), in a writing one with the rest."""
+        self._require_entered()
+        if self.readonly:
+            self.store._acquire(self)
+            try:
+                nonces = dict(self.store._nonces)
+                stored = self._spend(self.store._state, nonces, key_id, nonce, expires, now)
+                self.store._nonces = nonces
+                return stored
+            finally:
+                self.store._release()
         self._begin()
+        self._flush()
         if self._tx_nonces is None:
             self._tx_nonces = dict(self.store._nonces)
-        seen = self._tx_nonces.get((key_id, nonce))
+        assert self._tx is not None
+        return self._spend({**self.store._state, **self._tx}, self._tx_nonces, key_id, nonce,
+                           expires, now)
+
+    @staticmethod
+    def _spend(state: dict[str, dict[Key, Row]], nonces: dict[tuple[str, str], datetime],
+               key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
+        key = state["access_keys"].get(key_id)
+        account = state["accounts"].get(key.account_id) if key is not None else None
+        if key is None or account is None or not (key.enabled and account.enabled):
+            return False
+        seen = nonces.get((key_id, nonce))
         if seen is not None and not seen < now:
             return False
-        self._tx_nonces[(key_id, nonce)] = expires
+        nonces[(key_id, nonce)] = expires
         return True
 
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,

@@ -24,6 +24,7 @@ from ecsnap.domain.model import (
     utcnow,
 )
 from tests.fakes.store import InMemoryStore, WriterBusy
+from tests.store.contract import check_nonces
 
 Factory = Callable[..., UnitOfWork]
 
@@ -127,15 +128,13 @@ def test_a_stale_object_does_not_overwrite_what_others_committed(uow_factory: Fa
 
 def test_read_only_units_of_work_refuse_writes(uow_factory: Factory) -> None:
     add(uow_factory, make_instance(1))
-    now = utcnow()
     with uow_factory(readonly=True) as reader:
         found = reader.instances.load("i-0001")
         found.name = "never saved"
         for write in (lambda: reader.instances.add(make_instance(2)),
                       lambda: reader.instances.delete(found),
                       lambda: reader.try_lock("instance", ["i-0001"], "t-1"),
-                      lambda: reader.unlock("instance", ["i-0001"], "t-1"),
-                      lambda: reader.remember_nonce("k", "n", now, now)):
+                      lambda: reader.unlock("instance", ["i-0001"], "t-1")):
             with pytest.raises(sql.ReadOnlyError):
                 write()
         reader.commit()
@@ -191,19 +190,7 @@ def test_locks_are_exclusive_across_threads(uow_factory: Factory) -> None:
 
 
 def test_nonces(uow_factory: Factory) -> None:
-    now = utcnow()
-    later = now + timedelta(minutes=16)
-    with uow_factory() as uow:
-        assert uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        assert not uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        assert uow.remember_nonce("k2", "n1", now + timedelta(minutes=15), now)
-    with uow_factory() as uow:  # not committed: forgotten
-        assert uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        uow.commit()
-    with uow_factory() as uow:
-        assert not uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        assert uow.remember_nonce("k", "n1", later + timedelta(minutes=15), later)
-        uow.commit()
+    check_nonces(uow_factory)
 
 
 def test_idempotency_records_are_keyed(uow_factory: Factory) -> None:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import StatementError
 
 from ecsnap.adapters.store import sql
 from ecsnap.adapters.store.base import Criteria
 from ecsnap.domain.model import (
+    AccessKey,
+    Account,
     Disk,
     DiskStatus,
     Instance,
@@ -21,6 +24,7 @@ from ecsnap.domain.model import (
     Task,
     utcnow,
 )
+from tests.store.contract import check_nonces
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -169,18 +173,8 @@ def test_criteria_and_keyset_pages(uow_factory) -> None:  # type: ignore[no-unty
         assert wild == 0  # '_' is a literal, not a SQL wildcard
 
 
-def test_nonces_are_remembered_until_they_expire(uow_factory) -> None:  # type: ignore[no-untyped-def]
-    now = utcnow()
-    with uow_factory() as uow:
-        assert uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        assert not uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        assert uow.remember_nonce("k2", "n1", now + timedelta(minutes=15), now)
-        uow.commit()
-    with uow_factory() as uow:
-        assert not uow.remember_nonce("k", "n1", now + timedelta(minutes=15), now)
-        later = now + timedelta(minutes=16)
-        assert uow.remember_nonce("k", "n1", later + timedelta(minutes=15), later)
-        uow.commit()
+def test_nonces_are_spent_while_their_key_is_usable(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    check_nonces(uow_factory)
 
 
 def test_read_only_units_of_work_read_the_same_objects(uow_factory) -> None:  # type: ignore[no-untyped-def]
@@ -216,6 +210,32 @@ def test_read_only_units_of_work_read_the_same_objects(uow_factory) -> None:  # 
         assert uow.instances.count() == 5
 
 
+def test_enums_are_stored_by_value_and_only_their_members(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    """An enum column holds its member's value as a plain string, and reads back as the
+    member; a string that is no member's is refused on the way in, and one found in a row
+    (written by something else) on the way out."""
+    with uow_factory() as uow:
+        uow.instances.add(make_instance(1, status=InstanceStatus.RUNNING))
+        uow.commit()
+    with uow_factory() as uow:
+        raw = uow.session.execute(text("SELECT status FROM instances")).scalar()
+        assert type(raw) is str and raw == "Running"
+        uow.session.execute(text("UPDATE instances SET status = 'Stopped'"))
+        uow.commit()
+    for readonly in (True, False):
+        with uow_factory(readonly=readonly) as uow:
+            assert uow.instances.load("i-0001").status is InstanceStatus.STOPPED
+    with uow_factory() as uow, pytest.raises(StatementError, match="Sleeping"):
+        uow.instances.add(make_instance(2, status="Sleeping"))
+        uow.commit()
+    with uow_factory() as uow:
+        uow.session.execute(text("UPDATE instances SET status = 'Sleeping'"))
+        uow.commit()
+    for readonly in (True, False):
+        with uow_factory(readonly=readonly) as uow, pytest.raises(KeyError, match="Sleeping"):
+            uow.instances.load("i-0001")
+
+
 def test_rows_give_only_the_columns_asked_for(uow_factory) -> None:  # type: ignore[no-untyped-def]
     start = utcnow()
     with uow_factory() as uow:
@@ -236,7 +256,8 @@ def test_rows_give_only_the_columns_asked_for(uow_factory) -> None:  # type: ign
 def test_a_nonce_commit_skips_the_fsync_and_nothing_else_does(
         request: pytest.FixtureRequest) -> None:
     """PostgreSQL: the nonce's transaction commits with synchronous_commit off, set by its
-    own INSERT; the next transaction on that connection is durable again."""
+    own INSERT (seen here in a writing unit of work; in a read-only one the INSERT is its
+    own transaction); the next transaction on that connection is durable again."""
     engine = sql.make_engine(request.getfixturevalue("postgres").fresh_database())
     sql.migrate(engine)
     factory = sql.session_factory(engine)
@@ -246,7 +267,11 @@ def test_a_nonce_commit_skips_the_fsync_and_nothing_else_does(
 
     now = utcnow()
     with uow_factory() as uow:
-        assert uow.remember_nonce("k", "n-sync", now + timedelta(minutes=15), now)
+        uow.accounts.add(Account(id="acc", name="acc"))
+        uow.access_keys.add(AccessKey(id="k", secret="sealed", account_id="acc"))
+        uow.commit()
+    with uow_factory() as uow:
+        assert uow.spend_nonce("k", "n-sync", now + timedelta(minutes=15), now)
         assert uow.session.execute(text("SHOW synchronous_commit")).scalar() == "off"
         uow.commit()
     with uow_factory() as uow:  # the same pooled connection: its next transaction is durable

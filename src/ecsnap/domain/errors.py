@@ -76,6 +76,14 @@ def not_found(kind: str, resource_id: str) -> EcsError:
     return EcsError(code, f"{message} ({resource_id})", status)
 
 
+def access_key_not_found() -> EcsError:
+    return EcsError("InvalidAccessKeyId.NotFound", "Specified access key is not found.", 400)
+
+
+def access_key_disabled() -> EcsError:
+    return EcsError("Forbidden.AccessKeyDisabled", "The Access Key is disabled.", 403)
+
+
 def operation_conflict(resource_id: str, task_id: str | None) -> EcsError:
     by = f" by task {task_id}" if task_id else ""
     return EcsError("Operation.Conflict",

@@ -3,7 +3,8 @@
 AccessKey secrets are stored encrypted (AES-256-GCM, the key ID as associated data) with a
 key kept outside the database, in `DATA_DIR/secret.key` (0600, created on first use, i.e.
 at `ecsnap init`): a copy of the database alone hands out no secret, and the signature
-checks (HMAC-SHA256 and HMAC-SHA1 both need the plain secret) decrypt it per lookup.
+checks (HMAC-SHA256 and HMAC-SHA1 both need the plain secret) decrypt it per lookup, and
+an API process keeps the usable keys it decrypted for a minute (`signing_key`).
 Rows written before (plain text) are encrypted at start-up (`seal_stored_secrets`).
 
 Console passwords are scrypt hashes and must follow `check_password_policy`.
@@ -19,6 +20,7 @@ import logging
 import os
 import secrets
 import string
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ecsnap.adapters.store.base import UnitOfWork
-from ecsnap.domain import ids
+from ecsnap.domain import errors, ids
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import QUOTA_KINDS, AccessKey, Account
 from ecsnap.service import quotas
@@ -38,6 +40,8 @@ log = logging.getLogger("ecsnap.service.accounts")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 PASSWORD_MIN_LENGTH = 12
+SIGNING_KEY_TTL_S = 60.0  # signing_key: how long a usable key is used from the cache
+SIGNING_KEYS_CACHED = 10_000  # ... and how many (the cache starts afresh past that)
 PASSWORD_MAX_LENGTH = 1024  # scrypt takes any length; a bound keeps a log-on cheap
 
 SECRET_KEY_FILE = "secret.key"
@@ -359,14 +363,41 @@ def authenticate_access_key(ctx: ServiceContext, key_id: str, secret: str) -> Ac
         return uow.accounts.get(key.account_id)
 
 
-def remember_nonce(ctx: ServiceContext, key_id: str, nonce: str, expires: datetime,
-                   now: datetime) -> bool:
-    """False if the nonce was used within its window (kept in the database, so a restart
-    does not forget it)."""
-    with ctx.uow() as uow:
-        fresh = uow.remember_nonce(key_id, nonce, expires, now)
-        uow.commit()
-        return fresh
+def signing_key(ctx: ServiceContext, key_id: str) -> AccessKey | None:
+    """`find_access_key` for an API request's signature check, from this process's cache
+    of usable keys when it is there (SIGNING_KEY_TTL_S at most): a request then reads no
+    key from the database, and decrypts no secret. A key disabled or deleted since is not
+    missed: the request's `spend_nonce` stores its nonce only while the key and its
+    account are enabled, and refuses it otherwise. Keys that are not usable are not
+    cached (the database says so again on every request)."""
+    now = time.monotonic()
+    cached = ctx.signing_keys.get(key_id)
+    if cached is not None and now - cached[1] < SIGNING_KEY_TTL_S:
+        return cached[0]
+    key = find_access_key(ctx, key_id)
+    if key is not None and key.enabled:
+        if len(ctx.signing_keys) >= SIGNING_KEYS_CACHED:
+            ctx.signing_keys.clear()
+        ctx.signing_keys[key_id] = (key, now)
+    return key
+
+
+def spend_nonce(ctx: ServiceContext, key_id: str, nonce: str, expires: datetime,
+                now: datetime) -> bool:
+    """Store an API request's signature nonce (in the database, so a restart does not
+    forget it) while its AccessKey and account are enabled. False if the nonce was used
+    within its window; InvalidAccessKeyId.NotFound or Forbidden.AccessKeyDisabled if the
+    key is no longer usable (the signature was checked with a cached one)."""
+    with ctx.uow(readonly=True) as uow:
+        if uow.spend_nonce(key_id, nonce, expires, now):
+            return True
+    ctx.signing_keys.pop(key_id, None)
+    key = find_access_key(ctx, key_id)
+    if key is None:
+        raise errors.access_key_not_found()
+    if not key.enabled:
+        raise errors.access_key_disabled()
+    return False
 
 
 # ------------------------------------------------------------------ quotas

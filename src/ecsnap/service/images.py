@@ -268,11 +268,6 @@ def _has_qcow2_magic(path: Path) -> bool:
         return fh.read(4) == QCOW2_MAGIC
 
 
-def images_by_id(ctx: ServiceContext, image_ids: set[str]) -> dict[str, Image]:
-    with ctx.uow(readonly=True) as uow:
-        return {i.id: i for i in uow.images.find(Criteria(within={"id": sorted(image_ids)}))}
-
-
 # ------------------------------------------------------------------ custom images
 
 

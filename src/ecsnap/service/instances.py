@@ -13,6 +13,7 @@ from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import (
     Disk,
     DiskType,
+    Image,
     Instance,
     InstanceStatus,
     StoppedMode,
@@ -539,7 +540,11 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
                        image_id: str | None = None, instance_type: str | None = None,
                        tags: dict[str, str] | None = None, page_number: int | None = None,
                        page_size: int | None = None, next_token: str | None = None,
-                       max_results: int | None = None) -> Page[Instance]:
+                       max_results: int | None = None,
+                       images: dict[str, Image] | None = None) -> Page[Instance]:
+    """A page of the account's instances. `images`, when given, is filled with the images
+    of the page's instances (DescribeInstances shows each one's OS), read in the same unit
+    of work."""
     if status and status not in {s.value for s in InstanceStatus}:
         raise EcsError("InvalidStatus.NotFound", f"The status \"{status}\" is not valid.", 404)
     criteria = Criteria(equals={"account_id": account_id, "region_id": region_id}, tags=tags or {})
@@ -553,8 +558,12 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
         criteria.wildcard["name"] = name
     with ctx.uow(readonly=True) as uow:
         ctx.check_region(uow, region_id)
-        return paginate(uow.instances, criteria, page_number=page_number, page_size=page_size,
+        page = paginate(uow.instances, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
+        if images is not None and page.items:
+            wanted = sorted({i.image_id for i in page.items})
+            images.update((m.id, m) for m in uow.images.find(Criteria(within={"id": wanted})))
+        return page
 
 
 def wait_task(ctx: ServiceContext, task_id: str, timeout: float | None = None) -> Task:

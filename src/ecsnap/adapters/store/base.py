@@ -158,8 +158,11 @@ class UnitOfWork(Protocol):
         """Clear the locks that `task_id` holds among these."""
         ...
 
-    def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
-        """Store a signature nonce; False if it was seen and has not expired."""
+    def spend_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
+        """Store a signature nonce of AccessKey `key_id` until `expires`, if that key and
+        its account exist and are enabled; False if it was not stored (the nonce was seen
+        and has not expired, or the key is not usable). One statement, committed by
+        itself: the one write a read-only unit of work makes (an API request's first)."""
         ...
 
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,

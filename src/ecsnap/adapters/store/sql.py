@@ -33,9 +33,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import (
-    Enum as SqlEnum,
-)
-from sqlalchemy import (
     cast as sql_cast,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -55,7 +52,6 @@ T = TypeVar("T")
 TAG_FILTER_CAP = 1000  # ECS caps tag-filtered listings at 1,000 results
 NONCE_PURGE_SECONDS = 60.0
 _last_purge = 0.0
-RELAXED_DURABILITY = "ecsnap_relaxed_durability"  # execution option, see make_engine
 
 
 def make_engine(url: str, *, idle_in_transaction_s: float = 0) -> Engine:
@@ -67,7 +63,7 @@ def make_engine(url: str, *, idle_in_transaction_s: float = 0) -> Engine:
     Durability: a committed write survives an operating-system crash (SQLite
     `synchronous=FULL`, PostgreSQL's default), because the task journal must be on disk
     before the disk operations it records are. The one exception is a unit of work that
-    stores a signature nonce (`remember_nonce`): it survives a crash of ecsnap (kill -9)
+    stores a signature nonce (`spend_nonce`): it survives a crash of ecsnap (kill -9)
     but not of the operating system, which saves an fsync on every API request.
     """
     if url.startswith("sqlite"):
@@ -89,17 +85,18 @@ def make_engine(url: str, *, idle_in_transaction_s: float = 0) -> Engine:
             # IMMEDIATE takes the write lock up front, so a read-then-write transaction
             # never fails half-way with SQLITE_BUSY when another writer got in between;
             # read-only units of work take no lock and run beside the writer (WAL).
-            options = conn.get_execution_options()
-            if options.get("ecsnap_readonly"):
-                conn.exec_driver_sql("BEGIN")
-                return
+            readonly = conn.get_execution_options().get("ecsnap_readonly")
             # in WAL mode NORMAL syncs at checkpoints only: a commit survives a crash of
-            # the process, not of the OS; the level cannot change inside a transaction
-            level = "NORMAL" if options.get(RELAXED_DURABILITY) else "FULL"
+            # the process, not of the OS; the level cannot change inside a transaction. A
+            # read-only unit of work writes nothing but a signature nonce (spend_nonce).
+            level = "NORMAL" if readonly else "FULL"
             info = conn.connection.info
             if info.get("synchronous") != level:
                 conn.exec_driver_sql(f"PRAGMA synchronous={level}")
                 info["synchronous"] = level
+            if readonly:
+                conn.exec_driver_sql("BEGIN")
+                return
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
@@ -448,7 +445,7 @@ _STATEMENTS: dict[tuple[Any, ...], Any] = {}
 
 def _plain_string(column: Any) -> bool:
     """A text column whose values go to the database as they are (an enum's do not)."""
-    return isinstance(column.type, String) and not isinstance(column.type, SqlEnum)
+    return isinstance(column.type, String)  # (an enum's StrEnumColumn is not one)
 
 
 def _has_tags(obj: Any, wanted: dict[str, str]) -> bool:
@@ -584,25 +581,27 @@ class SqlUnitOfWork:
             if obj is not None and obj.lock_task_id == task_id:
                 set_committed_value(obj, "lock_task_id", None)
 
-    def remember_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
-        """One statement: insert the nonce, or take over an expired row of it; False when
-        an unexpired one is there. Called first in its unit of work, it makes that unit's
-        commit skip the fsync (see make_engine): a nonce lost to an OS crash only reopens
-        the replay of a request signed within the last moment before the crash, and the
-        timestamp window still closes that after 15 minutes."""
+    def spend_nonce(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
+        """One statement (the base's docstring): insert the nonce, or take over an expired
+        row of it, where the key and its account are enabled. In a read-only unit of work
+        it commits at once: on PostgreSQL outside any transaction (no BEGIN, no COMMIT: one
+        round trip), on SQLite by ending the read transaction it opened. That commit skips
+        the fsync (see make_engine): a nonce lost to an OS crash only reopens the replay of
+        a request signed within the last moment before the crash, and the timestamp window
+        still closes that after 15 minutes."""
         global _last_purge
-        if self.session.get_transaction() is None:
-            self.session.connection(execution_options={RELAXED_DURABILITY: True})
-        conn = self.session.connection()
+        conn = self.connection if self.connection is not None else self.session.connection()
         if time.monotonic() - _last_purge > NONCE_PURGE_SECONDS:  # not on every request
             conn.execute(delete(orm.nonces).where(orm.nonces.c.expires < now))
             _last_purge = time.monotonic()
         # on PostgreSQL the statement itself sets synchronous_commit off for its
         # transaction (set_config(..., true) is SET LOCAL): no round trip of its own
-        result = conn.execute(_REMEMBER_NONCE_PG if conn.dialect.name == "postgresql"
-                              else _REMEMBER_NONCE,
+        result = conn.execute(_SPEND_NONCE_PG if conn.dialect.name == "postgresql"
+                              else _SPEND_NONCE,
                               {"key_id": key_id, "nonce": nonce, "expires": expires,
                                "now": now})
+        if self.connection is not None:
+            self.connection.commit()
         return bool(result.rowcount == 1)
 
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
@@ -740,19 +739,20 @@ _PG_CLOCK = text("SELECT timezone('UTC', clock_timestamp())")
 
 # The same SQL on SQLite (3.24+) and PostgreSQL; a text() statement so that it is compiled
 # once (an ORM-dialect insert with ON CONFLICT is compiled on every execution).
-_REMEMBER_NONCE = text(
-    "INSERT INTO nonces (key_id, nonce, expires) VALUES (:key_id, :nonce, :expires) "
-    "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
-    "WHERE nonces.expires < :now",
-).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
+# the key's own row, and only while it and its account are enabled: a key disabled after
+# an API process cached it is refused at its next request (service.accounts.signing_key)
+_USABLE_KEY = ("FROM access_keys AS k JOIN accounts AS a ON a.id = k.account_id{relaxed} "
+               "WHERE k.id = :key_id AND k.enabled AND a.enabled ")
+_SPEND_NONCE_SQL = (
+    "INSERT INTO nonces (key_id, nonce, expires) SELECT k.id, :nonce, :expires "
+    + _USABLE_KEY + "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
+    "WHERE nonces.expires < :now")
+_SPEND_NONCE = text(_SPEND_NONCE_SQL.format(relaxed="")).bindparams(
+    bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
     .execution_options(preserve_rowcount=True)
-
-_REMEMBER_NONCE_PG = text(
-    "INSERT INTO nonces (key_id, nonce, expires) SELECT :key_id, :nonce, :expires "
-    "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed "
-    "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
-    "WHERE nonces.expires < :now",
-).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
+_SPEND_NONCE_PG = text(_SPEND_NONCE_SQL.format(
+    relaxed=" CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed"
+)).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
     .execution_options(preserve_rowcount=True)
 
 _ADVANCE_POLICY_RUN = text(

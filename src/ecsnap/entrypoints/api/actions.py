@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ecsnap.domain.errors import EcsError, dry_run_passed
+from ecsnap.domain.model import Image
 from ecsnap.entrypoints.api import views
 from ecsnap.entrypoints.api.params import Params, pattern
 from ecsnap.service import (
@@ -435,13 +436,14 @@ def create_instance(c: Call) -> dict[str, Any]:
 def describe_instances(c: Call) -> dict[str, Any]:
     if _dry_run(c.p):
         raise dry_run_passed()
+    by_id: dict[str, Image] = {}
     page = instances.describe_instances(
         c.ctx, c.account_id, c.region,
         instance_ids=[] if c.none_match() else c.p.json_list("InstanceIds"),
         status=c.p.str("Status") or None, zone_id=c.p.str("ZoneId") or None,
         name=c.p.str("InstanceName") or None, image_id=c.p.str("ImageId") or None,
-        instance_type=c.p.str("InstanceType") or None, tags=c.p.tags(), **_page_args(c.p))
-    by_id = images.images_by_id(c.ctx, {i.image_id for i in page.items})
+        instance_type=c.p.str("InstanceType") or None, tags=c.p.tags(), images=by_id,
+        **_page_args(c.p))
     return {"Instances": {"Instance": [views.instance(i, by_id.get(i.image_id))
                                        for i in page.items]},
             **views.page_fields(page, True)}

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol
 
+from ecsnap.domain import errors
 from ecsnap.domain.errors import EcsError, invalid_parameter, missing_parameter
 
 SCHEME_ACS3: Final = "ACS3-HMAC-SHA256"
@@ -80,14 +81,13 @@ class SignedRequest:
         object.__setattr__(self, "body", bytes(body))
 
     @classmethod
-    def from_asgi(cls, scope: Mapping[str, Any], body: bytes = b"") -> SignedRequest:
+    def from_asgi(cls, scope: Mapping[str, Any], body: bytes = b"",
+                  headers: Mapping[str, str] | None = None) -> SignedRequest:
         """Build the view from an ASGI HTTP scope (``request.scope`` in Starlette) and the
-        body bytes, keeping the raw ``Host`` header and the raw path."""
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope.get("headers") or ():
-            name = bytes(raw_name).decode("latin-1").lower()
-            value = bytes(raw_value).decode("latin-1")
-            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        body bytes, keeping the raw ``Host`` header and the raw path (`headers`: the
+        scope's, already decoded by `asgi_headers`)."""
+        if headers is None:
+            headers = asgi_headers(scope)
         raw_path = scope.get("raw_path")
         path = bytes(raw_path).decode("latin-1") if raw_path else str(scope.get("path") or "/")
         return cls(str(scope.get("method") or "GET"), path,
@@ -104,6 +104,16 @@ def parse_query(raw: str | bytes) -> Pairs:
     values and wire order. Never raises on malformed input."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes | bytearray) else raw
     return urllib.parse.parse_qsl(text, keep_blank_values=True)
+
+
+def asgi_headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    """An ASGI scope's headers by lower-case name (repeated ones joined with commas)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers") or ():
+        name = bytes(raw_name).decode("latin-1").lower()
+        value = bytes(raw_value).decode("latin-1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return headers
 
 
 def form_pairs(headers: Mapping[str, str], body: bytes) -> Pairs:
@@ -239,10 +249,11 @@ class NonceStore(Protocol):
     ``remember`` returns False when ``(key_id, nonce)`` was already stored and has not
     expired yet, else stores it until ``expires`` and returns True. Times are naive UTC
     (``ecsnap.domain.model.utcnow`` style); ``now`` lets a store purge expired rows with
-    the same clock the verifier used. The database's ``remember_nonce(key_id, nonce,
-    expires, now)`` already has this shape. A store that cannot record the nonce raises
-    (an ``EcsError``, ServiceUnavailable for a full disk): the request is then refused,
-    never verified without its nonce recorded.
+    the same clock the verifier used. A store that cannot record the nonce raises (an
+    ``EcsError``, ServiceUnavailable for a full disk): the request is then refused, never
+    verified without its nonce recorded. The database's store stores a nonce only while
+    its key and account are enabled, and raises the key's error when they no longer are
+    (the key lookup may be a cache: that is when a disabled key is refused).
     """
 
     def remember(self, key_id: str, nonce: str, expires: datetime, now: datetime) -> bool:
@@ -291,14 +302,6 @@ def signature_mismatch(string_to_sign: str, reason: str = "") -> EcsError:
     Neither scheme's string-to-sign contains a colon."""
     prefix = f"{reason} " if reason else ""
     return EcsError("SignatureDoesNotMatch", f"{prefix}{_MISMATCH}{string_to_sign}", 400)
-
-
-def _key_not_found() -> EcsError:
-    return EcsError("InvalidAccessKeyId.NotFound", "Specified access key is not found.", 400)
-
-
-def _key_disabled() -> EcsError:
-    return EcsError("Forbidden.AccessKeyDisabled", "The Access Key is disabled.", 403)
 
 
 def _illegal_timestamp(name: str, why: str) -> EcsError:
@@ -414,9 +417,9 @@ def _check_nonce_format(name: str, nonce: str) -> str:
 def _usable_key(lookup: KeyLookup, key_id: str) -> AccessKeyRecord:
     key = lookup(key_id)
     if key is None:
-        raise _key_not_found()
+        raise errors.access_key_not_found()
     if not key.enabled:
-        raise _key_disabled()
+        raise errors.access_key_disabled()
     return key
 
 

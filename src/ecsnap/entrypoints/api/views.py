@@ -163,17 +163,19 @@ def auto_snapshot_policy(p: AutoSnapshotPolicy, disk_nums: int) -> dict[str, Any
 
 
 def snapshot_group(v: GroupView) -> dict[str, Any]:
+    # the enums as they are (StrEnum members: rendered as their values; `.value` is a
+    # property call each, and a page of 100 groups has 600 of them)
     g = v.group
     return {
         "SnapshotGroupId": g.id, "Name": g.name, "Description": g.description,
         "InstanceId": g.instance_id, "CreationTime": iso(g.created),
-        "Status": g.status.value, "ProgressStatus": f"{v.progress}%",
-        "ConsistencyLevel": g.consistency.value,
+        "Status": g.status, "ProgressStatus": f"{v.progress}%",
+        "ConsistencyLevel": g.consistency,
         "FreezeWindowMs": g.window_ms if g.window_ms is not None else -1,
-        "Purpose": g.purpose.value, "Tags": tags(g.tags),
+        "Purpose": g.purpose, "Tags": tags(g.tags),
         "Snapshots": {"Snapshot": [{
             "SnapshotId": s.id, "SourceDiskId": s.source_disk_id,
-            "SourceDiskType": s.source_disk_type.value, "Progress": f"{s.progress}%",
+            "SourceDiskType": s.source_disk_type, "Progress": f"{s.progress}%",
             "InstantAccess": False, "InstantAccessRetentionDays": 0,
         } for s in v.snapshots]},
     }
