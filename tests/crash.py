@@ -78,14 +78,10 @@ class Lab:
         return cls(data_dir, ctx, compute)
 
     def close(self) -> None:
-        """The database engine and the Ceph connections (a parent forks its children
-        holding none)."""
-        with self.ctx.uow(readonly=True) as uow:
-            pools = [r.storage_pool for r in uow.regions.find()]
-        for pool in pools:
-            close = getattr(self.ctx.storage_for(pool), "close", None)
-            if close is not None:
-                close()
+        """The context (its runner's threads first: a follow-up task a recovery submitted
+        may still run on a Ceph pool, and librados aborts the process when its connection
+        is shut under an operation; then the pools' connections) and the database engine."""
+        self.ctx.close()
         self.ctx.extras["engine"].dispose()
 
     @property
