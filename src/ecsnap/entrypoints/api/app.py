@@ -282,7 +282,8 @@ class Api:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The API at `/`, as a plain ASGI application: a Describe page's request is
         answered without a framework's request and response objects, routing and
-        middleware (a tenth of its CPU time in benchmark 8)."""
+        middleware (Starlette's layers held the GIL in a sixth of the samples of a profiled
+        DescribeInstances load, benchmark 8's)."""
         started = time.monotonic()
         request_id = new_request_id()
         if scope["method"] not in ("GET", "HEAD", "POST"):

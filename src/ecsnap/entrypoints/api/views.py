@@ -78,12 +78,13 @@ def zone(z: Zone, instance_types: list[str]) -> dict[str, Any]:
 
 
 def instance(i: Instance, image: Image | None) -> dict[str, Any]:
-    stopped_mode = i.stopped_mode.value if i.status == InstanceStatus.STOPPED else \
-        StoppedMode.KEEP_CHARGING.value
+    # enums as they are: StrEnum members, rendered as their values (see snapshot_group)
+    stopped_mode = i.stopped_mode if i.status == InstanceStatus.STOPPED else \
+        StoppedMode.KEEP_CHARGING
     return {
         "InstanceId": i.id, "InstanceName": i.name, "Description": i.description,
         "HostName": i.host_name or i.id, "RegionId": i.region_id, "ZoneId": i.zone_id,
-        "Status": i.status.value, "StoppedMode": stopped_mode,
+        "Status": i.status, "StoppedMode": stopped_mode,
         "OperationLocks": {"LockReason": []},
         "InstanceType": i.instance_type,
         "InstanceTypeFamily": ".".join(i.instance_type.split(".")[:2]),
@@ -110,8 +111,8 @@ def disk(d: Disk) -> dict[str, Any]:
     attached = bool(d.instance_id)
     return {
         "DiskId": d.id, "DiskName": d.name, "Description": d.description,
-        "RegionId": d.region_id, "ZoneId": d.zone_id, "Type": d.type.value,
-        "Category": d.category, "Size": d.size_gib, "Status": d.status.value,
+        "RegionId": d.region_id, "ZoneId": d.zone_id, "Type": d.type,
+        "Category": d.category, "Size": d.size_gib, "Status": d.status,
         "InstanceId": d.instance_id or "", "Device": d.device if attached else "",
         "AttachedTime": iso(d.attached_time), "DetachedTime": iso(d.detached_time),
         "CreationTime": iso(d.created), "ExpiredTime": "", "Portable": d.portable,
@@ -135,9 +136,9 @@ def disk(d: Disk) -> dict[str, Any]:
 def snapshot(s: Snapshot, usage: str = "none") -> dict[str, Any]:
     return {
         "SnapshotId": s.id, "SnapshotName": s.name, "Description": s.description,
-        "SourceDiskId": s.source_disk_id, "SourceDiskType": s.source_disk_type.value,
+        "SourceDiskId": s.source_disk_id, "SourceDiskType": s.source_disk_type,
         "SourceDiskSize": str(s.source_disk_size), "SourceStorageType": "disk",
-        "Status": s.status.value, "Progress": f"{s.progress}%", "RemainTime": 0,
+        "Status": s.status, "Progress": f"{s.progress}%", "RemainTime": 0,
         "CreationTime": iso(s.created), "LastModifiedTime": iso(s.last_modified),
         "RetentionDays": s.retention_days or 0, "InstantAccess": False,
         "InstantAccessRetentionDays": 0, "SnapshotType": s.snapshot_type, "Usage": usage,
