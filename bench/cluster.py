@@ -22,6 +22,8 @@ Usage: python -m bench.cluster [--groups 10000] [--seconds 10] [--clients 4]
        [--repeats 20] [--fence-repeats 3] [--host-timeout 10] [--heartbeat 1]
        [--no-ceph] [--only describe,dispatch,fence] [--out FILE]
        python -m bench.cluster --smoke   (tiny sizes: what the smoke test runs)
+       python -m bench.cluster --against DIR/src   (Describe* only: this tree against
+           another build side by side, e.g. a `git worktree add DIR COMMIT`)
 Prints the markdown section ("## 8. Cluster"); --out writes it to FILE too.
 """
 
@@ -233,15 +235,16 @@ class Loaded:
 
 
 def bench_describe(single: Deployment, clustered: Deployment, seconds: float, clients: int,
-                   rounds: int = 2) -> dict[str, dict[str, Loaded]]:
-    """{request: {"single"|"cluster": Loaded}}, A B B A over `rounds` (each round measures
-    both builds for `seconds`, in turns which goes first)."""
-    sides = {"single": single, "cluster": clustered}
+                   rounds: int = 2, names: tuple[str, str] = ("single", "cluster"),
+                   ) -> dict[str, dict[str, Loaded]]:
+    """{request: {"single"|"cluster": Loaded}} (`names`), A B B A over `rounds` (each round
+    measures both builds for `seconds`, in turns which goes first)."""
+    sides = dict(zip(names, (single, clustered), strict=True))
     out: dict[str, dict[str, Loaded]] = {}
     for name, kind in REQUESTS.items():
         out[name] = {s: Loaded() for s in sides}
         for r in range(rounds):
-            order = ["single", "cluster"] if r % 2 == 0 else ["cluster", "single"]
+            order = list(names) if r % 2 == 0 else list(reversed(names))
             for side in order:
                 dep = sides[side]
                 latencies, rps, cpu = load([c for _, c in dep.apis], dep.server_pids(), kind,
@@ -255,6 +258,43 @@ def bench_describe(single: Deployment, clustered: Deployment, seconds: float, cl
                 f"{s} p99 {_percentiles(out[name][s].latencies, 1)[1]:.1f} ms"
                 for s in order), file=sys.stderr, flush=True)
     return out
+
+
+def compare_builds(root: Path, pg: Any, against: Path, groups: int, seconds: float,
+                   clients: int) -> str:
+    """Describe* of this tree against another build (`against`: the `src` directory of a
+    checkout, e.g. `git worktree add /tmp/before COMMIT`), each as two API processes in
+    cluster mode on its own database of `pg`, seeded alike; A B B A. A markdown table."""
+    builds = []
+    for name, src in (("before", against), ("this", ROOT / "src")):
+        dep = Deployment(root / name, pg.fresh_database(), cluster=True)
+        dep.env["PYTHONPATH"] = str(src)  # before the installed (editable) ecsnap
+        builds.append(dep)
+        dep.api()
+        dep.api()
+        seed_metadata(dep, groups, min(1000, groups))  # type: ignore[arg-type]
+    try:
+        result = bench_describe(builds[0], builds[1], seconds, clients,
+                                names=("before", "this"))
+    finally:
+        for dep in builds:
+            dep.stop()
+    lines = [f"Describe* side by side: two API processes of each build, {clients} clients, "
+             f"{groups:,} groups, {seconds:g} s per build per round, A B B A; before = "
+             f"{against}", "", row("request", "build", "p50", "p99", "server CPU per request",
+                                   "this / before (p99, CPU)"),
+             row(*["---"] * 6)]
+    for name, sides in result.items():
+        figures = {}
+        for side, got in sides.items():
+            p50, p99, _ = _percentiles(got.latencies, 1)
+            cpu = got.cpu / max(1, got.requests) * 1000
+            figures[side] = (p99, cpu)
+            ratio = "" if side == "before" else \
+                f"{p99 / figures['before'][0]:.2f}, {cpu / figures['before'][1]:.2f}"
+            lines.append(row(name, side, _ms(p50 / 1000), _ms(p99 / 1000), f"{cpu:.2f} ms",
+                             ratio))
+    return "\n".join(lines) + "\n"
 
 
 def statements_per_request(dep: Deployment) -> dict[str, tuple[float, float]]:
@@ -653,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="describe,dispatch,fence")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="only Describe*, this tree against the build in this src dir")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
@@ -665,6 +707,20 @@ def main(argv: list[str] | None = None) -> int:
     from tests.pg import PostgresServer
 
     root = Path(tempfile.mkdtemp(prefix="ecb-", dir="/tmp"))  # short: unix socket paths
+    if args.against is not None:
+        (root / "pg").mkdir()
+        pg = PostgresServer(root / "pg")
+        pg.start()
+        try:
+            text = compare_builds(root, pg, args.against.resolve(), args.groups, args.seconds,
+                                  args.clients)
+        finally:
+            pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
     deployments: list[Deployment] = []
     describe: dict[str, dict[str, Loaded]] = {}
     profile: dict[str, tuple[float, float]] = {}
