@@ -212,6 +212,7 @@ def test_a_key_disabled_after_its_last_request_is_refused_at_its_next(
     assert answer() == (200, "") and key_id in ctx.signing_keys  # now used from the cache
     accounts.disable_access_key(ctx, key_id)
     assert answer() == (403, "Forbidden.AccessKeyDisabled")
+    assert answer() == (403, "Forbidden.AccessKeyDisabled")  # read again, and not kept
     accounts.enable_access_key(ctx, key_id)
     assert answer() == (200, "")
     accounts.disable_account(ctx, done.account.name)

@@ -40,9 +40,9 @@ log = logging.getLogger("ecsnap.service.accounts")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 PASSWORD_MIN_LENGTH = 12
+PASSWORD_MAX_LENGTH = 1024  # scrypt takes any length; a bound keeps a log-on cheap
 SIGNING_KEY_TTL_S = 60.0  # signing_key: how long a usable key is used from the cache
 SIGNING_KEYS_CACHED = 10_000  # ... and how many (the cache starts afresh past that)
-PASSWORD_MAX_LENGTH = 1024  # scrypt takes any length; a bound keeps a log-on cheap
 
 SECRET_KEY_FILE = "secret.key"
 _SEALED = "aesgcm1:"  # stored form: prefix + urlsafe-base64(nonce[12] + ciphertext + tag)
