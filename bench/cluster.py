@@ -707,16 +707,16 @@ def main(argv: list[str] | None = None) -> int:
     from tests.pg import PostgresServer
 
     root = Path(tempfile.mkdtemp(prefix="ecb-", dir="/tmp"))  # short: unix socket paths
+    (root / "pg").mkdir()
+    pg = PostgresServer(root / "pg")
+    pg.start()
     if args.against is not None:
-        (root / "pg").mkdir()
-        pg = PostgresServer(root / "pg")
-        pg.start()
         try:
             text = compare_builds(root, pg, args.against.resolve(), args.groups, args.seconds,
                                   args.clients)
         finally:
             pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         print(text)
         if args.out:
             args.out.write_text(text)
@@ -727,9 +727,6 @@ def main(argv: list[str] | None = None) -> int:
     dispatch: dict[str, Series] = {}
     fence: Fenced | None = None
     failed = True
-    (root / "pg").mkdir()
-    pg = PostgresServer(root / "pg")
-    pg.start()
     try:
         if only & {"describe", "dispatch"}:
             single = Deployment(root / "s", pg.fresh_database(), cluster=False)

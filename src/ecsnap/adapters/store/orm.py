@@ -62,9 +62,6 @@ class StrEnumColumn(TypeDecorator[StrEnum]):
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
         return self.members.__getitem__
 
-    def copy(self, **kw: Any) -> StrEnumColumn:
-        return StrEnumColumn(self.enum_class)
-
 
 def _enum(cls: type[StrEnum]) -> StrEnumColumn:
     return StrEnumColumn(cls)

@@ -737,23 +737,27 @@ class SqlUnitOfWork:
 
 _PG_CLOCK = text("SELECT timezone('UTC', clock_timestamp())")
 
+
 # The same SQL on SQLite (3.24+) and PostgreSQL; a text() statement so that it is compiled
 # once (an ORM-dialect insert with ON CONFLICT is compiled on every execution).
-# the key's own row, and only while it and its account are enabled: a key disabled after
-# an API process cached it is refused at its next request (service.accounts.signing_key)
-_USABLE_KEY = ("FROM access_keys AS k JOIN accounts AS a ON a.id = k.account_id{relaxed} "
-               "WHERE k.id = :key_id AND k.enabled AND a.enabled ")
-_SPEND_NONCE_SQL = (
-    "INSERT INTO nonces (key_id, nonce, expires) SELECT k.id, :nonce, :expires "
-    + _USABLE_KEY + "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
-    "WHERE nonces.expires < :now")
-_SPEND_NONCE = text(_SPEND_NONCE_SQL.format(relaxed="")).bindparams(
-    bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
-    .execution_options(preserve_rowcount=True)
-_SPEND_NONCE_PG = text(_SPEND_NONCE_SQL.format(
-    relaxed=" CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed"
-)).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
-    .execution_options(preserve_rowcount=True)
+def _spend_nonce_statement(relaxed: str = "") -> Any:
+    """The nonce, inserted from the key's own row only while it and its account are enabled
+    (a key disabled after an API process cached it is refused at its next request:
+    service.accounts.signing_key); `relaxed`: PostgreSQL's synchronous_commit off, set by
+    the statement itself."""
+    return text(
+        "INSERT INTO nonces (key_id, nonce, expires) SELECT k.id, :nonce, :expires "
+        f"FROM access_keys AS k JOIN accounts AS a ON a.id = k.account_id{relaxed} "
+        "WHERE k.id = :key_id AND k.enabled AND a.enabled "
+        "ON CONFLICT (key_id, nonce) DO UPDATE SET expires = excluded.expires "
+        "WHERE nonces.expires < :now",
+    ).bindparams(bindparam("expires", type_=DateTime()), bindparam("now", type_=DateTime())) \
+        .execution_options(preserve_rowcount=True)
+
+
+_SPEND_NONCE = _spend_nonce_statement()
+_SPEND_NONCE_PG = _spend_nonce_statement(
+    " CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed")
 
 _ADVANCE_POLICY_RUN = text(
     "INSERT INTO policy_runs (id, policy_id, disk_id, last_due, snapshot_id) "

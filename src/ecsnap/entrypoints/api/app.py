@@ -175,10 +175,11 @@ class Api:
         return None if key is None else AccessKeyRecord(key.id, key.secret, key.enabled,
                                                         key.account_id)
 
-    def handle(self, signed: SignedRequest, endpoint: str) -> tuple[str, str, dict[str, object]]:
-        """(action, account, response fields); raises EcsError."""
+    def handle(self, signed: SignedRequest, pairs: list[tuple[str, str]],
+               endpoint: str) -> tuple[str, str, dict[str, object]]:
+        """(action, account, response fields); raises EcsError. `pairs`: signed.params()."""
         auth = verify(signed, self.lookup, self.nonces, utcnow(), self.window)
-        params = Params.from_pairs(signed.params())
+        params = Params.from_pairs(pairs)
         action = auth.action or params.str("Action") or ""
         version = auth.version or params.str("Version") or ""
         if not action:
@@ -200,7 +201,7 @@ class Api:
         fmt = next((v for k, v in reversed(pairs) if k == "Format"), None)
         account = "-"
         try:
-            action, account, data = self.handle(signed, endpoint)
+            action, account, data = self.handle(signed, pairs, endpoint)
             answer = render(action, data, request_id, fmt)
             code = "OK"
         except EcsError as exc:
