@@ -16,11 +16,13 @@ while [ $# -ge 2 ]; do
     else
         echo "== $log: pytest exited with $rc"
     fi
-    if grep -q "^Fatal Python error" "$log"; then
-        line=$(grep -n -m1 "^Fatal Python error" "$log" | cut -d: -f1)
+    # not at a line's start: pytest -q's progress dots come first on that line
+    if grep -q "Fatal Python error" "$log"; then
+        line=$(grep -n -m1 "Fatal Python error" "$log" | cut -d: -f1)
         start=$(( line > 25 ? line - 25 : 1 ))
         # what was printed before the dump, and the crashing thread's innermost frames
-        sed -n "${start},$((line + 30))p" "$log" | grep -v '^\.*$' | cut -c1-300
+        sed -n "${start},$((line + 30))p" "$log" | sed -E 's/^\.+//; s/ +\[ *[0-9]+%\]$//' |
+            grep -v '^$' | cut -c1-300
     else
         grep -E "^(FAILED|ERROR) " "$log" | head -40
     fi

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -239,6 +240,59 @@ def test_one_connection_serves_many_threads(rbd_backend: RbdBackend) -> None:
         t.join()
     assert errors == []
     assert rbd_backend._cluster is not None  # one connection, made once
+
+
+# A call holds an image open for a while (rbd.Image made slow after it opens) when another
+# thread closes the backend. Run in a child process: librados aborts the whole process
+# when its connection is shut under an operation.
+SLOW_CALL = """
+import logging, sys, threading, time
+import rbd
+from ecsnap.adapters.storage.rbd import RbdBackend
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+pool, conf, hold_s, timeout_s = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+backend = RbdBackend(pool, conf=conf, op_timeout_s=timeout_s)
+opened = threading.Event()
+
+class Slow(rbd.Image):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        opened.set()
+        time.sleep(hold_s)
+
+rbd.Image = Slow
+call = threading.Thread(target=lambda: print("size", backend.virtual_size("d-slow")))
+call.start()
+opened.wait()
+started = time.monotonic()
+backend.close()
+print("close took", round(time.monotonic() - started, 1))
+call.join()
+print("open after close:", backend._cluster is not None)
+"""
+
+
+@pytest.mark.parametrize("timeout_s", [30, 1])
+def test_close_waits_for_the_calls_running(rbd_backend: RbdBackend, ceph: CephCluster,
+                                           timeout_s: int) -> None:
+    """close waits for a running call, then shuts the connection; with a call still running
+    after op_timeout_s (a hung cluster) it leaves the connection open and says so, never
+    aborting the process (which shutting it under the call does)."""
+    rbd_backend.create_blank("d-slow", 4 * MIB)
+    proc = subprocess.run([sys.executable, "-c", SLOW_CALL, ceph.pool, str(ceph.conf),
+                           "3", str(timeout_s)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert f"size {4 * MIB}" in lines
+    took = float(next(line for line in lines if line.startswith("close took")).split()[-1])
+    if timeout_s == 30:
+        assert took >= 2, proc.stdout
+        assert "open after close: False" in lines
+    else:
+        assert 0.9 <= took < 2.5, proc.stdout
+        assert "still running after 1 s; its Ceph connection is left open" in proc.stdout
+        assert "open after close: True" in lines
 
 
 # ---------------------------------------------------------------- how long it takes here

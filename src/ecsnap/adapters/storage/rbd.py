@@ -52,15 +52,17 @@ set at creation). Disk IDs are the image names; snapshot IDs are the RBD snapsho
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qs
 
 from ecsnap.adapters.storage.base import (
@@ -71,6 +73,10 @@ from ecsnap.adapters.storage.base import (
 )
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_SNAP = "ecsnap-template"
 MARKER = "ecsnap-reverted."  # + the snapshot a revert restored: hidden, see the docstring
@@ -88,6 +94,24 @@ def _bindings() -> tuple[Any, Any]:
         raise StorageError("the Ceph Python bindings (Debian's python3-rados, python3-rbd) "
                            f"are not importable from this Python: {exc}") from exc
     return rados, rbd
+
+
+def _connected(method: Callable[Concatenate[RbdBackend, P], R]
+               ) -> Callable[Concatenate[RbdBackend, P], R]:
+    """A method that uses the cluster connection: `close` waits until no such call runs
+    (librados aborts the whole process when its connection is shut under an operation)."""
+    @functools.wraps(method)
+    def in_use(self: RbdBackend, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._idle:
+            self._busy += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+    return in_use
 
 
 def parse_pool_spec(spec: str) -> dict[str, str]:
@@ -124,6 +148,8 @@ class RbdBackend:
         self.qemu_img = qemu_img
         self.op_timeout_s = op_timeout_s
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when _busy drops to 0
+        self._busy = 0  # calls of @_connected methods running, in any thread
         self._cluster: Any = None
         self._ioctx: Any = None
         self._imports: dict[str, threading.Lock] = {}
@@ -145,8 +171,11 @@ class RbdBackend:
                    rbd.RBD_FEATURE_DEEP_FLATTEN)
 
     def _io(self) -> Any:
-        """The pool's I/O context on the backend's cluster connection (made once)."""
+        """The pool's I/O context on the backend's cluster connection (made once), for a
+        method marked @_connected (so that `close` cannot shut it under the call)."""
         with self._lock:
+            if not self._busy:
+                raise AssertionError("RbdBackend._io outside a @_connected method")
             if self._ioctx is not None:
                 return self._ioctx
             rados, _ = _bindings()
@@ -172,6 +201,7 @@ class RbdBackend:
             self._cluster, self._ioctx = cluster, ioctx
             return ioctx
 
+    @_connected
     def blocklist(self, addrs: Sequence[str]) -> None:
         """Ceph's `osd blocklist add` for each address, through the monitors (ClientFencing:
         a fenced host's QEMUs, whatever their nonce when given by IP, write no more)."""
@@ -184,6 +214,7 @@ class RbdBackend:
             if ret != 0:
                 raise StorageError(f"osd blocklist add {addr}: {status} ({ret})")
 
+    @_connected
     def client_addrs(self) -> list[str]:
         """This backend's own RADOS client address (`Rados.get_addrs()`, `IP:0/nonce`), the
         one a peer fencing this host blocklists for its storage steps (ClientFencing)."""
@@ -193,6 +224,7 @@ class RbdBackend:
         return [a for a in found.strip("[]").replace("v1:", "").replace("v2:", "")
                 .split(",") if a]
 
+    @_connected
     def break_locks(self, volumes: Sequence[str]) -> list[str]:
         """Shut out the clients that have these images open, as the field does for a fenced
         hypervisor (ClientFencing): the exclusive-lock owner's lock is broken with librbd's
@@ -220,8 +252,15 @@ class RbdBackend:
         return shut
 
     def close(self) -> None:
-        """Close the cluster connection (the next call opens a new one)."""
-        with self._lock:
+        """Close the cluster connection once no call uses it (the next call opens a new
+        one). A call still running after op_timeout_s (a hung cluster) keeps the connection
+        open, logged: shutting it under the call would abort the process."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: not self._busy, timeout=self.op_timeout_s):
+                log.warning("RBD pool %s: %d call(s) still running after %d s; its Ceph "
+                            "connection is left open", self.pool, self._busy,
+                            self.op_timeout_s)
+                return
             if self._ioctx is not None:
                 with contextlib.suppress(Exception):
                     self._ioctx.close()
@@ -285,16 +324,19 @@ class RbdBackend:
     def path(self, disk_id: str) -> str:
         return str(RbdLocation(self.pool, disk_id, self.client, self.conf, self.keyring))
 
+    @_connected
     def exists(self, disk_id: str) -> bool:
         with self._image(disk_id, read_only=True, missing_ok=True) as image:
             return image is not None
 
+    @_connected
     def create_blank(self, disk_id: str, size_bytes: int) -> None:
         """A new, empty image; one that exists already is replaced (as `qemu-img create`
         replaces a file), so a retry after a crash converges."""
         self._create(disk_id, lambda ioctx, rbd: rbd.RBD().create(
             ioctx, disk_id, size_bytes, old_format=False, features=self.features))
 
+    @_connected
     def create_from_image(self, disk_id: str, image_path: str, size_bytes: int) -> None:
         """A clone of the template's snapshot, grown to `size_bytes` if that is larger."""
         template, template_size = self.import_template(image_path)
@@ -320,6 +362,7 @@ class RbdBackend:
 
     # ------------------------------------------------------------ volumes (CloneRevert)
 
+    @_connected
     def volumes(self, disk_id: str) -> list[str]:
         """The images of the disk: its ID, and `{disk_id}.{task}` for each clone."""
         _, rbd = _bindings()
@@ -329,6 +372,7 @@ class RbdBackend:
         return sorted((n for n in names if n == disk or n.startswith(disk + ".")),
                       key=lambda n: (n != disk, n))
 
+    @_connected
     def snapshot_volume(self, disk_id: str, snapshot_id: str) -> str | None:
         with self._errors(f"snapshots of {disk_id}"):
             return self._holder(disk_id, snapshot_id)
@@ -354,6 +398,7 @@ class RbdBackend:
                 break
         return found
 
+    @_connected
     def clone_to_volume(self, disk_id: str, snapshot_id: str, volume: str,
                         size_bytes: int) -> None:
         _, rbd = _bindings()
@@ -387,11 +432,13 @@ class RbdBackend:
             with self._image(volume) as image, self._errors(f"resize {volume}"):
                 image.resize(size_bytes)
 
+    @_connected
     def clone_many(self, items: Sequence[tuple[str, str, str, int]]) -> None:
         for _, exc in _side_by_side(lambda item: self.clone_to_volume(*item), items):
             if exc is not None:
                 raise exc
 
+    @_connected
     def remove_volumes(self, volumes: Sequence[str]) -> list[str]:
         _, rbd = _bindings()
         removed = []
@@ -422,6 +469,7 @@ class RbdBackend:
             return None  # another pool: not one of ours to follow
         return str(spec["image_name"]), str(spec["snap_name"])
 
+    @_connected
     def clone_depth(self, volume: str) -> int:
         depth, name = 0, volume
         while depth < 1000:
@@ -433,6 +481,7 @@ class RbdBackend:
             depth, name = depth + 1, parent[0]
         raise StorageError(f"{volume}: a clone chain without end")
 
+    @_connected
     def flatten(self, volume: str) -> None:
         """librbd's flatten, after `_copy_up_claimed` (which makes it safe to run again
         after a flatten was cut short)."""
@@ -473,6 +522,7 @@ class RbdBackend:
             data = image.read(offset, min(object_size, overlap - offset))  # the parent's
             ioctx.execute(name, "rbd", "copyup", data)
 
+    @_connected
     def import_template(self, image_path: str) -> tuple[str, int]:
         """The pool image holding the template file `image_path` (a standalone qcow2, or
         raw), written once: (its name, its size). Its snapshot TEMPLATE_SNAP is what disks
@@ -539,6 +589,7 @@ class RbdBackend:
                 return None
             return int(image.size())
 
+    @_connected
     def resize(self, disk_id: str, size_bytes: int) -> None:
         with self._image(disk_id) as image, self._errors(f"resize {disk_id}"):
             if size_bytes < image.size():
@@ -546,6 +597,7 @@ class RbdBackend:
             if size_bytes > image.size():
                 image.resize(size_bytes)
 
+    @_connected
     def delete(self, disk_id: str) -> None:
         """Remove every volume of the disk (`disk_id` or any of its volumes) with its
         snapshots, clones before what they were cloned from; a missing one is no error."""
@@ -561,6 +613,7 @@ class RbdBackend:
 
     # ------------------------------------------------------------ disks from snapshots
 
+    @_connected
     def create_from_snapshot(self, disk_id: str, source_disk_id: str, snapshot_id: str,
                              size_bytes: int) -> None:
         """A clone (v2, O(1): no data copied) of the snapshot, on whichever volume of the
@@ -584,6 +637,7 @@ class RbdBackend:
                 if size_bytes > image.size():
                     image.resize(size_bytes)
 
+    @_connected
     def export_snapshot(self, source_disk_id: str, snapshot_id: str, target: str) -> int:
         """A custom image's template file: the snapshot (on whichever volume of the disk
         holds it) read by `qemu-img convert` from QEMU's `rbd:POOL/IMAGE@SNAP` into a
@@ -653,10 +707,12 @@ class RbdBackend:
                 contextlib.suppress(rbd.ImageNotFound):
             rbd.RBD().remove(self._io(), disk_id)
 
+    @_connected
     def virtual_size(self, disk_id: str) -> int:
         with self._image(disk_id, read_only=True) as image, self._errors(f"size {disk_id}"):
             return int(image.size())
 
+    @_connected
     def allocated_bytes(self, disk_id: str) -> int:
         """Bytes the disk's volumes and their snapshots hold in the pool, layer by layer as
         `rbd du` counts them (the data each snapshot, and the head, added; what a clone
@@ -680,6 +736,7 @@ class RbdBackend:
 
     # ------------------------------------------------------------ snapshots
 
+    @_connected
     def list_snapshots(self, disk_id: str) -> list[SnapshotInfo]:
         """The snapshots on every volume of the disk, oldest first."""
         found: list[SnapshotInfo] = []
@@ -693,10 +750,12 @@ class RbdBackend:
                               for s in self._snaps(image)]
         return sorted(found, key=lambda s: s.date_sec)
 
+    @_connected
     def has_snapshot(self, disk_id: str, snapshot_id: str) -> bool:
         with self._errors(f"snapshots of {disk_id}"):
             return self._holder(disk_id, snapshot_id) is not None
 
+    @_connected
     def create_snapshots(self, items: Sequence[tuple[str, str]]) -> None:
         _, rbd = _bindings()
         for _, snapshot_id in items:
@@ -731,6 +790,7 @@ class RbdBackend:
         raise StorageError(f"snapshot of {len(items)} disk(s) undone: {failed[0]}{left}") \
             from failed[0]
 
+    @_connected
     def delete_snapshot(self, disk_id: str, snapshot_id: str) -> None:
         """Remove the snapshot (and its revert marker, if it has one) from whichever volume
         of the disk holds it. One that has clones (a later volume of the disk) goes to
@@ -745,6 +805,7 @@ class RbdBackend:
                         contextlib.suppress(rbd.ImageNotFound):
                     image.remove_snap(name)
 
+    @_connected
     def revert(self, disk_id: str, snapshot_id: str) -> None:
         """`rollback_to_snap` restores the size the image had at the snapshot too; the
         image is grown back to its current size, since disks never shrink. Then the
@@ -771,6 +832,7 @@ class RbdBackend:
                     with contextlib.suppress(rbd.ImageNotFound):
                         image.remove_snap(name)
 
+    @_connected
     def revert_many(self, items: Sequence[tuple[str, str]]) -> None:
         """`revert` of several disks side by side (one disk at most once); raises the first
         failure after all ran (each revert is idempotent: the caller may retry or undo)."""
@@ -782,6 +844,7 @@ class RbdBackend:
 
     # ------------------------------------------------------------ change tracking
 
+    @_connected
     def bytes_written_since(self, disk_id: str, snapshot_id: str) -> int | None:
         if snapshot_id.startswith(MARKER):
             return None
@@ -866,6 +929,7 @@ class RbdBackend:
 
     # ------------------------------------------------------------ templates' plumbing
 
+    @_connected
     def free_bytes(self) -> int | None:
         """PoolSpace: the pool's `max_avail` from the monitor's `df` (what the pool can
         still take, replication and the full ratio counted); None when the cluster reports
