@@ -137,11 +137,12 @@ def side_by_side(fn: Callable[[Any], object], items: Sequence[Any]) -> None:
 def opened(backend: RbdBackend, name: str) -> Iterator[Any]:
     import rbd
 
-    image = rbd.Image(backend._io(), name)
-    try:
-        yield image
-    finally:
-        image.close()
+    with backend.ioctx() as io:
+        image = rbd.Image(io, name)
+        try:
+            yield image
+        finally:
+            image.close()
 
 
 def fill(backend: RbdBackend, volume: str, pattern: int, size: int) -> None:
@@ -181,6 +182,12 @@ def bench_size(ctx: ServiceContext, account: str, image_id: str, gib: float,
                repeats: int, settle: float) -> dict[str, Series]:
     backend = ctx.storage_of(REGION)
     assert isinstance(backend, RbdBackend)
+    with backend.ioctx() as io:  # the RBD group's own calls, on the backend's connection
+        return _bench_size(ctx, account, image_id, gib, repeats, settle, backend, io)
+
+
+def _bench_size(ctx: ServiceContext, account: str, image_id: str, gib: float, repeats: int,
+                settle: float, backend: RbdBackend, io: Any) -> dict[str, Series]:
     req = instances.InstanceRequest(image_id=image_id, instance_type="ecs.t5-lc2m1.nano",
                                     data_disks=[instances.DataDiskSpec(20),
                                                 instances.DataDiskSpec(20)])
@@ -193,10 +200,10 @@ def bench_size(ctx: ServiceContext, account: str, image_id: str, gib: float,
     import rbd
 
     rbd_group = f"bench-{instance_id}"
-    rbd.RBD().group_create(backend._io(), rbd_group)
-    rgroup = rbd.Group(backend._io(), rbd_group)
+    rbd.RBD().group_create(io, rbd_group)
+    rgroup = rbd.Group(io, rbd_group)
     for d in disks:
-        rgroup.add_image(backend._io(), d)
+        rgroup.add_image(io, d)
     side_by_side(lambda d: fill(backend, d, 0xA1, size), disks)
     items_a = group(ctx, account, instance_id)
     rgroup.create_snap("group-a")

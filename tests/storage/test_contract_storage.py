@@ -381,9 +381,10 @@ def leftovers(backend: StorageBackend) -> list[str]:
                       if p.is_file())
     import rbd
 
-    io = backend._io()  # type: ignore[attr-defined]
-    return sorted([n for n in rbd.RBD().list(io) if n.startswith("d-")] +
-                  [f"trash:{e['name']}" for e in rbd.RBD().trash_list(io)])
+    assert isinstance(backend, RbdBackend)
+    with backend.ioctx() as io:
+        return sorted([n for n in rbd.RBD().list(io) if n.startswith("d-")] +
+                      [f"trash:{e['name']}" for e in rbd.RBD().trash_list(io)])
 
 
 def test_a_disk_from_a_snapshot(backend: StorageBackend) -> None:

@@ -102,15 +102,8 @@ def _connected(method: Callable[Concatenate[RbdBackend, P], R]
     (librados aborts the whole process when its connection is shut under an operation)."""
     @functools.wraps(method)
     def in_use(self: RbdBackend, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self._idle:
-            self._busy += 1
-        try:
+        with self._in_use():
             return method(self, *args, **kwargs)
-        finally:
-            with self._idle:
-                self._busy -= 1
-                if not self._busy:
-                    self._idle.notify_all()
     return in_use
 
 
@@ -169,6 +162,26 @@ class RbdBackend:
         return int(rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK |
                    rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF |
                    rbd.RBD_FEATURE_DEEP_FLATTEN)
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """The connection counted in use until the block ends (`close` waits)."""
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+
+    @contextlib.contextmanager
+    def ioctx(self) -> Iterator[Any]:
+        """The pool's I/O context for librbd calls of the caller's own (benchmarks, tests),
+        in use until the block ends."""
+        with self._in_use():
+            yield self._io()
 
     def _io(self) -> Any:
         """The pool's I/O context on the backend's cluster connection (made once), for a
@@ -720,6 +733,7 @@ class RbdBackend:
         a missing disk."""
         return sum(self._allocated(v) for v in self.volumes(disk_id))
 
+    @_connected
     def _allocated(self, disk_id: str) -> int:
         with self._image(disk_id, read_only=True, missing_ok=True) as image:
             if image is None:
