@@ -4,7 +4,8 @@ A region names its pool as `rbd:POOL?conf=/etc/ceph/ceph.conf&client=admin[&keyr
 (`parse_pool_spec`; bootstrap picks this backend for such a pool). Everything goes through
 librbd's Python bindings (Debian's python3-rbd) on one cluster connection per backend,
 opened at the first call and shared by every thread (librados and librbd are thread-safe;
-each call opens the images it needs and closes them again).
+each call opens the images it needs and closes them again). `close` shuts it once no call
+is running (librados aborts the whole process when its connection is shut under one).
 
 Images are format 2 with layering, exclusive-lock, object-map, fast-diff and deep-flatten
 (the last one lets a later increment flatten clones that have snapshots; it can only be
