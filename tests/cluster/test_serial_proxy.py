@@ -27,6 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
 from ecsnap import bootstrap, config
+from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import InstanceStatus
 from ecsnap.service import console_access
 from ecsnap.service.context import ServiceContext
@@ -214,6 +215,31 @@ def logged_on(cluster: Cluster, live: LiveServer) -> Iterator[ConsoleSession]:
             "csrf": csrf.group(1), "account": creds["Account"],
             "password": creds["ConsolePassword"]}).status_code == 303
         yield ConsoleSession(client, live)
+
+
+def test_a_rejoining_agent_has_a_new_serial_secret(cluster: Cluster) -> None:
+    """An agent's restart (or its rejoin after a fence) makes a new secret: a token made
+    for the secret before opens nothing, one made now does."""
+    inst = cluster.stopped_instance()
+    settings = config.load(Path(cluster.data_dir), background_tasks=False)
+    agent = bootstrap.build_agent(settings, "h1", vcpus=2, memory_mib=2048,
+                                  address=f"127.0.0.1:{_port()}")
+    try:
+        agent.register()
+        _set_instance(cluster, inst.id, host_id="h1", status=InstanceStatus.RUNNING)
+        api = _api_ctx(cluster)
+        before = _token(api, cluster, inst.id)
+        secret = cluster.host("h1").serial_secret  # type: ignore[union-attr]
+        agent.register()
+        assert cluster.host("h1").serial_secret != secret  # type: ignore[union-attr]
+        _set_instance(cluster, inst.id, host_id="h1", status=InstanceStatus.RUNNING)
+        with pytest.raises(EcsError) as refused:
+            console_access.agent_serial_console(agent.ctx, "h1", inst.id, before)
+        assert refused.value.code == "InvalidSerialToken"
+        assert console_access.agent_serial_console(agent.ctx, "h1", inst.id,
+                                                   _token(api, cluster, inst.id))
+    finally:
+        agent.ctx.close()
 
 
 def test_the_console_of_an_api_process_carries_the_serial_console_to_the_agent(

@@ -566,9 +566,21 @@ class Host:
     address: str = ""  # the agent's listen address (/metrics, serial consoles), host:port
     ceph_addrs: list[str] = field(default_factory=list)  # its RADOS clients, for blocklisting
     started_at: datetime = field(default_factory=utcnow)
-    # made when the agent first registers: the key of the short-lived tokens an API process
-    # gives the agent to open a serial console (service/console_access.py); never shown
+    # the key of the short-lived tokens an API process gives the agent to open a serial
+    # console (service/console_access.py); never shown, made anew at each (re)join
     serial_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+
+    def rejoin(self, at: datetime, *, vcpus: int, memory_mib: int, address: str,
+               ceph_addrs: list[str]) -> None:
+        """The agent (re)started: a new epoch, Up, its heartbeat and start now, what it has
+        and where it listens as it says now, and a new serial secret (a token of the secret
+        before, or a secret read from the old process's memory, opens nothing)."""
+        self.epoch += 1
+        self.state = HostState.UP
+        self.heartbeat_at = self.started_at = at
+        self.vcpus, self.memory_mib = vcpus, memory_mib
+        self.address, self.ceph_addrs = address, ceph_addrs
+        self.serial_secret = secrets.token_hex(32)
 
 
 class IdempotencyKey(NamedTuple):

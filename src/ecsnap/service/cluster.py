@@ -312,11 +312,8 @@ class Agent:
                             address=self.address, ceph_addrs=ceph_addrs)
                 uow.hosts.add(host)
             else:
-                host.epoch += 1
-                host.state = HostState.UP
-                host.heartbeat_at, host.started_at = at, at
-                host.vcpus, host.memory_mib = self.vcpus, self.memory_mib
-                host.address, host.ceph_addrs = self.address, ceph_addrs
+                host.rejoin(at, vcpus=self.vcpus, memory_mib=self.memory_mib,
+                            address=self.address, ceph_addrs=ceph_addrs)
             # what it ran before its restart is lost: reported interrupted (commands.py)
             commands.interrupt_host(uow, self.host_id, before_epoch=host.epoch)
             uow.notify(CHANNEL)
