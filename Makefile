@@ -34,9 +34,11 @@ lint: venv
 	$(BIN)/lint-imports --no-cache --no-logo  # the layer contracts: [tool.importlinter]
 
 # Two pytest processes side by side on the 2 cores CI has: the VM-heavy half (end-to-end
-# tests, the QEMU driver, the benchmark and soak smoke runs) and the rest; each has its own
-# PostgreSQL and Ceph (free ports) and tmp dir. The first one's report follows the second's.
-VM_TESTS := tests/e2e tests/compute tests/test_bench_smoke.py tests/test_soak_smoke.py
+# tests, the QEMU driver, the cluster's fencing tests with VMs, the benchmark and soak smoke
+# runs) and the rest; each has its own PostgreSQL and Ceph (free ports) and tmp dir. The
+# first one's report follows the second's.
+VM_TESTS := tests/e2e tests/compute tests/cluster/test_failover_rbd.py \
+            tests/cluster/test_cluster_vm.py tests/test_bench_smoke.py tests/test_soak_smoke.py
 test: deps venv lint
 	@rm -f .test-vms.log .test-rest.log; \
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS) > .test-vms.log 2>&1 & vms=$$!; \
