@@ -39,8 +39,10 @@ lint: venv
 # first one's report follows the second's.
 VM_TESTS := tests/e2e tests/compute tests/cluster/test_failover_rbd.py \
             tests/cluster/test_cluster_vm.py tests/test_bench_smoke.py tests/test_soak_smoke.py
+# LIBC_FATAL_STDERR_: glibc's own fatal messages (heap corruption) go to stderr, into the
+# log, not to a terminal CI does not have
 test: deps venv lint
-	@rm -f .test-vms.log .test-rest.log; \
+	@rm -f .test-vms.log .test-rest.log; export LIBC_FATAL_STDERR_=1; \
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS) > .test-vms.log 2>&1 & vms=$$!; \
 	set -o pipefail; $(BIN)/pytest -q $(PYTEST_ARGS) $(addprefix --ignore=,$(VM_TESTS)) 2>&1 \
 	    | tee .test-rest.log; rest=$$?; \
