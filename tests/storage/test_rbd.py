@@ -242,6 +242,30 @@ def test_one_connection_serves_many_threads(rbd_backend: RbdBackend) -> None:
     assert rbd_backend._cluster is not None  # one connection, made once
 
 
+def test_images_are_never_opened_read_only(rbd_backend: RbdBackend,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """librbd 16 aborts the process now and then when it opens or closes a clone
+    read-only (see RbdBackend._image): the backend opens every image read-write."""
+    import rbd
+
+    modes: list[bool] = []
+    real = rbd.Image
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        modes.append(bool(kwargs.get("read_only", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rbd, "Image", spy)
+    rbd_backend.create_blank("d-ro", 4 * MIB)
+    rbd_backend.create_snapshots([("d-ro", "s-a")])
+    rbd_backend.clone_to_volume("d-ro", "s-a", "d-ro.t-1", 4 * MIB)
+    assert rbd_backend.exists("d-ro.t-1") and rbd_backend.clone_depth("d-ro.t-1") == 1
+    assert rbd_backend.virtual_size("d-ro.t-1") == 4 * MIB
+    assert rbd_backend.snapshot_volume("d-ro", "s-a") == "d-ro"
+    assert [s.name for s in rbd_backend.list_snapshots("d-ro")] == ["s-a"]
+    assert modes and not any(modes), modes
+
+
 # A call holds an image open for a while (rbd.Image made slow after it opens) when another
 # thread closes the backend. Run in a child process: librados aborts the whole process
 # when its connection is shut under an operation.
