@@ -355,7 +355,8 @@ def check_volumes(lab: Lab, disks: Sequence[Disk], snaps: Sequence[Snapshot]) ->
         for volume in volumes:
             if volume == disk.current_volume:
                 continue
-            with _pool(backend) as ioctx, rbd.Image(ioctx, volume, read_only=True) as image:
+            # read-write: see RbdBackend._image
+            with _pool(backend) as ioctx, rbd.Image(ioctx, volume) as image:
                 needed = list(image.list_snaps()) or list(image.list_children2())
             if not needed:
                 problems.append(f"{disk.id}: orphan volume {volume} (not current, no "

@@ -122,7 +122,7 @@ def test_a_hung_host_is_fenced_its_qemu_shut_out_and_the_instance_starts_elsewhe
     import rbd
 
     with ceph.connect() as conn, conn.open_ioctx(ceph.pool) as ioctx, \
-            rbd.Image(ioctx, volumes[0], read_only=True) as image:
+            rbd.Image(ioctx, volumes[0]) as image:  # read-write: see RbdBackend._image
         own = str(conn.get_addrs())
         qemu_clients = {str(w["addr"]) for w in image.watchers_list()
                         if str(w["addr"]) not in own}

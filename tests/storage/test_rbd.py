@@ -47,7 +47,7 @@ def rbd_image(ceph: CephCluster, pool: str, name: str) -> Iterator[Any]:
     import rbd
 
     with ceph.connect() as conn, conn.open_ioctx(pool) as ioctx, \
-            rbd.Image(ioctx, name, read_only=True) as image:
+            rbd.Image(ioctx, name) as image:  # read-write: see RbdBackend._image
         yield image
 
 

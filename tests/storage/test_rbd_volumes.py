@@ -37,7 +37,7 @@ def user_snaps(ceph: CephCluster, volume: str) -> list[tuple[str, int]]:
     import rbd
 
     with ceph.connect() as conn, conn.open_ioctx(ceph.pool) as ioctx, \
-            rbd.Image(ioctx, volume, read_only=True) as image:
+            rbd.Image(ioctx, volume) as image:  # read-write: see RbdBackend._image
         return [(s["name"], s["namespace"]) for s in image.list_snaps()]
 
 
@@ -293,5 +293,5 @@ def rbd_image_of(ceph: CephCluster, name: str) -> Iterator[Any]:
     import rbd
 
     with ceph.connect() as conn, conn.open_ioctx(ceph.pool) as ioctx, \
-            rbd.Image(ioctx, name, read_only=True) as image:
+            rbd.Image(ioctx, name) as image:  # read-write: see RbdBackend._image
         yield image
