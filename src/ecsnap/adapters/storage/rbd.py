@@ -298,8 +298,8 @@ class RbdBackend:
 
         Always read-write, even to read: librbd 16 (Debian 12's Ceph 16.2.15) aborts the
         process now and then when it opens or closes a clone read-only (a use-after-free:
-        `std::system_error: Invalid argument` from a freed mutex; about one open in a
-        thousand with MALLOC_PERTURB_ set, none in 4,340 read-write opens of the same
+        `std::system_error: Invalid argument` from a freed mutex; within 150-2,000 such
+        opens with MALLOC_PERTURB_ set, and none in 4,340 read-write opens of the same
         clones). A read-write open takes no lock until it writes: a VM's lock stays its."""
         _, rbd = _bindings()
         _check_image_name(name)
