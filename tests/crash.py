@@ -19,14 +19,13 @@ step boundary, recover in a fresh context, and check what must hold after any cr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -310,20 +309,6 @@ def check_invariants(lab: Lab) -> None:
     assert not problems, "invariants broken after recovery:\n  " + "\n  ".join(problems)
 
 
-@contextlib.contextmanager
-def _pool(backend: RbdBackend) -> Iterator[Any]:
-    """The backend's pool on a connection of the test's own."""
-    import rados
-
-    cluster = rados.Rados(conffile=backend.conf, rados_id=backend.client)
-    cluster.connect(timeout=30)
-    try:
-        with cluster.open_ioctx(backend.pool) as ioctx:
-            yield ioctx
-    finally:
-        cluster.shutdown()
-
-
 def check_volumes(lab: Lab, disks: Sequence[Disk], snaps: Sequence[Snapshot]) -> list[str]:
     """The invariants of disks on a Ceph RBD pool (see the module docstring)."""
     import rbd
@@ -356,7 +341,7 @@ def check_volumes(lab: Lab, disks: Sequence[Disk], snaps: Sequence[Snapshot]) ->
             if volume == disk.current_volume:
                 continue
             # read-write: see RbdBackend._image
-            with _pool(backend) as ioctx, rbd.Image(ioctx, volume) as image:
+            with backend.ioctx() as ioctx, rbd.Image(ioctx, volume) as image:
                 needed = list(image.list_snaps()) or list(image.list_children2())
             if not needed:
                 problems.append(f"{disk.id}: orphan volume {volume} (not current, no "
