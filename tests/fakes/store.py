@@ -489,6 +489,19 @@ class InMemoryUnitOfWork:
         nonces[(key_id, nonce)] = expires
         return True
 
+    def snapshot_users(self, account_id: str, image_statuses: Sequence[str],
+                       snapshot_ids: Sequence[str] | None) -> tuple[set[str], set[str]]:
+        """sql.py's one statement, as two finds."""
+        wanted = None if snapshot_ids is None else set(snapshot_ids)
+        imaged = {i.source_snapshot_id for i in self.images.find(account_id=account_id)
+                  if i.status in image_statuses and i.source_snapshot_id}
+        disked = {d.source_snapshot_id for d in self.disks.find(account_id=account_id,
+                                                                released=False)
+                  if d.source_snapshot_id}
+        if wanted is not None:
+            imaged, disked = imaged & wanted, disked & wanted
+        return imaged, disked
+
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
                            snapshot_id: str = "") -> bool:
         """sql.py's conditional upsert: under the writer lock, insert the run or move its

@@ -374,3 +374,56 @@ def test_migrations_go_down_and_up_again(request: pytest.FixtureRequest, tmp_pat
     sql.migrate(engine)
     assert owner_index() == ["account_id", "region_id", "created", "id"]
     engine.dispose()
+
+
+NAMES = ["plain", 'say "hi"', "back\\slash", "a,b", "{braces}", " spaced ", "", "NULL",
+         "naïve ✓", "\\\"", "'quoted'"]
+
+
+def test_lists_of_any_strings_select_exactly_their_rows(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    """A list parameter (on PostgreSQL one text in array syntax, sql.TextArray) keeps each
+    string one element, whatever it holds: quotes, backslashes, commas, braces, spaces,
+    the empty string, the word NULL."""
+    with uow_factory() as uow:
+        for n, name in enumerate(NAMES):
+            instance = make_instance(n)
+            instance.name = name
+            uow.instances.add(instance)
+        uow.commit()
+    with uow_factory(readonly=True) as uow:
+        for n in range(len(NAMES)):
+            wanted = NAMES[n:n + 3] + ["absent", 'absent"', "absent\\"]
+            found = {i.name for i in uow.instances.find(Criteria(within={"name": wanted}))}
+            assert found == set(NAMES[n:n + 3])
+            left = {i.name for i in uow.instances.find(Criteria(without={"name": wanted}))}
+            assert left == set(NAMES) - set(wanted)
+
+
+def test_snapshot_users_in_one_statement(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    """DescribeSnapshots' Usage: the snapshots behind the account's images in the given
+    statuses and behind its disks not released, among given IDs or all."""
+    from ecsnap.domain.model import Image
+
+    with uow_factory() as uow:
+        for n, (status, source) in enumerate([("Available", "s-img"), ("Creating", "s-both"),
+                                              ("Deprecated", "s-old"), ("Available", "")]):
+            uow.images.add(Image(id=f"m-{n}", account_id="acc", region_id="r", name=f"m{n}", os_name="x",
+                                 template_path="t", size_gib=1,
+                                 status=status, source_snapshot_id=source))
+        uow.images.add(Image(id="m-other", account_id="other", region_id="r", name="o", os_name="x", template_path="t",
+                             size_gib=1,
+                             status="Available", source_snapshot_id="s-theirs"))
+        for n, (released, source) in enumerate([(False, "s-disk"), (False, "s-both"),
+                                                 (True, "s-gone"), (False, "")]):
+            uow.disks.add(Disk(id=f"d-{n}", account_id="acc", region_id="r", zone_id="r-a",
+                               size_gib=20, released=released, source_snapshot_id=source))
+        uow.commit()
+    with uow_factory(readonly=True) as uow:
+        holds = ("Creating", "Available")
+        assert uow.snapshot_users("acc", holds, None) == ({"s-img", "s-both"},
+                                                          {"s-disk", "s-both"})
+        assert uow.snapshot_users("acc", holds, ["s-both", "s-disk", "s-old", "x"]) == \
+            ({"s-both"}, {"s-disk", "s-both"})
+        assert uow.snapshot_users("acc", holds, []) == (set(), set())
+        assert uow.snapshot_users("other", holds, None) == ({"s-theirs"}, set())
+        assert uow.snapshot_users("acc", ("Deprecated",), None)[0] == {"s-old"}

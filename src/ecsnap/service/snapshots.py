@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -387,6 +387,14 @@ def modify_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str, 
         uow.commit()
 
 
+@dataclass
+class SnapshotPage(Page[Snapshot]):
+    """A page of DescribeSnapshots, with each snapshot's `Usage` (by ID): image, disk,
+    image_disk or none."""
+
+    usage: dict[str, str] = field(default_factory=dict)
+
+
 def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
                        snapshot_ids: Sequence[str] | None = None, disk_id: str | None = None,
                        instance_id: str | None = None, status: str | None = None,
@@ -394,7 +402,7 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
                        tags: dict[str, str] | None = None, page_number: int | None = None,
                        page_size: int | None = None, next_token: str | None = None,
                        max_results: int | None = None, snapshot_type: str | None = None,
-                       usage: str | None = None) -> Page[Snapshot]:
+                       usage: str | None = None) -> SnapshotPage:
     criteria = Criteria(equals={"account_id": account_id, "region_id": region_id},
                         tags=tags or {})
     if usage and usage not in USAGES:
@@ -422,8 +430,9 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
         criteria.within["id"] = list(snapshot_ids)
     with ctx.uow(readonly=True) as uow:
         ctx.check_region(uow, region_id)
+        users = None
         if usage:
-            imaged, disked = _users(uow, account_id, None)
+            users = imaged, disked = _users(uow, account_id, None)
             if usage == "none":
                 criteria.without["id"] = sorted(imaged | disked)
             else:
@@ -431,8 +440,12 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
                           "image_disk": imaged & disked}[usage]
                 criteria.within["id"] = sorted(
                     wanted & set(criteria.within["id"]) if "id" in criteria.within else wanted)
-        return paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
+        page = paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
+        ids = [s.id for s in page.items]
+        if users is None and ids:
+            users = _users(uow, account_id, ids)
+        return SnapshotPage(**vars(page), usage=_usage(ids, *users) if ids else {})
 
 
 # DescribeSnapshots' Usage: what the snapshot was used for (DeleteSnapshot's rules follow it)
@@ -443,15 +456,13 @@ def _users(uow: UnitOfWork, account_id: str,
            snapshot_ids: Sequence[str] | None) -> tuple[set[str], set[str]]:
     """(the snapshots that back a custom image being made or available, the snapshots
     that created disks not released yet), among `snapshot_ids` (None: all the account's)."""
-    images = Criteria(equals={"account_id": account_id}, within={"status": IMAGE_HOLDS},
-                      without={"source_snapshot_id": [""]})
-    disks_ = Criteria(equals={"account_id": account_id, "released": False},
-                      without={"source_snapshot_id": [""]})
-    if snapshot_ids is not None:
-        images.within["source_snapshot_id"] = disks_.within["source_snapshot_id"] = \
-            list(snapshot_ids)
-    return ({i.source_snapshot_id for i in uow.images.find(images)},
-            {d.source_snapshot_id for d in uow.disks.find(disks_)})
+    return uow.snapshot_users(account_id, IMAGE_HOLDS, snapshot_ids)
+
+
+def _usage(snapshot_ids: Sequence[str], imaged: set[str],
+           disked: set[str]) -> dict[str, str]:
+    return {s: "image_disk" if s in imaged and s in disked else "image" if s in imaged
+            else "disk" if s in disked else "none" for s in snapshot_ids}
 
 
 def snapshot_usage(ctx: ServiceContext, account_id: str,
@@ -460,9 +471,7 @@ def snapshot_usage(ctx: ServiceContext, account_id: str,
     if not snapshot_ids:
         return {}
     with ctx.uow(readonly=True) as uow:
-        imaged, disked = _users(uow, account_id, snapshot_ids)
-    return {s: "image_disk" if s in imaged and s in disked else "image" if s in imaged
-            else "disk" if s in disked else "none" for s in snapshot_ids}
+        return _usage(snapshot_ids, *_users(uow, account_id, snapshot_ids))
 
 
 class GroupMember(Protocol):

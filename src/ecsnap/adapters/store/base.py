@@ -165,6 +165,13 @@ class UnitOfWork(Protocol):
         itself: the one write a read-only unit of work makes (an API request's first)."""
         ...
 
+    def snapshot_users(self, account_id: str, image_statuses: Sequence[str],
+                       snapshot_ids: Sequence[str] | None) -> tuple[set[str], set[str]]:
+        """(the snapshots that back one of the account's images in `image_statuses`, the
+        snapshots that created one of its disks not released), among `snapshot_ids` (None:
+        all the account's): one statement."""
+        ...
+
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
                            snapshot_id: str = "") -> bool:
         """Claim the time point `due` of a policy for a disk: one statement that inserts the

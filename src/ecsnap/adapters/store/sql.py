@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     all_,
     any_,
     bindparam,
@@ -28,8 +29,10 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    literal,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy import (
@@ -403,12 +406,12 @@ class SqlRepository(Generic[T]):
             stmt = stmt.where(c[name].is_(None) if value is None
                               else c[name] == bindparam(f"eq_{name}"))
         for name in criteria.within:
-            stmt = stmt.where(c[name] == any_(bindparam(f"in_{name}", type_=ARRAY(String())))
+            stmt = stmt.where(c[name] == any_(bindparam(f"in_{name}", type_=TextArray()))
                               if arrays and _plain_string(c[name]) else
                               c[name].in_(bindparam(f"in_{name}", expanding=True)))
         for name in criteria.without:
             stmt = stmt.where(c[name] != all_(bindparam(f"notin_{name}",
-                                                        type_=ARRAY(String())))
+                                                        type_=TextArray()))
                               if arrays and _plain_string(c[name]) else
                               c[name].not_in(bindparam(f"notin_{name}", expanding=True)))
         for name in criteria.wildcard:
@@ -443,9 +446,50 @@ class SqlRepository(Generic[T]):
 _STATEMENTS: dict[tuple[Any, ...], Any] = {}
 
 
+class TextArray(TypeDecorator[list[str]]):
+    """A list of strings bound as ONE text parameter in PostgreSQL's array syntax
+    (`{"a","b"}`), cast to `varchar[]` in SQL. psycopg dumps a list element by element
+    in Python (a page's 100 IDs: a tenth of a DescribeSnapshots page's CPU), a string in
+    one C call. Every element is double-quoted, with `"` and `\\` escaped, so any string
+    stays one element."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: list[str] | None, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                              for v in value) + "}"
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return sql_cast(bindvalue, ARRAY(String()))
+
+
 def _plain_string(column: Any) -> bool:
     """A text column whose values go to the database as they are (an enum's do not)."""
     return isinstance(column.type, String)  # (an enum's StrEnumColumn is not one)
+
+
+_SNAPSHOT_USERS: dict[tuple[bool, bool], Any] = {}
+
+
+def _snapshot_users(arrays: bool, within: bool) -> Any:
+    """SqlUnitOfWork.snapshot_users' statement; `arrays` (PostgreSQL): the IDs as one
+    array parameter; `within`: among given snapshot IDs."""
+    parts = []
+    for kind, table, usable in (
+            ("image", orm.images, orm.images.c.status.in_(bindparam("statuses",
+                                                                    expanding=True))),
+            ("disk", orm.disks, orm.disks.c.released.is_(False))):
+        column = table.c.source_snapshot_id
+        part = select(literal(kind).label("kind"), column).where(
+            table.c.account_id == bindparam("account_id"), usable, column != "")
+        if within:
+            part = part.where(column == any_(bindparam("ids", type_=TextArray())) if arrays
+                              else column.in_(bindparam("ids", expanding=True)))
+        parts.append(part)
+    return union_all(*parts)
 
 
 def _has_tags(obj: Any, wanted: dict[str, str]) -> bool:
@@ -603,6 +647,25 @@ class SqlUnitOfWork:
         if self.connection is not None:
             self.connection.commit()
         return bool(result.rowcount == 1)
+
+    def snapshot_users(self, account_id: str, image_statuses: Sequence[str],
+                       snapshot_ids: Sequence[str] | None) -> tuple[set[str], set[str]]:
+        """The base's docstring: `SELECT 'image', source_snapshot_id FROM images WHERE ...
+        UNION ALL SELECT 'disk', ... FROM disks WHERE ...` (a page's Usage costs one round
+        trip, not two)."""
+        conn = self.connection if self.connection is not None else self.session.connection()
+        arrays = conn.dialect.name == "postgresql"
+        key = (arrays, snapshot_ids is not None)
+        stmt = _SNAPSHOT_USERS.get(key)
+        if stmt is None:
+            stmt = _SNAPSHOT_USERS[key] = _snapshot_users(*key)
+        params: dict[str, Any] = {"account_id": account_id, "statuses": list(image_statuses)}
+        if snapshot_ids is not None:
+            params["ids"] = list(snapshot_ids)
+        found: tuple[set[str], set[str]] = (set(), set())
+        for kind, snapshot_id in conn.execute(stmt, params).tuples():
+            found[kind == "disk"].add(snapshot_id)
+        return found
 
     def advance_policy_run(self, policy_id: str, disk_id: str, due: datetime,
                            snapshot_id: str = "") -> bool:

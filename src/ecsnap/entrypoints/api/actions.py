@@ -694,8 +694,8 @@ def describe_snapshots(c: Call) -> dict[str, Any]:
         source_disk_type=c.p.str("SourceDiskType") or None, tags=c.p.tags(),
         snapshot_type=c.p.str("SnapshotType") or None, usage=c.p.str("Usage") or None,
         **_page_args(c.p))
-    usage = snapshots.snapshot_usage(c.ctx, c.account_id, [s.id for s in page.items])
-    return {"Snapshots": {"Snapshot": [views.snapshot(s, usage[s.id]) for s in page.items]},
+    return {"Snapshots": {"Snapshot": [views.snapshot(s, page.usage[s.id])
+                                       for s in page.items]},
             **views.page_fields(page, True)}
 
 
