@@ -234,6 +234,14 @@ def test_enums_are_stored_by_value_and_only_their_members(uow_factory) -> None: 
     for readonly in (True, False):
         with uow_factory(readonly=readonly) as uow, pytest.raises(KeyError, match="Sleeping"):
             uow.instances.load("i-0001")
+        # a filter by a value no member has is refused too, before it reaches the database
+        # (read-only on PostgreSQL: sql.DriverStatement applies the same bind processing)
+        with uow_factory(readonly=readonly) as uow, pytest.raises(LookupError,
+                                                                 match="Dozing"):
+            try:
+                uow.instances.find(status="Dozing")
+            except StatementError as exc:  # SQLAlchemy's wrapping of it
+                raise exc.orig from exc  # type: ignore[misc]
 
 
 def test_rows_give_only_the_columns_asked_for(uow_factory) -> None:  # type: ignore[no-untyped-def]
@@ -303,6 +311,37 @@ def test_a_pooled_connection_dropped_while_idle_is_replaced_unseen(
             with sql.SqlUnitOfWork(factory, readonly) as uow:
                 assert uow.instances.count() == 0
             monkeypatch.setattr(sql, "PING_AFTER_IDLE_S", 2.0)
+    finally:
+        engine.dispose()
+        killer.dispose()
+
+
+@pytest.mark.postgres
+def test_a_read_on_a_connection_the_server_ended_fails_once_and_is_replaced(
+        request: pytest.FixtureRequest) -> None:
+    """Read-only units of work run their statements on the driver (sql.DriverStatement).
+    When the server ended the connection under one, the read fails with SQLAlchemy's
+    error (its `orig` the driver's), and the connection is invalidated, not given back
+    to the pool: the next read works."""
+    from sqlalchemy.exc import OperationalError
+
+    url = request.getfixturevalue("postgres").fresh_database()
+    engine = sql.make_engine(url)
+    killer = sql.make_engine(url)
+    sql.migrate(engine)
+    factory = sql.session_factory(engine)
+    try:
+        with sql.SqlUnitOfWork(factory, True) as uow:
+            assert uow.instances.find() == []
+            assert uow.connection is not None
+            pid = uow.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with killer.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            with pytest.raises(OperationalError) as failed:
+                uow.instances.find()
+            assert failed.value.connection_invalidated
+        with sql.SqlUnitOfWork(factory, True) as uow:
+            assert uow.instances.find() == [] and uow.instances.rows(["id"]) == []
     finally:
         engine.dispose()
         killer.dispose()
@@ -392,11 +431,18 @@ def test_lists_of_any_strings_select_exactly_their_rows(uow_factory) -> None:  #
         uow.commit()
     with uow_factory(readonly=True) as uow:
         for n in range(len(NAMES)):
-            wanted = NAMES[n:n + 3] + ["absent", 'absent"', "absent\\"]
+            wanted = [*NAMES[n:n + 3], "absent", 'absent"', "absent\\"]
             found = {i.name for i in uow.instances.find(Criteria(within={"name": wanted}))}
             assert found == set(NAMES[n:n + 3])
             left = {i.name for i in uow.instances.find(Criteria(without={"name": wanted}))}
             assert left == set(NAMES) - set(wanted)
+        # an enum's column and a number's take lists too (read-only: no expanding IN)
+        assert uow.instances.count(Criteria(within={"status": ["Pending", "Running"]})) == \
+            len(NAMES) == uow.instances.count(Criteria(without={"status": ["Stopped"]}))
+        assert uow.instances.count(Criteria(within={"vcpus": [2, 4]})) == len(NAMES)
+        assert uow.instances.count(Criteria(without={"vcpus": [2]})) == 0
+        assert [r.name for r in uow.instances.rows(["name"], Criteria(
+            within={"id": ["i-0001", "i-0002"]}, newest_first=False))] == NAMES[1:3]
 
 
 def test_snapshot_users_in_one_statement(uow_factory) -> None:  # type: ignore[no-untyped-def]
@@ -407,11 +453,11 @@ def test_snapshot_users_in_one_statement(uow_factory) -> None:  # type: ignore[n
     with uow_factory() as uow:
         for n, (status, source) in enumerate([("Available", "s-img"), ("Creating", "s-both"),
                                               ("Deprecated", "s-old"), ("Available", "")]):
-            uow.images.add(Image(id=f"m-{n}", account_id="acc", region_id="r", name=f"m{n}", os_name="x",
-                                 template_path="t", size_gib=1,
+            uow.images.add(Image(id=f"m-{n}", account_id="acc", region_id="r", name=f"m{n}",
+                                 os_name="x", template_path="t", size_gib=1,
                                  status=status, source_snapshot_id=source))
-        uow.images.add(Image(id="m-other", account_id="other", region_id="r", name="o", os_name="x", template_path="t",
-                             size_gib=1,
+        uow.images.add(Image(id="m-other", account_id="other", region_id="r", name="o",
+                             os_name="x", template_path="t", size_gib=1,
                              status="Available", source_snapshot_id="s-theirs"))
         for n, (released, source) in enumerate([(False, "s-disk"), (False, "s-both"),
                                                  (True, "s-gone"), (False, "")]):
@@ -427,3 +473,24 @@ def test_snapshot_users_in_one_statement(uow_factory) -> None:  # type: ignore[n
         assert uow.snapshot_users("acc", holds, []) == (set(), set())
         assert uow.snapshot_users("other", holds, None) == ({"s-theirs"}, set())
         assert uow.snapshot_users("acc", ("Deprecated",), None)[0] == {"s-old"}
+
+
+def test_statement_listeners_see_every_read(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    """`before_cursor_execute` listeners (the benchmarks count statements with one) see
+    the statements of read-only units of work too, run on the driver on PostgreSQL."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+    with uow_factory(readonly=True) as uow:
+        engine = uow.session_factory.kw["bind"]
+        listener = lambda *args: seen.append(args[2])  # noqa: E731 (conn, cursor, statement, ...)
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            uow.instances.find(Criteria(within={"id": ["i-1"]}))
+            uow.instances.rows(["id"])
+            uow.snapshot_users("acc", ("Available",), ["s-1"])
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+    selects = [s for s in seen if s.startswith("SELECT")]  # (SQLite: BEGIN, PRAGMAs too)
+    assert len(selects) == 3
+    assert "instances" in selects[0] and "images" in selects[2]

@@ -443,9 +443,9 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
         page = paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
                         next_token=next_token, max_results=max_results)
         ids = [s.id for s in page.items]
-        if users is None and ids:
+        if ids and users is None:
             users = _users(uow, account_id, ids)
-        return SnapshotPage(**vars(page), usage=_usage(ids, *users) if ids else {})
+        return SnapshotPage(**vars(page), usage=_usage(ids, *users) if users else {})
 
 
 # DescribeSnapshots' Usage: what the snapshot was used for (DeleteSnapshot's rules follow it)

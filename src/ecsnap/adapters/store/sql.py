@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import weakref
+from collections import namedtuple
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,6 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
-    all_,
     any_,
     bindparam,
     create_engine,
@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Result, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.base import instance_state
@@ -224,10 +224,12 @@ class DetachedLoader(Generic[T]):
         self.by_key = select(*self.selected).where(
             table.primary_key.columns[0] == bindparam("key"))
 
-    def __call__(self, result: Result[Any]) -> list[T]:
+    def __call__(self, result: Result[Any] | list[Any]) -> list[T]:
+        """The objects of `result`'s rows (SQLAlchemy's), or of rows already fetched."""
         out = []
         new, keys, cls, pk, json_at = self.new, self.keys, self.cls, self.pk, self.json
-        for fetched in result.all():  # one fetch (row by row costs a driver call per row)
+        # one fetch (row by row costs a driver call per row)
+        for fetched in result if isinstance(result, list) else result.all():
             row: Sequence[Any] = fetched
             if json_at:
                 row = list(fetched)
@@ -238,6 +240,89 @@ class DetachedLoader(Generic[T]):
             instance_state(obj).key = (cls, tuple(row[i] for i in pk), None)
             out.append(obj)
         return out
+
+
+class DriverStatement:
+    """A statement that read-only units of work on PostgreSQL run on the driver's own
+    connection (psycopg), compiled once.
+
+    SQLAlchemy's `Connection.execute` costs about as much Python again as psycopg's
+    own execute (execution context, result metadata from the cursor's description, row
+    objects): a fifth of a Describe* page's CPU. Here the values go through the bind
+    processors and the rows through the result processors of the statement's own types,
+    as SQLAlchemy would apply them (StrEnumColumn's lookups, TextArray), so the rows are
+    the same; listeners of `before_cursor_execute` still see the statement; a driver error
+    leaves as SQLAlchemy's (DBAPIError, its `orig` the driver's), and one that says the
+    connection is gone invalidates it, as SQLAlchemy does."""
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        assert "POSTCOMPILE" not in self.sql, "expanding lists: bind them as one array"
+        self.compiled = compiled
+        self.binds = [(name, process) for name, bind in compiled.binds.items()
+                      if (process := bind.type.bind_processor(dialect)) is not None]
+        columns = getattr(stmt, "selected_columns", None)  # None: no rows (text, DML)
+        self.returns_rows = columns is not None
+        self.results = [(i, process) for i, column in enumerate(columns or ())
+                        if (process := column.type.result_processor(dialect, None))
+                        is not None]
+        # rows() gives named tuples (an unnamed column's name: _0, _1...)
+        self.row: Any = namedtuple("Row", [str(c.key) for c in columns or ()],  # type: ignore[misc]
+                                   rename=True)
+
+    def run(self, connection: Connection, params: dict[str, Any]) -> tuple[list[Any], int]:
+        """(the rows as tuples, the row count)."""
+        values = self.compiled.construct_params(params)
+        for name, process in self.binds:
+            values[name] = process(values[name])
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        cursor = driver.cursor()
+        try:
+            if connection.dispatch.before_cursor_execute:
+                connection.dispatch.before_cursor_execute(connection, cursor, self.sql,
+                                                          values, None, False)
+            cursor.execute(self.sql, values)
+            rows = cursor.fetchall() if self.returns_rows else []
+            count = cursor.rowcount
+        except connection.dialect.loaded_dbapi.Error as exc:
+            gone = connection.dialect.is_disconnect(exc, driver, cursor)
+            if gone:
+                connection.invalidate(exc)
+            raise DBAPIError.instance(self.sql, values, exc,
+                                      connection.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=gone,
+                                      dialect=connection.dialect) from exc
+        finally:
+            cursor.close()
+        if self.results:
+            results = self.results
+            for n, fetched in enumerate(rows):
+                row = list(fetched)
+                for i, process in results:
+                    row[i] = process(row[i])
+                rows[n] = row
+        return rows, count
+
+    def named(self, connection: Connection, params: dict[str, Any]) -> list[Any]:
+        """The rows as named tuples (read a field as `row.name`)."""
+        make = self.row._make
+        return [make(r) for r in self.run(connection, params)[0]]
+
+
+_DRIVER_STATEMENTS: dict[Any, DriverStatement] = {}
+
+
+def driver_statement(stmt: Any, connection: Connection) -> DriverStatement:
+    """`stmt`'s DriverStatement (statements are module constants or cached by shape in
+    _STATEMENTS: one compile each)."""
+    found = _DRIVER_STATEMENTS.get(stmt)
+    if found is None:
+        if len(_DRIVER_STATEMENTS) > 2000:  # as _STATEMENTS: shapes come from code
+            _DRIVER_STATEMENTS.clear()
+        found = _DRIVER_STATEMENTS[stmt] = DriverStatement(stmt, connection.dialect)
+    return found
 
 
 def _json_value(raw: str | None) -> Any:
@@ -275,6 +360,16 @@ class SqlRepository(Generic[T]):
         # PostgreSQL: lists of IDs as one array parameter (see _build)
         bind = connection if connection is not None else session.get_bind()
         self.arrays = bind.dialect.name == "postgresql"
+        # PostgreSQL's read-only units of work run their statements on the driver
+        self.driver = connection if connection is not None and self.arrays else None
+
+    def _loaded(self, stmt: Any, params: dict[str, Any]) -> list[T]:
+        """The objects of a read-only unit of work's `stmt` (DetachedLoader's columns)."""
+        assert self.connection is not None and self.loader is not None
+        if self.driver is not None:
+            return self.loader(driver_statement(stmt, self.driver).run(self.driver,
+                                                                       params)[0])
+        return self.loader(self.connection.execute(stmt, params))
 
     def add(self, obj: T) -> None:
         self.session.add(obj)
@@ -282,7 +377,7 @@ class SqlRepository(Generic[T]):
     def get(self, obj_id: Any) -> T | None:
         if self.connection is None or self.loader is None or not self.loader.single_key:
             return self.session.get(self.cls, obj_id)
-        found = self.loader(self.connection.execute(self.loader.by_key, {"key": obj_id}))
+        found = self._loaded(self.loader.by_key, {"key": obj_id})
         return found[0] if found else None
 
     def load(self, obj_id: Any) -> T:
@@ -301,7 +396,7 @@ class SqlRepository(Generic[T]):
         if self.connection is None or self.loader is None:
             rows = list(self.session.scalars(stmt, params))
         else:
-            rows = self.loader(self.connection.execute(stmt, params))
+            rows = self._loaded(stmt, params)
         if criteria.tags:
             rows = [r for r in rows if _has_tags(r, criteria.tags)][:TAG_FILTER_CAP]
             end = None if criteria.limit is None else criteria.offset + criteria.limit
@@ -316,6 +411,8 @@ class SqlRepository(Generic[T]):
         criteria = criteria or Criteria()
         assert not criteria.tags, "tags are filtered on whole objects: use find"
         stmt, params, _ = self._query(criteria, equals, "columns", tuple(columns))
+        if self.driver is not None:
+            return driver_statement(stmt, self.driver).named(self.driver, params)
         run = self.session.execute if self.connection is None else self.connection.execute
         return list(run(stmt, params).all())
 
@@ -329,15 +426,22 @@ class SqlRepository(Generic[T]):
         if self.connection is None:
             return int(self.session.scalar(stmt, params) or 0)
         if self.counts is None:
-            return int(self.connection.execute(stmt, params).scalar() or 0)
+            return self._counted(stmt, params)
         cache, since = self.counts
         key = (shape, *((k, tuple(v) if isinstance(v, list) else v)
                         for k, v in params.items()))
         found = cache.get(self.table.name, key)
         if found is None:
-            found = int(self.connection.execute(stmt, params).scalar() or 0)
+            found = self._counted(stmt, params)
             cache.put(key, found, since)
         return found
+
+    def _counted(self, stmt: Any, params: dict[str, Any]) -> int:
+        assert self.connection is not None
+        if self.driver is not None:
+            return int(driver_statement(stmt, self.driver).run(self.driver,
+                                                               params)[0][0][0] or 0)
+        return int(self.connection.execute(stmt, params).scalar() or 0)
 
     def _query(self, criteria: Criteria, equals: dict[str, Any], what: str,
                only: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
@@ -406,14 +510,9 @@ class SqlRepository(Generic[T]):
             stmt = stmt.where(c[name].is_(None) if value is None
                               else c[name] == bindparam(f"eq_{name}"))
         for name in criteria.within:
-            stmt = stmt.where(c[name] == any_(bindparam(f"in_{name}", type_=TextArray()))
-                              if arrays and _plain_string(c[name]) else
-                              c[name].in_(bindparam(f"in_{name}", expanding=True)))
+            stmt = stmt.where(_among(c[name], f"in_{name}", arrays))
         for name in criteria.without:
-            stmt = stmt.where(c[name] != all_(bindparam(f"notin_{name}",
-                                                        type_=TextArray()))
-                              if arrays and _plain_string(c[name]) else
-                              c[name].not_in(bindparam(f"notin_{name}", expanding=True)))
+            stmt = stmt.where(~_among(c[name], f"notin_{name}", arrays))
         for name in criteria.wildcard:
             stmt = stmt.where(c[name].like(bindparam(f"like_{name}"), escape="\\"))
         if criteria.created_from is not None:
@@ -466,9 +565,16 @@ class TextArray(TypeDecorator[list[str]]):
         return sql_cast(bindvalue, ARRAY(String()))
 
 
-def _plain_string(column: Any) -> bool:
-    """A text column whose values go to the database as they are (an enum's do not)."""
-    return isinstance(column.type, String)  # (an enum's StrEnumColumn is not one)
+def _among(column: Any, name: str, arrays: bool) -> Any:
+    """`column IN (the list parameter name)`. `arrays` (PostgreSQL): one array parameter,
+    `column = ANY(...)` (negated: `<> ALL`), a text column's as one TextArray string, so
+    the statement's text stays the same whatever the number of values and has no
+    expanding parameter (DriverStatement runs none); elsewhere an expanding IN."""
+    if not arrays:
+        return column.in_(bindparam(name, expanding=True))
+    textual = isinstance(column.type, String | orm.StrEnumColumn)
+    return column == any_(bindparam(name, type_=TextArray() if textual
+                                    else ARRAY(column.type)))
 
 
 _SNAPSHOT_USERS: dict[tuple[bool, bool], Any] = {}
@@ -478,17 +584,13 @@ def _snapshot_users(arrays: bool, within: bool) -> Any:
     """SqlUnitOfWork.snapshot_users' statement; `arrays` (PostgreSQL): the IDs as one
     array parameter; `within`: among given snapshot IDs."""
     parts = []
-    for kind, table, usable in (
-            ("image", orm.images, orm.images.c.status.in_(bindparam("statuses",
-                                                                    expanding=True))),
-            ("disk", orm.disks, orm.disks.c.released.is_(False))):
+    for kind, table, usable in (("image", orm.images,
+                                 _among(orm.images.c.status, "statuses", arrays)),
+                                ("disk", orm.disks, orm.disks.c.released.is_(False))):
         column = table.c.source_snapshot_id
         part = select(literal(kind).label("kind"), column).where(
             table.c.account_id == bindparam("account_id"), usable, column != "")
-        if within:
-            part = part.where(column == any_(bindparam("ids", type_=TextArray())) if arrays
-                              else column.in_(bindparam("ids", expanding=True)))
-        parts.append(part)
+        parts.append(part.where(_among(column, "ids", arrays)) if within else part)
     return union_all(*parts)
 
 
@@ -640,10 +742,12 @@ class SqlUnitOfWork:
             _last_purge = time.monotonic()
         # on PostgreSQL the statement itself sets synchronous_commit off for its
         # transaction (set_config(..., true) is SET LOCAL): no round trip of its own
+        values = {"key_id": key_id, "nonce": nonce, "expires": expires, "now": now}
+        if self.connection is not None and conn.dialect.name == "postgresql":
+            # autocommit: committed by itself, on the driver (DriverStatement)
+            return driver_statement(_SPEND_NONCE_PG, conn).run(conn, values)[1] == 1
         result = conn.execute(_SPEND_NONCE_PG if conn.dialect.name == "postgresql"
-                              else _SPEND_NONCE,
-                              {"key_id": key_id, "nonce": nonce, "expires": expires,
-                               "now": now})
+                              else _SPEND_NONCE, values)
         if self.connection is not None:
             self.connection.commit()
         return bool(result.rowcount == 1)
@@ -663,7 +767,9 @@ class SqlUnitOfWork:
         if snapshot_ids is not None:
             params["ids"] = list(snapshot_ids)
         found: tuple[set[str], set[str]] = (set(), set())
-        for kind, snapshot_id in conn.execute(stmt, params).tuples():
+        rows = driver_statement(stmt, conn).run(conn, params)[0] \
+            if self.connection is not None and arrays else conn.execute(stmt, params).tuples()
+        for kind, snapshot_id in rows:
             found[kind == "disk"].add(snapshot_id)
         return found
 
