@@ -820,11 +820,14 @@ class MemoryRepository(Generic[T]):
     def find(self, criteria: Criteria | None = None, **equals: Any) -> list[T]:
         return cast(list[T], self._uow._find(self._table, criteria, equals))
 
-    def rows(self, columns: Sequence[str], criteria: Criteria | None = None,
+    def rows(self, columns: Sequence[str] | None = None, criteria: Criteria | None = None,
              **equals: Any) -> list[Any]:
-        assert not (criteria and criteria.tags), "tags are filtered on whole objects: use find"
-        row = typing.NamedTuple("Row", [(c, Any) for c in columns])  # type: ignore[misc]
-        return [row(*(getattr(obj, c) for c in columns)) for obj in self.find(criteria, **equals)]
+        found = self.find(criteria, **equals)
+        names = tuple(columns) if columns else tuple(
+            f.name for f in dataclasses.fields(cast(Any, found[0]))) if found else ()
+        assert not (criteria and criteria.tags) or "tags" in names or not found
+        row = typing.NamedTuple("Row", [(c, Any) for c in names])  # type: ignore[misc]
+        return [row(*(getattr(obj, c) for c in names)) for obj in found]
 
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int:
         return self._uow._count_rows(self._table, criteria, equals)

@@ -494,3 +494,26 @@ def test_statement_listeners_see_every_read(uow_factory) -> None:  # type: ignor
     selects = [s for s in seen if s.startswith("SELECT")]  # (SQLite: BEGIN, PRAGMAs too)
     assert len(selects) == 3
     assert "instances" in selects[0] and "images" in selects[2]
+
+
+def test_rows_of_every_column_read_as_the_objects_do(uow_factory) -> None:  # type: ignore[no-untyped-def]
+    """`rows()` (every column) gives the listings' rows: each field as the object has it
+    (enums as members, JSON as dicts, datetimes), and filters by tags as `find` does."""
+    start = utcnow()
+    with uow_factory() as uow:
+        for n in range(6):
+            uow.instances.add(make_instance(n, created=start, status=InstanceStatus.RUNNING,
+                                            tags={"n": str(n % 2)} if n else {}))
+        uow.commit()
+    for readonly in (True, False):
+        with uow_factory(readonly=readonly) as uow:
+            objects = uow.instances.find()
+            rows = uow.instances.rows()
+            fields = [f for f in vars(make_instance(0)) if not f.startswith("_")]
+            assert [{f: getattr(r, f) for f in fields} for r in rows] == \
+                [{f: getattr(o, f) for f in fields} for o in objects]
+            assert rows[0].status is InstanceStatus.RUNNING and rows[-1].tags == {}
+            assert type(rows[1].tags) is dict and rows[1].tags == {"n": "0"}
+            wanted = Criteria(tags={"n": "1"}, limit=2, offset=1)
+            assert [r.id for r in uow.instances.rows(None, wanted)] == \
+                [o.id for o in uow.instances.find(wanted)] == ["i-0003", "i-0001"]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ecsnap.adapters.store.base import Criteria, UnitOfWork
+from ecsnap.adapters.store.base import Criteria, Row, UnitOfWork
 from ecsnap.domain import errors, ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import (
@@ -541,8 +541,9 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
                        tags: dict[str, str] | None = None, page_number: int | None = None,
                        page_size: int | None = None, next_token: str | None = None,
                        max_results: int | None = None,
-                       images: dict[str, Image] | None = None) -> Page[Instance]:
-    """A page of the account's instances. `images`, when given, is filled with the images
+                       images: dict[str, Image] | None = None) -> Page[Row]:
+    """A page of the account's instances (rows: every field of an Instance, as a named
+    tuple). `images`, when given, is filled with the images
     of the page's instances (DescribeInstances shows each one's OS), read in the same unit
     of work."""
     if status and status not in {s.value for s in InstanceStatus}:
@@ -559,7 +560,7 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
     with ctx.uow(readonly=True) as uow:
         ctx.check_region(uow, region_id)
         page = paginate(uow.instances, criteria, page_number=page_number, page_size=page_size,
-                        next_token=next_token, max_results=max_results)
+                        next_token=next_token, max_results=max_results, as_rows=True)
         if images is not None and page.items:
             wanted = sorted({i.image_id for i in page.items})
             images.update((m.id, m) for m in uow.images.find(Criteria(within={"id": wanted})))

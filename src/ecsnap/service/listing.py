@@ -92,9 +92,12 @@ def _decode_offset(token: str) -> int:
 def paginate(repo: Repository[T], criteria: Criteria, *, page_number: int | None = None,
              page_size: int | None = None, next_token: str | None = None,
              max_results: int | None = None, max_page_size: int = 100,
-             token_only: bool = False) -> Page[T]:
+             token_only: bool = False, as_rows: bool = False) -> Page[Any]:
     """A page of `repo` under `criteria`. A NextToken (or MaxResults, or `token_only`) selects
-    the token style, whose pages are keyset-based and stay cheap however deep one walks."""
+    the token style, whose pages are keyset-based and stay cheap however deep one walks.
+    `as_rows`: the page's items are rows (`repo.rows()`: every column, as a named tuple),
+    not objects; what the Describe* listings show."""
+    fetch = repo.rows if as_rows else repo.find
     token_style = token_only or next_token is not None or max_results is not None
     if token_style:
         size = max_results or 10
@@ -102,13 +105,13 @@ def paginate(repo: Repository[T], criteria: Criteria, *, page_number: int | None
             raise EcsError("InvalidParameter.MaxResults",
                            f"MaxResults must be between 1 and {max_page_size}.", 400)
         after = _decode(next_token) if next_token else None
-        rows = repo.find(replace(criteria, after=after, limit=size + 1, offset=0))
+        rows = fetch(criteria=replace(criteria, after=after, limit=size + 1, offset=0))
         more = len(rows) > size
         rows = rows[:size]
         token = _encode(rows[-1]) if more and rows else ""
         total = repo.count(replace(criteria, after=None, limit=None, offset=0))
         return Page(rows, total, 1, size, token)
     number, size = check_page(page_number, page_size, max_page_size)
-    rows = repo.find(replace(criteria, offset=(number - 1) * size, limit=size))
+    rows = fetch(criteria=replace(criteria, offset=(number - 1) * size, limit=size))
     total = repo.count(replace(criteria, offset=0, limit=None))
     return Page(rows, total, number, size, "")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from ecsnap.adapters.store.base import Criteria, UnitOfWork
+from ecsnap.adapters.store.base import Criteria, Row, UnitOfWork
 from ecsnap.domain import ids, rules
 from ecsnap.domain.errors import EcsError
 from ecsnap.domain.model import (
@@ -388,8 +388,9 @@ def modify_snapshot_group(ctx: ServiceContext, account_id: str, region_id: str, 
 
 
 @dataclass
-class SnapshotPage(Page[Snapshot]):
-    """A page of DescribeSnapshots, with each snapshot's `Usage` (by ID): image, disk,
+class SnapshotPage(Page[Row]):
+    """A page of DescribeSnapshots (its items the snapshots' rows: every field of a
+    Snapshot, as a named tuple), with each snapshot's `Usage` (by ID): image, disk,
     image_disk or none."""
 
     usage: dict[str, str] = field(default_factory=dict)
@@ -441,7 +442,7 @@ def describe_snapshots(ctx: ServiceContext, account_id: str, region_id: str, *,
                 criteria.within["id"] = sorted(
                     wanted & set(criteria.within["id"]) if "id" in criteria.within else wanted)
         page = paginate(uow.snapshots, criteria, page_number=page_number, page_size=page_size,
-                        next_token=next_token, max_results=max_results)
+                        next_token=next_token, max_results=max_results, as_rows=True)
         ids = [s.id for s in page.items]
         if ids and users is None:
             users = _users(uow, account_id, ids)
@@ -501,7 +502,7 @@ MEMBER_COLUMNS = ("id", "group_id", "source_disk_id", "source_disk_type", "progr
 
 @dataclass
 class GroupView:
-    group: SnapshotGroup
+    group: SnapshotGroup | Row  # (a listing's: the group's row, every field of it)
     snapshots: Sequence[GroupMember]
 
     @property
@@ -532,7 +533,7 @@ def describe_snapshot_groups(ctx: ServiceContext, account_id: str, region_id: st
         criteria.equals["name"] = name
     with ctx.uow(readonly=True) as uow:
         ctx.check_region(uow, region_id)
-        page = paginate(uow.snapshot_groups, criteria, next_token=next_token,
+        page = paginate(uow.snapshot_groups, criteria, as_rows=True, next_token=next_token,
                         max_results=max_results, token_only=True)
         members: dict[str, list[GroupMember]] = {g.id: [] for g in page.items}
         if members:

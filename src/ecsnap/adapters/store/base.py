@@ -73,6 +73,11 @@ class KeyedRepository(Protocol[T, K]):
     def delete(self, obj: T) -> None: ...
 
 
+# A row of Repository.rows: a named tuple whose fields are the columns asked for (all of
+# them: every field of the domain object, read as `row.name`); what listings show.
+Row = Any
+
+
 class Repository(Protocol[T]):
     def add(self, obj: T) -> None: ...
 
@@ -86,9 +91,10 @@ class Repository(Protocol[T]):
 
     def find(self, criteria: Criteria | None = None, **equals: Any) -> list[T]: ...
 
-    def rows(self, columns: Sequence[str], criteria: Criteria | None = None,
+    def rows(self, columns: Sequence[str] | None = None, criteria: Criteria | None = None,
              **equals: Any) -> list[Any]:
-        """Only `columns` of the rows `find` would give, as read-only named tuples."""
+        """Only `columns` (None: every column) of the rows `find` would give, as read-only
+        named tuples: what a listing shows, cheaper than whole objects."""
         ...
 
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int: ...

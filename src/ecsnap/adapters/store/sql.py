@@ -247,13 +247,14 @@ class DriverStatement:
     connection (psycopg), compiled once.
 
     SQLAlchemy's `Connection.execute` costs about as much Python again as psycopg's
-    own execute (execution context, result metadata from the cursor's description, row
-    objects): a fifth of a Describe* page's CPU. Here the values go through the bind
-    processors and the rows through the result processors of the statement's own types,
-    as SQLAlchemy would apply them (StrEnumColumn's lookups, TextArray), so the rows are
-    the same; listeners of `before_cursor_execute` still see the statement; a driver error
-    leaves as SQLAlchemy's (DBAPIError, its `orig` the driver's), and one that says the
-    connection is gone invalidates it, as SQLAlchemy does."""
+    own execute (execution context, result metadata built from the cursor's description,
+    row objects): run here, a Describe* page took 0.65-0.81 of the CPU it took through
+    SQLAlchemy (in process, side by side; docs/benchmarks.md §8). The values go through
+    the bind processors and the rows through the result processors of the statement's
+    own types, as SQLAlchemy would apply them (StrEnumColumn's lookups, TextArray), so the
+    rows are the same; listeners of `before_cursor_execute` still see the statement; a
+    driver error leaves as SQLAlchemy's (DBAPIError, its `orig` the driver's), and one
+    that says the connection is gone invalidates it, as SQLAlchemy does."""
 
     def __init__(self, stmt: Any, dialect: Any) -> None:
         compiled = stmt.compile(dialect=dialect)
@@ -267,9 +268,6 @@ class DriverStatement:
         self.results = [(i, process) for i, column in enumerate(columns or ())
                         if (process := column.type.result_processor(dialect, None))
                         is not None]
-        # rows() gives named tuples (an unnamed column's name: _0, _1...)
-        self.row: Any = namedtuple("Row", [str(c.key) for c in columns or ()],  # type: ignore[misc]
-                                   rename=True)
 
     def run(self, connection: Connection, params: dict[str, Any]) -> tuple[list[Any], int]:
         """(the rows as tuples, the row count)."""
@@ -304,11 +302,6 @@ class DriverStatement:
                     row[i] = process(row[i])
                 rows[n] = row
         return rows, count
-
-    def named(self, connection: Connection, params: dict[str, Any]) -> list[Any]:
-        """The rows as named tuples (read a field as `row.name`)."""
-        make = self.row._make
-        return [make(r) for r in self.run(connection, params)[0]]
 
 
 _DRIVER_STATEMENTS: dict[Any, DriverStatement] = {}
@@ -397,24 +390,26 @@ class SqlRepository(Generic[T]):
             rows = list(self.session.scalars(stmt, params))
         else:
             rows = self._loaded(stmt, params)
-        if criteria.tags:
-            rows = [r for r in rows if _has_tags(r, criteria.tags)][:TAG_FILTER_CAP]
-            end = None if criteria.limit is None else criteria.offset + criteria.limit
-            return rows[criteria.offset:end]
-        return rows
+        return _tag_filtered(rows, criteria)
 
-    def rows(self, columns: Sequence[str], criteria: Criteria | None = None,
+    def rows(self, columns: Sequence[str] | None = None, criteria: Criteria | None = None,
              **equals: Any) -> list[Any]:
-        """`columns` of the rows `find` would give, as named tuples (read a field as
-        `row.name`), never saved: a listing that shows a few fields of many rows skips
-        building whole objects."""
+        """`columns` (None: every column) of the rows `find` would give, as named tuples
+        (read a field as `row.name`), never saved. A listing skips building whole objects:
+        a row costs a tenth of a detached object to make, and a field of it a fifth to
+        read (a mapped attribute is a Python descriptor call); a page of 100 snapshots
+        took 0.6 ms less."""
         criteria = criteria or Criteria()
-        assert not criteria.tags, "tags are filtered on whole objects: use find"
-        stmt, params, _ = self._query(criteria, equals, "columns", tuple(columns))
+        shape = _row_shape(self.cls, self.table, tuple(columns or ()))
+        assert not criteria.tags or "tags" in shape.names, "tags filter needs the column"
+        stmt, params, _ = self._query(criteria, equals, "columns", shape.names)
+        fetched: Sequence[Any]
         if self.driver is not None:
-            return driver_statement(stmt, self.driver).named(self.driver, params)
-        run = self.session.execute if self.connection is None else self.connection.execute
-        return list(run(stmt, params).all())
+            fetched = driver_statement(stmt, self.driver).run(self.driver, params)[0]
+        else:
+            run = self.session.execute if self.connection is None else self.connection.execute
+            fetched = run(stmt, params).all()
+        return _tag_filtered(shape.make(fetched), criteria)
 
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int:
         criteria = criteria or Criteria()
@@ -502,7 +497,7 @@ class SqlRepository(Generic[T]):
         elif what == "orm count":
             stmt = select(func.count()).select_from(self.cls)  # ORM: autoflush
         elif what == "columns":
-            stmt = select(*(c[n] for n in only)) if only else \
+            stmt = select(*(_as_read(c[n]) for n in only)) if only else \
                 select(*_loader(self.cls).selected)
         else:
             stmt = select(self.cls)
@@ -548,7 +543,7 @@ _STATEMENTS: dict[tuple[Any, ...], Any] = {}
 class TextArray(TypeDecorator[list[str]]):
     """A list of strings bound as ONE text parameter in PostgreSQL's array syntax
     (`{"a","b"}`), cast to `varchar[]` in SQL. psycopg dumps a list element by element
-    in Python (a page's 100 IDs: a tenth of a DescribeSnapshots page's CPU), a string in
+    in Python (a page's 100 IDs: 2-5 % of a DescribeSnapshots page's CPU), a string in
     one C call. Every element is double-quoted, with `"` and `\\` escaped, so any string
     stays one element."""
 
@@ -567,9 +562,10 @@ class TextArray(TypeDecorator[list[str]]):
 
 def _among(column: Any, name: str, arrays: bool) -> Any:
     """`column IN (the list parameter name)`. `arrays` (PostgreSQL): one array parameter,
-    `column = ANY(...)` (negated: `<> ALL`), a text column's as one TextArray string, so
-    the statement's text stays the same whatever the number of values and has no
-    expanding parameter (DriverStatement runs none); elsewhere an expanding IN."""
+    `column = ANY(...)` (negated: `NOT (... = ANY(...))`), a text column's as one
+    TextArray string, so the statement's text stays the same whatever the number of
+    values and has no expanding parameter (DriverStatement runs none); elsewhere an
+    expanding IN."""
     if not arrays:
         return column.in_(bindparam(name, expanding=True))
     textual = isinstance(column.type, String | orm.StrEnumColumn)
@@ -592,6 +588,55 @@ def _snapshot_users(arrays: bool, within: bool) -> Any:
             table.c.account_id == bindparam("account_id"), usable, column != "")
         parts.append(part.where(_among(column, "ids", arrays)) if within else part)
     return union_all(*parts)
+
+
+def _as_read(column: Any) -> Any:
+    """A column as reads select it: a JSON column as its text (`_json_value` parses it;
+    most hold "{}", which needs no parser)."""
+    return sql_cast(column, Text) if isinstance(column.type, JSON) else column
+
+
+class _RowShape:
+    """The named tuple type of some columns of a table, and how to make its rows."""
+
+    def __init__(self, table: Table, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.type: Any = namedtuple("Row", names)  # type: ignore[misc]
+        self.json = [i for i, n in enumerate(names) if isinstance(table.c[n].type, JSON)]
+
+    def make(self, fetched: Sequence[Any]) -> list[Any]:
+        make, json_at = self.type._make, self.json
+        if not json_at:
+            return [make(r) for r in fetched]
+        out = []
+        for r in fetched:
+            row = list(r)
+            for i in json_at:
+                row[i] = _json_value(row[i])
+            out.append(make(row))
+        return out
+
+
+_ROW_SHAPES: dict[tuple[type, tuple[str, ...]], _RowShape] = {}
+
+
+def _row_shape(cls: type, table: Table, columns: tuple[str, ...]) -> _RowShape:
+    """The shape of `columns` of `cls`'s table (empty: every column, by attribute name)."""
+    found = _ROW_SHAPES.get((cls, columns))
+    if found is None:
+        names = columns or tuple(_loader(cls).keys)
+        found = _ROW_SHAPES[(cls, columns)] = _RowShape(table, names)
+    return found
+
+
+def _tag_filtered(rows: list[Any], criteria: Criteria) -> list[Any]:
+    """`rows` (objects or rows) with the tags of `criteria`, then its offset and limit
+    (tags are filtered here: the statement read up to TAG_FILTER_CAP * 10 rows)."""
+    if not criteria.tags:
+        return rows
+    rows = [r for r in rows if _has_tags(r, criteria.tags)][:TAG_FILTER_CAP]
+    end = None if criteria.limit is None else criteria.offset + criteria.limit
+    return rows[criteria.offset:end]
 
 
 def _has_tags(obj: Any, wanted: dict[str, str]) -> bool:
