@@ -19,8 +19,8 @@ TYPE = "ecs.t5-lc2m1.nano"
 
 
 def _usage(world: FastWorld, *snap_ids: str) -> list[str]:
-    found = snapshots.snapshot_usage(world.ctx, ACCOUNT, list(snap_ids))
-    return [found[s] for s in snap_ids]
+    page = snapshots.describe_snapshots(world.ctx, ACCOUNT, REGION, snapshot_ids=list(snap_ids))
+    return [page.usage[s] for s in snap_ids]
 
 
 def _with_usage(world: FastWorld, usage: str) -> set[str]:
@@ -109,8 +109,9 @@ def test_snapshot_usage_follows_its_disks_and_images(world: FastWorld, image: Im
     disks.delete_disk(ctx, ACCOUNT, from_data)
     assert _usage(world, s_sys, s_data) == ["none", "none"]
     assert _with_usage(world, "none") == {s_sys, s_data, s_idle}
-    # another account's disks and images never count
-    assert snapshots.snapshot_usage(ctx, OTHER, [s_sys]) == {s_sys: "none"}
+    # another account sees none of them (its own images and disks alone count: the
+    # store's snapshot_users, tests/store/test_store.py)
+    assert snapshots.describe_snapshots(ctx, OTHER, REGION, snapshot_ids=[s_sys]).items == []
     with pytest.raises(EcsError) as caught:
         snapshots.describe_snapshots(ctx, ACCOUNT, REGION, usage="instance")
     assert (caught.value.code, caught.value.http_status) == ("InvalidUsage", 404)

@@ -543,9 +543,8 @@ def describe_instances(ctx: ServiceContext, account_id: str, region_id: str, *,
                        max_results: int | None = None,
                        images: dict[str, Image] | None = None) -> Page[Row]:
     """A page of the account's instances (rows: every field of an Instance, as a named
-    tuple). `images`, when given, is filled with the images
-    of the page's instances (DescribeInstances shows each one's OS), read in the same unit
-    of work."""
+    tuple). `images`, when given, is filled with the images of the page's instances
+    (DescribeInstances shows each one's OS), read in the same unit of work."""
     if status and status not in {s.value for s in InstanceStatus}:
         raise EcsError("InvalidStatus.NotFound", f"The status \"{status}\" is not valid.", 404)
     criteria = Criteria(equals={"account_id": account_id, "region_id": region_id}, tags=tags or {})

@@ -466,15 +466,6 @@ def _usage(snapshot_ids: Sequence[str], imaged: set[str],
             else "disk" if s in disked else "none" for s in snapshot_ids}
 
 
-def snapshot_usage(ctx: ServiceContext, account_id: str,
-                   snapshot_ids: Sequence[str]) -> dict[str, str]:
-    """DescribeSnapshots' `Usage` of each snapshot: image, disk, image_disk or none."""
-    if not snapshot_ids:
-        return {}
-    with ctx.uow(readonly=True) as uow:
-        return _usage(snapshot_ids, *_users(uow, account_id, snapshot_ids))
-
-
 class GroupMember(Protocol):
     """What a listing of snapshot groups shows of each member snapshot (a Snapshot has
     it; DescribeSnapshotGroups reads only these columns of its members)."""
