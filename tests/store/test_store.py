@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -295,22 +298,33 @@ def test_a_pooled_connection_dropped_while_idle_is_replaced_unseen(
     """A connection the server ended while it sat in the pool (a restart, an idle timeout
     of a proxy) is tested before use once it has been idle a while, and replaced; the
     caller never sees the error."""
-    url = request.getfixturevalue("postgres").fresh_database()
-    engine = sql.make_engine(url)
-    killer = sql.make_engine(url)
-    sql.migrate(engine)
-    factory = sql.session_factory(engine)
-    try:
+    with _store_and_killer(request) as (factory, kill):
         for readonly in (True, False):
             with sql.SqlUnitOfWork(factory, readonly) as uow:
                 run = uow.session.execute if uow.connection is None else uow.connection.execute
                 pid = run(text("SELECT pg_backend_pid()")).scalar()
-            with killer.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
-                other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            kill(pid)  # while the connection sits in the pool
             monkeypatch.setattr(sql, "PING_AFTER_IDLE_S", 0.0)
             with sql.SqlUnitOfWork(factory, readonly) as uow:
                 assert uow.instances.count() == 0
             monkeypatch.setattr(sql, "PING_AFTER_IDLE_S", 2.0)
+
+
+@contextlib.contextmanager
+def _store_and_killer(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any]]:
+    """A migrated store on a fresh PostgreSQL database (its session factory), and a
+    function that ends one of its server processes (pg_terminate_backend)."""
+    url = request.getfixturevalue("postgres").fresh_database()
+    engine = sql.make_engine(url)
+    killer = sql.make_engine(url)
+    sql.migrate(engine)
+
+    def kill(pid: int) -> None:
+        with killer.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+
+    try:
+        yield sql.session_factory(engine), kill
     finally:
         engine.dispose()
         killer.dispose()
@@ -325,26 +339,16 @@ def test_a_read_on_a_connection_the_server_ended_fails_once_and_is_replaced(
     to the pool: the next read works."""
     from sqlalchemy.exc import OperationalError
 
-    url = request.getfixturevalue("postgres").fresh_database()
-    engine = sql.make_engine(url)
-    killer = sql.make_engine(url)
-    sql.migrate(engine)
-    factory = sql.session_factory(engine)
-    try:
+    with _store_and_killer(request) as (factory, kill):
         with sql.SqlUnitOfWork(factory, True) as uow:
             assert uow.instances.find() == []
             assert uow.connection is not None
-            pid = uow.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            with killer.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
-                other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            kill(uow.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar())
             with pytest.raises(OperationalError) as failed:
                 uow.instances.find()
             assert failed.value.connection_invalidated
         with sql.SqlUnitOfWork(factory, True) as uow:
             assert uow.instances.find() == [] and uow.instances.rows(["id"]) == []
-    finally:
-        engine.dispose()
-        killer.dispose()
 
 
 def test_counts_are_exact_after_every_commit(uow_factory,  # type: ignore[no-untyped-def]
