@@ -350,7 +350,8 @@ def _sections(text: str) -> tuple[str, dict[str, str]]:
 def keep_from_earlier(text: str, earlier: str) -> str:
     """A new report `text`, with what it does not hold taken from the `earlier` report in
     its place: the hand-written findings, and the sections a run with --only did not
-    measure again (each marked with the run it comes from)."""
+    measure again (each marked with the run it comes from, unless it says its own: the
+    sections other benchmarks write, with their "Run on" line)."""
     head, new = _sections(text)
     old_head, old = _sections(earlier)
     when = next((line.removeprefix("Run on ").split(",", 1)[0]
@@ -359,7 +360,7 @@ def keep_from_earlier(text: str, earlier: str) -> str:
     for key, section in old.items():
         if key in merged:
             continue
-        if key != FINDINGS and KEPT not in section:
+        if key != FINDINGS and KEPT not in section and "\nRun on " not in section:
             heading, rest = section.split("\n", 1)
             section = f"{heading}\n\n{KEPT} {when}, not measured again in this one.\n{rest}"
         merged[key] = section

@@ -46,3 +46,19 @@ def test_benchmarks_run_on_tiny_sizes(tmp_path: Path) -> None:
 
 def section(report: str, number: str) -> str:
     return report.split(f"\n## {number}.")[1].split("\n## ")[0]
+
+
+def test_a_run_with_only_marks_the_sections_it_kept() -> None:
+    """`bench.run --only` keeps the sections it did not measure, each marked with the run
+    it comes from, unless it says its own (the sections other benchmarks write)."""
+    from bench.run import KEPT, keep_from_earlier
+
+    earlier = ("# report\n\nRun on 2026-11-30 10:48 UTC, vm.\n\n## 1. one\n\nold figures\n"
+               "## 5. scale\n\nold scale\n## 8. cluster\n\nRun on 2026-12-02 06:36 UTC: "
+               "`python -m bench.cluster`\n\nits figures\n")
+    new = "# report\n\nRun on 2026-12-02 07:00 UTC, vm.\n\n## 5. scale\n\nnew scale\n"
+    merged = keep_from_earlier(new, earlier)
+    assert "new scale" in merged and "old scale" not in merged
+    assert f"## 1. one\n\n{KEPT} 2026-11-30 10:48 UTC" in merged
+    cluster = merged[merged.index("## 8."):]
+    assert KEPT not in cluster and "its figures" in cluster
