@@ -39,7 +39,7 @@ from sqlalchemy import (
     cast as sql_cast,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Result, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -224,12 +224,11 @@ class DetachedLoader(Generic[T]):
         self.by_key = select(*self.selected).where(
             table.primary_key.columns[0] == bindparam("key"))
 
-    def __call__(self, result: Result[Any] | list[Any]) -> list[T]:
-        """The objects of `result`'s rows (SQLAlchemy's), or of rows already fetched."""
+    def __call__(self, rows: Sequence[Any]) -> list[T]:
+        """The objects of rows fetched at once (row by row costs a driver call per row)."""
         out = []
         new, keys, cls, pk, json_at = self.new, self.keys, self.cls, self.pk, self.json
-        # one fetch (row by row costs a driver call per row)
-        for fetched in result if isinstance(result, list) else result.all():
+        for fetched in rows:
             row: Sequence[Any] = fetched
             if json_at:
                 row = list(fetched)
@@ -307,6 +306,17 @@ class DriverStatement:
 _DRIVER_STATEMENTS: dict[Any, DriverStatement] = {}
 
 
+def _fetched(session: Session, connection: Connection | None, stmt: Any,
+             params: dict[str, Any]) -> list[Any]:
+    """The rows of `stmt`, fetched at once: on the driver in a read-only unit of work on
+    PostgreSQL (`connection` given: DriverStatement), else through SQLAlchemy (`session`'s
+    in a writing one)."""
+    if connection is not None and connection.dialect.name == "postgresql":
+        return driver_statement(stmt, connection).run(connection, params)[0]
+    run = session.execute if connection is None else connection.execute
+    return list(run(stmt, params).all())
+
+
 def driver_statement(stmt: Any, connection: Connection) -> DriverStatement:
     """`stmt`'s DriverStatement (statements are module constants or cached by shape in
     _STATEMENTS: one compile each)."""
@@ -353,16 +363,11 @@ class SqlRepository(Generic[T]):
         # PostgreSQL: lists of IDs as one array parameter (see _build)
         bind = connection if connection is not None else session.get_bind()
         self.arrays = bind.dialect.name == "postgresql"
-        # PostgreSQL's read-only units of work run their statements on the driver
-        self.driver = connection if connection is not None and self.arrays else None
 
     def _loaded(self, stmt: Any, params: dict[str, Any]) -> list[T]:
         """The objects of a read-only unit of work's `stmt` (DetachedLoader's columns)."""
         assert self.connection is not None and self.loader is not None
-        if self.driver is not None:
-            return self.loader(driver_statement(stmt, self.driver).run(self.driver,
-                                                                       params)[0])
-        return self.loader(self.connection.execute(stmt, params))
+        return self.loader(_fetched(self.session, self.connection, stmt, params))
 
     def add(self, obj: T) -> None:
         self.session.add(obj)
@@ -403,12 +408,7 @@ class SqlRepository(Generic[T]):
         shape = _row_shape(self.cls, self.table, tuple(columns or ()))
         assert not criteria.tags or "tags" in shape.names, "tags filter needs the column"
         stmt, params, _ = self._query(criteria, equals, "columns", shape.names)
-        fetched: Sequence[Any]
-        if self.driver is not None:
-            fetched = driver_statement(stmt, self.driver).run(self.driver, params)[0]
-        else:
-            run = self.session.execute if self.connection is None else self.connection.execute
-            fetched = run(stmt, params).all()
+        fetched = _fetched(self.session, self.connection, stmt, params)
         return _tag_filtered(shape.make(fetched), criteria)
 
     def count(self, criteria: Criteria | None = None, **equals: Any) -> int:
@@ -432,11 +432,7 @@ class SqlRepository(Generic[T]):
         return found
 
     def _counted(self, stmt: Any, params: dict[str, Any]) -> int:
-        assert self.connection is not None
-        if self.driver is not None:
-            return int(driver_statement(stmt, self.driver).run(self.driver,
-                                                               params)[0][0][0] or 0)
-        return int(self.connection.execute(stmt, params).scalar() or 0)
+        return int(_fetched(self.session, self.connection, stmt, params)[0][0] or 0)
 
     def _query(self, criteria: Criteria, equals: dict[str, Any], what: str,
                only: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
@@ -812,9 +808,7 @@ class SqlUnitOfWork:
         if snapshot_ids is not None:
             params["ids"] = list(snapshot_ids)
         found: tuple[set[str], set[str]] = (set(), set())
-        rows = driver_statement(stmt, conn).run(conn, params)[0] \
-            if self.connection is not None and arrays else conn.execute(stmt, params).tuples()
-        for kind, snapshot_id in rows:
+        for kind, snapshot_id in _fetched(self.session, self.connection, stmt, params):
             found[kind == "disk"].add(snapshot_id)
         return found
 
