@@ -219,6 +219,17 @@ osd max object namespace len = 64
         finally:
             cluster.shutdown()
 
+    @contextlib.contextmanager
+    def image(self, name: str, pool: str | None = None) -> Iterator[Any]:
+        """An rbd.Image of the pool (default: the test pool), open on a connection of the
+        test's own. Read-write even to look: librbd 16 aborts now and then on read-only
+        opens of clones (see RbdBackend._image)."""
+        import rbd
+
+        with self.connect() as conn, conn.open_ioctx(pool or self.pool) as ioctx, \
+                rbd.Image(ioctx, name) as image:
+            yield image
+
     def mon_command(self, cmd: dict[str, Any], timeout: float = 60.0,
                     inbuf: bytes = b"") -> str:
         with self.connect(timeout) as cluster:

@@ -43,15 +43,6 @@ def template(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def rbd_image(ceph: CephCluster, pool: str, name: str) -> Iterator[Any]:
-    import rbd
-
-    with ceph.connect() as conn, conn.open_ioctx(pool) as ioctx, \
-            rbd.Image(ioctx, name) as image:  # read-write: see RbdBackend._image
-        yield image
-
-
-@contextmanager
 def held_open(path: str) -> Iterator[None]:
     """The image open read-write by another client (as by a running VM), which has
     written to it and so holds its exclusive lock."""
@@ -117,7 +108,7 @@ def test_images_are_format_2_with_the_features(rbd_backend: RbdBackend, ceph: Ce
               rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF |
               rbd.RBD_FEATURE_DEEP_FLATTEN)
     for disk in ("d-1", "d-2"):
-        with rbd_image(ceph, ceph.pool, disk) as image:
+        with ceph.image(disk) as image:
             assert not image.old_format()
             assert image.features() & wanted == wanted
 
@@ -145,7 +136,7 @@ def test_a_template_is_imported_once_and_cloned(rbd_backend: RbdBackend, ceph: C
     name, size = rbd_backend.import_template(str(template))  # again: found, not written
     assert (name, size) == (templates[0], 256 * MIB)
     for n in range(4):
-        with rbd_image(ceph, ceph.pool, f"d-{n}") as image:
+        with ceph.image(f"d-{n}") as image:
             parent = image.get_parent_image_spec()
             assert (parent["image_name"], parent["snap_name"]) == (name, TEMPLATE_SNAP)
             assert image.size() == GIB
@@ -207,7 +198,7 @@ def test_revert_markers_stay_hidden(rbd_backend: RbdBackend, ceph: CephCluster) 
     rbd_backend.create_snapshots([("d-1", "s-a"), ("d-1", "s-b")])
     rbd_backend.revert("d-1", "s-a")
     rbd_backend.revert("d-1", "s-b")
-    with rbd_image(ceph, ceph.pool, "d-1") as image:
+    with ceph.image("d-1") as image:
         assert [s["name"] for s in image.list_snaps()] == ["s-a", "s-b", MARKER + "s-b"]
     assert [s.name for s in rbd_backend.list_snapshots("d-1")] == ["s-a", "s-b"]
     assert not rbd_backend.has_snapshot("d-1", MARKER + "s-b")
@@ -215,7 +206,7 @@ def test_revert_markers_stay_hidden(rbd_backend: RbdBackend, ceph: CephCluster) 
     with pytest.raises(StorageError):
         rbd_backend.create_snapshots([("d-1", MARKER + "x")])
     rbd_backend.delete_snapshot("d-1", "s-b")
-    with rbd_image(ceph, ceph.pool, "d-1") as image:
+    with ceph.image("d-1") as image:
         assert [s["name"] for s in image.list_snaps()] == ["s-a"]
 
 

@@ -7,13 +7,11 @@ allocated bytes follow the data across the clone boundary. On a throwaway Ceph c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,10 +32,7 @@ def holds(backend: RbdBackend, volume: str, pattern: int, offset: int = 0,
 
 def user_snaps(ceph: CephCluster, volume: str) -> list[tuple[str, int]]:
     """(name, namespace) of every snapshot of the image, RBD's trash included."""
-    import rbd
-
-    with ceph.connect() as conn, conn.open_ioctx(ceph.pool) as ioctx, \
-            rbd.Image(ioctx, volume) as image:  # read-write: see RbdBackend._image
+    with ceph.image(volume) as image:
         return [(s["name"], s["namespace"]) for s in image.list_snaps()]
 
 
@@ -250,7 +245,7 @@ def test_a_flatten_cut_short_by_kill_9_then_run_again(rbd_backend: RbdBackend,
     rbd_backend.clone_to_volume("d-f", "s-1", "d-f.t-1", objects * 4 * MIB)
     write(rbd_backend.path("d-f.t-1"), 0xEE, 5 * 4 * MIB + 8192, 4096)  # the guest's own
     rbd_backend.create_snapshots([("d-f.t-1", "s-child")])
-    with rbd_image_of(ceph, "d-f.t-1") as image:
+    with ceph.image("d-f.t-1") as image:
         prefix = image.block_name_prefix()
     code = ("import sys; from ecsnap.adapters.storage.rbd import RbdBackend; "
             f"RbdBackend({ceph.pool!r}, conf={str(ceph.conf)!r}).flatten('d-f.t-1')")
@@ -278,7 +273,7 @@ def test_a_flatten_cut_short_by_kill_9_then_run_again(rbd_backend: RbdBackend,
             image.lock_break(owner["mode"], owner["owner"])
     rbd_backend.flatten("d-f.t-1")
     assert rbd_backend.clone_depth("d-f.t-1") == 0
-    with rbd_image_of(ceph, "d-f.t-1") as image:
+    with ceph.image("d-f.t-1") as image:
         for snap in (None, "s-child"):
             image.set_snap(snap)
             assert [image.read(n * 4 * MIB, 1)[0] for n in range(objects)] == \
@@ -286,12 +281,3 @@ def test_a_flatten_cut_short_by_kill_9_then_run_again(rbd_backend: RbdBackend,
             assert [image.read(n * 4 * MIB + 4 * MIB - 1, 1)[0] for n in range(objects)] == \
                 list(range(1, objects + 1)), snap
             assert image.read(5 * 4 * MIB + 8192, 4096) == b"\xee" * 4096
-
-
-@contextlib.contextmanager
-def rbd_image_of(ceph: CephCluster, name: str) -> Iterator[Any]:
-    import rbd
-
-    with ceph.connect() as conn, conn.open_ioctx(ceph.pool) as ioctx, \
-            rbd.Image(ioctx, name) as image:  # read-write: see RbdBackend._image
-        yield image
